@@ -1,0 +1,187 @@
+"""The Soft MoE layer of "From Sparse to Soft Mixtures of Experts" (Puigcerver et al., ICLR 2024).
+
+Paper Algorithm 1 and google-research/vmoe `SoftRouter`, with the einsum legend
+b batch, m tokens per example, d width, n experts, p slots per expert, s = n * p slots:
+
+    logits_bms  = l2n(x_bmd) @ (scale * l2n(phi_dnp)).reshape(d, s)   # l2n over d
+    D_bms       = softmax(logits_bms, over m)                         # dispatch: slot = mix of tokens
+    C_bms       = softmax(logits_bms, over s)                         # combine: token = mix of slots
+    xs_bsd      = D_bms^T @ x_bmd                                     # from the *un-normalised* input
+    ys_bso      = expert_i(xs) for the p slots of expert i            # one batched contraction
+    y_bmo       = C_bms @ ys_bso
+
+Routing is per example, so an example's output never depends on the rest of the batch; no token is dropped and
+there is no auxiliary loss. The logits and both softmaxes run in float32 even under autocast (the paper's
+vmoe code only lowers precision around the dispatch and combine contractions, which follow `x.dtype` here).
+Peak activation memory is three (b, m, s) weight tensors plus the experts' (s, h) activations per example:
+nothing of size (b, m, s, d) is formed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmsoftmoe.layers.base import ExpertLayerBase, autocast_off, check_positive
+from mmsoftmoe.layers.experts import lecun_normal_
+
+_L2N_EPS = 1e-6  # vmoe's `normalize`: x * rsqrt(sum(x**2) + 1e-6)
+
+
+def l2_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """`x * rsqrt(sum(x**2, dim) + 1e-6)`, the paper's normalisation (not F.normalize's max(norm, eps))."""
+    return x * torch.rsqrt(x.pow(2).sum(dim=dim, keepdim=True) + _L2N_EPS)
+
+
+def resolve_slots_per_expert(
+    num_experts: int, slots_per_expert: int | None, capacity_factor: float | None, num_tokens: int | None
+) -> int:
+    """Slots per expert p: given directly, or by a capacity factor (total slots = round(m * cf), split over n).
+
+    With neither given, p = 1 (the paper's best setting).
+    """
+    if slots_per_expert is not None and capacity_factor is not None:
+        raise ValueError("give at most one of slots_per_expert or capacity_factor, "
+                         f"got slots_per_expert={slots_per_expert}, capacity_factor={capacity_factor}")
+    if capacity_factor is None:
+        slots_per_expert = 1 if slots_per_expert is None else slots_per_expert
+        check_positive(slots_per_expert=slots_per_expert)
+        return int(slots_per_expert)
+    check_positive(capacity_factor=capacity_factor)
+    if num_tokens is None:
+        raise ValueError("capacity_factor needs num_tokens (tokens per example) to size the slots")
+    check_positive(num_tokens=num_tokens)
+    slots = round(num_tokens * capacity_factor / num_experts)
+    if slots < 1:
+        raise ValueError(
+            f"capacity_factor={capacity_factor} gives {num_tokens * capacity_factor / num_experts:.3f} slots per "
+            f"expert for num_tokens={num_tokens} and num_experts={num_experts}; raise capacity_factor to at least "
+            f"{0.5 * num_experts / num_tokens:.3g} or use fewer experts"
+        )
+    return slots
+
+
+class SoftMoE(ExpertLayerBase):
+    """Soft Mixture of Experts: every slot is a convex mix of tokens, every output a convex mix of slots.
+
+    Args:
+        in_features: Token width d.
+        hidden_features: Hidden width h of each expert MLP (the paper: the dense MLP's width).
+        out_features: Output width (default d).
+        num_experts: Number of experts n.
+        slots_per_expert: Slots p per expert (default 1, the paper's best). Exclusive with `capacity_factor`.
+        capacity_factor: Alternatively, total slots = round(num_tokens * capacity_factor), split over experts.
+        num_tokens: Tokens per example m; needed with `capacity_factor`, otherwise only checked at forward.
+        normalize: L2-normalise inputs and `phi` with a learnable scale (paper section 2.3). Off reproduces
+            the un-normalised variant of the paper's appendix E.
+        noise_std: Std of Gaussian noise added to the logits in training (vmoe option, default off).
+        act_layer, bias, drop: As timm's `Mlp`, per expert.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        bias: bool | tuple[bool, bool] = True,
+        drop: float = 0.0,
+        *,
+        num_experts: int,
+        slots_per_expert: int | None = None,
+        capacity_factor: float | None = None,
+        num_tokens: int | None = None,
+        normalize: bool = True,
+        noise_std: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        slots = resolve_slots_per_expert(num_experts, slots_per_expert, capacity_factor, num_tokens)
+        super().__init__(in_features, hidden_features, out_features, num_experts, act_layer, bias, drop,
+                         norm_layer, device, dtype)
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        self.slots_per_expert = slots
+        self.num_slots = num_experts * slots
+        self.num_tokens = num_tokens
+        self.normalize = normalize
+        self.noise_std = noise_std
+        dd = {"device": device, "dtype": dtype}
+        self.phi = nn.Parameter(torch.empty(in_features, num_experts, slots, **dd))
+        self.scale = nn.Parameter(torch.ones((), **dd)) if normalize else None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """`phi` LeCun normal (fan-in d), `scale` 1, experts as timm's MLP."""
+        lecun_normal_(self.phi, fan_in=self.in_features)
+        if self.scale is not None:
+            nn.init.ones_(self.scale)
+        self.experts.init_weights()
+
+    def router_logits(self, x_bmd: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (b, m, s) between tokens and slots."""
+        with autocast_off(x_bmd.device):
+            x_bmd = x_bmd.float()
+            phi_ds = self.phi.float().reshape(self.in_features, self.num_slots)
+            if self.normalize:
+                x_bmd = l2_normalize(x_bmd, dim=-1)
+                phi_ds = self.scale.float() * l2_normalize(phi_ds, dim=0)
+            logits_bms = x_bmd @ phi_ds
+        if self.training and self.noise_std > 0:
+            logits_bms = logits_bms + self.noise_std * torch.randn_like(logits_bms)
+        return logits_bms
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x, mask)
+        b, m, d = x.shape
+        logits_bms = self.router_logits(x)
+        dispatch_logits = logits_bms
+        if mask is not None:
+            # A finite fill (not -inf) keeps an all-padding example NaN-free; its outputs are zeroed below.
+            dispatch_logits = logits_bms.masked_fill(~mask[..., None], torch.finfo(torch.float32).min)
+        dispatch_bms = torch.softmax(dispatch_logits, dim=1)
+        combine_bms = torch.softmax(logits_bms, dim=2)
+
+        xs_bsd = dispatch_bms.to(x.dtype).transpose(1, 2) @ x
+        # (b, n*p, d) -> (n, b*p, d): each expert sees its p slots of every example.
+        xs_nkd = xs_bsd.view(b, self.num_experts, self.slots_per_expert, d).transpose(0, 1)
+        ys_nko = self.experts(xs_nkd.reshape(self.num_experts, b * self.slots_per_expert, d))
+        ys_bso = ys_nko.view(self.num_experts, b, self.slots_per_expert, -1).transpose(0, 1)
+        y_bmo = combine_bms.to(ys_bso.dtype) @ ys_bso.reshape(b, self.num_slots, -1)
+        if mask is not None:
+            y_bmo = y_bmo * mask[..., None].to(y_bmo.dtype)
+        self._record(self._stats(dispatch_bms, combine_bms, mask))
+        return y_bmo
+
+    @torch.no_grad()
+    def _stats(
+        self, dispatch_bms: torch.Tensor, combine_bms: torch.Tensor, mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """vmoe's per-layer metrics (batch mean of per-example min/max weights), entropies and `scale`."""
+        real = torch.ones_like(dispatch_bms[..., :1], dtype=torch.bool) if mask is None else mask[..., None]
+        stats = {}
+        for name, w in (("dispatch", dispatch_bms), ("combine", combine_bms)):
+            stats[f"{name}_weights_min"] = w.masked_fill(~real, math.inf).amin(dim=(1, 2)).mean()
+            stats[f"{name}_weights_max"] = w.masked_fill(~real, -math.inf).amax(dim=(1, 2)).mean()
+        # Entropy of each slot's distribution over tokens, and of each real token's over slots (nats).
+        stats["dispatch_entropy"] = torch.special.entr(dispatch_bms).sum(dim=1).mean()
+        combine_entropy_bm = torch.special.entr(combine_bms).sum(dim=2)
+        real_bm = real[..., 0].to(combine_entropy_bm.dtype)
+        stats["combine_entropy"] = (combine_entropy_bm * real_bm).sum() / real_bm.sum().clamp(min=1)
+        if self.scale is not None:
+            stats["scale"] = self.scale.detach().float()
+        return stats
+
+    def flops_per_example(self, num_tokens: int) -> int:
+        """Forward FLOPs (2 x multiply-adds) for one example of `num_tokens` tokens."""
+        m, d, s = num_tokens, self.in_features, self.num_slots
+        router = 2 * m * d * s + 2 * m * s * d + 2 * m * s * self.out_features  # logits, slots, combine
+        return router + s * self.experts.flops_per_input()
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
+                f"normalize={self.normalize}, noise_std={self.noise_std}")
