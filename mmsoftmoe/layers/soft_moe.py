@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmsoftmoe.layers.base import ExpertLayerBase, autocast_off, check_positive
@@ -123,28 +122,34 @@ class SoftMoE(ExpertLayerBase):
         self.experts.init_weights()
 
     def router_logits(self, x_bmd: torch.Tensor) -> torch.Tensor:
-        """Float32 logits (b, m, s) between tokens and slots."""
+        """Logits (b, m, s) between tokens and slots, in float32 (float64 for float64 inputs)."""
+        dtype = torch.promote_types(x_bmd.dtype, torch.float32)
         with autocast_off(x_bmd.device):
-            x_bmd = x_bmd.float()
-            phi_ds = self.phi.float().reshape(self.in_features, self.num_slots)
+            x_bmd = x_bmd.to(dtype)
+            phi_ds = self.phi.to(dtype).reshape(self.in_features, self.num_slots)
             if self.normalize:
                 x_bmd = l2_normalize(x_bmd, dim=-1)
-                phi_ds = self.scale.float() * l2_normalize(phi_ds, dim=0)
+                phi_ds = self.scale.to(dtype) * l2_normalize(phi_ds, dim=0)
             logits_bms = x_bmd @ phi_ds
         if self.training and self.noise_std > 0:
             logits_bms = logits_bms + self.noise_std * torch.randn_like(logits_bms)
         return logits_bms
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_input(x, mask)
-        b, m, d = x.shape
+    def routing_weights(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch weights (softmax over tokens) and combine weights (softmax over slots), (b, m, s) each."""
         logits_bms = self.router_logits(x)
         dispatch_logits = logits_bms
         if mask is not None:
-            # A finite fill (not -inf) keeps an all-padding example NaN-free; its outputs are zeroed below.
-            dispatch_logits = logits_bms.masked_fill(~mask[..., None], torch.finfo(torch.float32).min)
-        dispatch_bms = torch.softmax(dispatch_logits, dim=1)
-        combine_bms = torch.softmax(logits_bms, dim=2)
+            # A finite fill (not -inf) keeps an all-padding example NaN-free; its outputs are zeroed in forward.
+            dispatch_logits = logits_bms.masked_fill(~mask[..., None], torch.finfo(logits_bms.dtype).min)
+        return torch.softmax(dispatch_logits, dim=1), torch.softmax(logits_bms, dim=2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x, mask)
+        b, m, d = x.shape
+        dispatch_bms, combine_bms = self.routing_weights(x, mask)
 
         xs_bsd = dispatch_bms.to(x.dtype).transpose(1, 2) @ x
         # (b, n*p, d) -> (n, b*p, d): each expert sees its p slots of every example.

@@ -63,9 +63,10 @@ class SparseMoEBase(ExpertLayerBase):
         return x, mask
 
     def _logits(self, x_gsd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clean and (in training) noisy float32 router logits, (G, S, n) each."""
+        """Clean and (in training) noisy router logits (G, S, n), in float32 (float64 for float64 inputs)."""
         with autocast_off(x_gsd.device):
-            logits = torch.nn.functional.linear(x_gsd.float(), self.router.weight.float())
+            dtype = torch.promote_types(x_gsd.dtype, torch.float32)
+            logits = torch.nn.functional.linear(x_gsd.to(dtype), self.router.weight.to(dtype))
         if self.training and self.noise_std > 0:
             # vmoe: eps ~ N(0, (noise_std / n)^2)
             return logits, logits + torch.randn_like(logits) * (self.noise_std / self.num_experts)
