@@ -3,7 +3,7 @@
 Architectures follow the paper's configs (Puigcerver et al. 2024, Table 9 / vmoe `configs/common.py`): the MoE
 replaces the MLP of the last half of the blocks, one slot per expert, expert width = the dense MLP width,
 global average pooling after the final norm, query-key normalisation in attention, no class token. `micro` and
-`mini` are CPU-sized towers for tests, the demo and the small-scale study.
+`mini` are CPU-sized towers; `base_patch16_256` is the image-text recipe's tower (paper App. F.1) for tests, the demo and the small-scale study.
 
 Names say what differs: `softmoe_vit_small_patch16_224_e128` (128 experts), `dense_vit_small_patch16_224`,
 `tokenschoice_vit_small_patch16_224_e128_k2` (top-2), `expertschoice_vit_small_patch16_224_e128`.
@@ -27,6 +27,7 @@ TOWERS: dict[str, tuple[dict, int]] = {
     "mini_patch8_64": (dict(img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4), 32),
     "small_patch16_224": (dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), 128),
     "base_patch16_224": (dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), 128),
+    "base_patch16_256": (dict(img_size=256, patch_size=16, embed_dim=768, depth=12, num_heads=12), 128),
     "large_patch16_224": (dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), 128),
     "small_patch14_224": (dict(patch_size=14, embed_dim=384, depth=12, num_heads=6), 256),
     "huge_patch14_224": (dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), 256),

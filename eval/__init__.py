@@ -1,0 +1,69 @@
+"""Evaluation of CLIP-style models the way the Soft MoE paper and CLIP_benchmark do it (SPEC section 5).
+
+Every evaluator gets its features from ``extract_features`` (one inference loop, one disk cache). Zero-shot and
+retrieval take the model; the probes take features, so a probe on cached features costs no forward pass::
+
+    key = FeatureCacheKey(cache_dir, model=f"{sha256_file(ckpt)}:image", dataset="digits:224", split="train")
+    train = extract_features(model.encode_image, train_loader, device=device, cache=key)
+    test = extract_features(model.encode_image, test_loader, device=device, cache=key.with_split("test"))
+    fewshot = evaluate_fewshot(*train, *test, shots=(1, 5, 10, 25))
+    linprobe = evaluate_linear_probe(*train, *test)
+"""
+
+from eval.datasets import (
+    ClassificationDataset,
+    DigitsDataset,
+    HFClassificationDataset,
+    ImageFolderDataset,
+    build_dataset,
+    digits_split,
+    load_hf_split,
+)
+from eval.features import (
+    UNREADABLE_LABEL,
+    FeatureCacheKey,
+    eval_mode,
+    extract_features,
+    make_loader,
+    sha256_file,
+)
+from eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS, L2_SWEEP, RidgeProbe, evaluate_fewshot
+from eval.linear_probe import WEIGHT_DECAYS, evaluate_linear_probe, fit_logistic, select_weight_decay
+from eval.report import markdown_table, plot_fewshot, write_json, write_report
+from eval.retrieval import evaluate_retrieval, retrieval_metrics
+from eval.zero_shot import classification_metrics, evaluate_zero_shot, zero_shot_classifier, zero_shot_metrics
+
+__all__ = [
+    "DEFAULT_L2_REG",
+    "DEFAULT_SHOTS",
+    "L2_SWEEP",
+    "UNREADABLE_LABEL",
+    "WEIGHT_DECAYS",
+    "ClassificationDataset",
+    "DigitsDataset",
+    "FeatureCacheKey",
+    "HFClassificationDataset",
+    "ImageFolderDataset",
+    "RidgeProbe",
+    "build_dataset",
+    "classification_metrics",
+    "digits_split",
+    "eval_mode",
+    "evaluate_fewshot",
+    "evaluate_linear_probe",
+    "evaluate_retrieval",
+    "evaluate_zero_shot",
+    "extract_features",
+    "fit_logistic",
+    "load_hf_split",
+    "make_loader",
+    "markdown_table",
+    "plot_fewshot",
+    "retrieval_metrics",
+    "select_weight_decay",
+    "sha256_file",
+    "write_json",
+    "write_report",
+    "zero_shot_classifier",
+    "zero_shot_metrics",
+]

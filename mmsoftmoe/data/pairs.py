@@ -1,0 +1,414 @@
+"""Image-text pairs from files, read through Hugging Face `datasets`, and the batch collate function.
+
+Formats (`FORMATS`), each loaded with the `datasets` builder of the same name:
+- "imagefolder": a folder of images with a `metadata.jsonl` or `metadata.csv` holding `file_name` and a caption column;
+- "parquet" / "arrow": files with an image column (an HF `Image`, raw bytes, or a {"bytes", "path"} struct) and a
+  caption column;
+- "webdataset": tar shards holding `<key>.jpg` / `<key>.png` ... and `<key>.txt`. Image columns accept alternatives
+  separated by ";" as in webdataset ("jpg;png": the first present field wins), so shards may mix image types.
+
+`load_pairs` returns a `PairDataset` (map-style, random access; shard it with the DataLoader sampler, which
+`accelerator.prepare` does) or, with `streaming=True`, an `IterablePairDataset` already split across processes with
+`datasets.distributed.split_dataset_by_node` (by shards when their number divides by the world size, else by
+examples) and across DataLoader workers by `datasets` itself (by shards: workers beyond the shard count stay idle).
+Iterate a streaming dataset with a DataLoader that `accelerator.prepare` has not seen: prepare would split it again
+(or, with its default `dispatch_batches=True`, send rank 0's part to every rank).
+
+Bad samples never stop a run: an image that cannot be decoded, or a missing or whitespace-only caption, is counted
+(`num_bad_images`, `num_empty_captions`, per process: each DataLoader worker counts its own) and logged with its key.
+A map-style dataset serves the next readable sample in its place, so batches keep their size (distributed losses
+gather equal-sized batches); a streaming dataset moves on to the next example. Data that yields nothing at all
+raises a ValueError naming the source. The built-in `ShapesCaptions` goes through the same wrapper:
+`PairDataset(ShapesCaptions(n), transform=..., tokenizer=...)`.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from datasets.data_files import EmptyDatasetError
+from datasets.distributed import split_dataset_by_node
+from datasets.exceptions import DatasetGenerationError
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+FORMATS: tuple[str, ...] = ("imagefolder", "parquet", "arrow", "webdataset")
+_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
+_METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+_WEBDATASET_IMAGE = "jpg;jpeg;png;webp"
+_IMAGE_CANDIDATES = ("image", "img", "jpg", "png")
+_CAPTION_CANDIDATES = ("caption", "text", "txt")
+_LOGGED_SKIPS = 5  # bad samples logged one by one per process; after that, only at counts 10, 100, 1000, ...
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+Tokenizer = Callable[[str], torch.Tensor]
+
+
+def decode_image(value: Any) -> Image.Image:
+    """Decode an image given as a PIL image, encoded bytes, a path, or a {"bytes", "path"} dict, to RGB.
+
+    Raises:
+        OSError, ValueError, SyntaxError, EOFError: the data is not a readable image (PIL's errors).
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        value = io.BytesIO(value)
+    if isinstance(value, (str, os.PathLike, io.BytesIO)):
+        value = Image.open(value)
+    if not isinstance(value, Image.Image):
+        raise ValueError(f"cannot read an image from a value of type {type(value).__name__}")
+    value.load()
+    return value.convert("RGB")
+
+
+def _is_power_of_ten(count: int) -> bool:
+    return str(count) == "1" + "0" * (len(str(count)) - 1)
+
+
+def _process_tag() -> str:
+    """Which process is talking: pid, plus the DataLoader worker id inside a worker."""
+    info = torch.utils.data.get_worker_info()
+    return f"pid {os.getpid()}" + (f", worker {info.id}" if info is not None else "")
+
+
+class _PairConverter:
+    """Turns one raw example into {"image", "text"}, or None (counted and logged) when it is unusable.
+
+    The base of both pair datasets: it holds their skip counters.
+    """
+
+    def __init__(
+        self,
+        image_column: str,
+        caption_column: str,
+        transform: Callable | None,
+        tokenizer: Tokenizer | None,
+        name: str,
+    ) -> None:
+        self.image_columns = image_column.split(";")
+        self.caption_column = caption_column
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.name = name
+        self.num_bad_images = 0
+        self.num_empty_captions = 0
+        self.skipped_examples: list[tuple[Any, str]] = []  # the first few (key, reason), for the log and for tests
+
+    @property
+    def num_skipped(self) -> int:
+        return self.num_bad_images + self.num_empty_captions
+
+    def _skip(self, key: Any, reason: str, bad_image: bool) -> None:
+        if bad_image:
+            self.num_bad_images += 1
+        else:
+            self.num_empty_captions += 1
+        total = self.num_skipped
+        if total <= _LOGGED_SKIPS:
+            self.skipped_examples.append((key, reason))
+            logger.warning("%s: skipped sample %r (%s) [%s]", self.name, key, reason, _process_tag())
+        elif _is_power_of_ten(total):
+            logger.warning(
+                "%s: %d samples skipped so far (%d unreadable images, %d empty captions) [%s]",
+                self.name, total, self.num_bad_images, self.num_empty_captions, _process_tag(),
+            )
+
+    def _image_value(self, example: dict[str, Any]) -> Any:
+        return next((example[c] for c in self.image_columns if example.get(c) is not None), None)
+
+    def convert(self, example: dict[str, Any], default_key: Any) -> dict[str, Any] | None:
+        """The transformed image and the (tokenized) caption of `example`, or None if either is unusable."""
+        value = self._image_value(example)
+        key = example.get("__key__") or (value.get("path") if isinstance(value, dict) else None) or default_key
+        caption = example.get(self.caption_column)
+        if not isinstance(caption, str) or not caption.strip():
+            self._skip(key, f"empty caption {caption!r}", bad_image=False)
+            return None
+        if value is None:
+            self._skip(key, f"no image in column {';'.join(self.image_columns)!r}", bad_image=True)
+            return None
+        try:
+            image = decode_image(value)
+        except _DECODE_ERRORS as err:
+            # PIL names in-memory data by its repr ("<_io.BytesIO object at 0x...>"): say "bytes" instead.
+            message = re.sub(r"<_io\.BytesIO object at \w+>", "bytes", str(err))
+            self._skip(key, f"unreadable image: {message}", bad_image=True)
+            return None
+        return {"image": self.transform(image) if self.transform else image, "text": self._text(caption.strip())}
+
+    def _text(self, caption: str) -> torch.Tensor | str:
+        if self.tokenizer is None:
+            return caption
+        tokens = self.tokenizer(caption)
+        return tokens[0] if tokens.ndim == 2 else tokens  # open_clip tokenizers return [1, ctx] for one string
+
+
+class PairDataset(_PairConverter, torch.utils.data.Dataset):
+    """Map-style image-text pairs: decoded to RGB, transformed, captions tokenized or left as strings.
+
+    An unusable sample is replaced by the next usable one (index + 1, + 2, ..., wrapping around), counted and
+    logged, so every index yields a sample and batches keep their size.
+
+    Args:
+        data: any map-style dataset of dicts (an HF `Dataset`, `ShapesCaptions`, a list).
+        image_column: key of the image; alternatives separated by ";" (the first present wins).
+        caption_column: key of the caption.
+        transform: applied to the RGB PIL image, e.g. `train_transform(...)`.
+        tokenizer: str -> LongTensor (e.g. `open_clip.get_tokenizer(...)`); None keeps captions as strings.
+        name: names the data in logs and errors (e.g. the source path).
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        transform: Callable | None = None,
+        tokenizer: Tokenizer | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(image_column, caption_column, transform, tokenizer, name or type(data).__name__)
+        self.data = data
+        if len(data) == 0:
+            raise ValueError(f"{self.name}: the dataset is empty; point the source at image-text pairs")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        size = len(self.data)
+        if not 0 <= index < size:
+            raise IndexError(f"index {index} is out of range for {self.name} ({size} samples)")
+        for offset in range(size):
+            position = (index + offset) % size
+            sample = self.convert(self.data[position], default_key=position)
+            if sample is not None:
+                return sample
+        raise ValueError(
+            f"{self.name}: none of its {size} samples has a readable image and a non-empty caption "
+            f"(image column {';'.join(self.image_columns)!r}, caption column "
+            f"{self.caption_column!r}); check the files and the column names"
+        )
+
+
+class IterablePairDataset(_PairConverter, torch.utils.data.IterableDataset):
+    """Streaming image-text pairs: like `PairDataset`, but unusable samples are simply passed over.
+
+    Args:
+        data: any iterable of dicts (an HF `IterableDataset`, already split by node if distributed).
+        image_column: key of the image; alternatives separated by ";" (the first present wins).
+        caption_column: key of the caption.
+        transform: applied to the RGB PIL image.
+        tokenizer: str -> LongTensor; None keeps captions as strings.
+        name: names the data in logs and errors.
+    """
+
+    def __init__(
+        self,
+        data: Iterable[dict[str, Any]],
+        image_column: str = "image",
+        caption_column: str = "caption",
+        transform: Callable | None = None,
+        tokenizer: Tokenizer | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(image_column, caption_column, transform, tokenizer, name or type(data).__name__)
+        self.data = data
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        seen = yielded = 0
+        for position, example in enumerate(self.data):
+            seen += 1
+            sample = self.convert(example, default_key=position)
+            if sample is not None:
+                yielded += 1
+                yield sample
+        # A DataLoader worker may legitimately get no shard; anywhere else, nothing usable means bad data.
+        if yielded == 0 and (seen > 0 or torch.utils.data.get_worker_info() is None):
+            raise ValueError(
+                f"{self.name}: yielded no readable image-caption pair ({seen} examples read, "
+                f"{self.num_skipped} skipped); check the files and the column names"
+            )
+
+
+def _expand_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Paths named by `source`: paths or glob patterns, one or a list; raises FileNotFoundError for a missing one."""
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not items:
+        raise ValueError("source is an empty list; give a folder, a file, a glob pattern, or a list of them")
+    paths = []
+    for item in map(str, items):
+        if any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item))
+        else:
+            matches = [item] if os.path.exists(item) else []
+        if not matches:
+            raise FileNotFoundError(f"image-text source not found: {item!r}; check the path (glob patterns allowed)")
+        paths.extend(Path(m) for m in matches)
+    return paths
+
+
+def _infer_format(paths: list[Path], name: str) -> str:
+    """The format of `paths`: a folder with a metadata file is an imagefolder, else the files' extension decides."""
+    if len(paths) == 1 and paths[0].is_dir():
+        if any((paths[0] / m).exists() for m in _METADATA_FILES):
+            return "imagefolder"
+        paths = list(paths[0].iterdir())
+    found = {_EXTENSIONS.get(p.suffix.lower()) for p in paths if p.is_file()} - {None}
+    if len(found) != 1:
+        raise ValueError(
+            f"cannot infer the format of {name} (found {sorted(found) or 'no known files'}): expected a folder with "
+            f"{' or '.join(_METADATA_FILES)}, or {', '.join(_EXTENSIONS)} files; pass format= one of {FORMATS}"
+        )
+    return found.pop()
+
+
+def _data_files(paths: list[Path], fmt: str) -> list[str]:
+    """The files of format `fmt` among `paths`, folders expanded to their matching files."""
+    suffix = next(s for s, f in _EXTENSIONS.items() if f == fmt)
+    files = []
+    for path in paths:
+        files.extend(sorted(map(str, path.glob(f"*{suffix}"))) if path.is_dir() else [str(path)])
+    return files
+
+
+def _webdataset_features(image_column: str, caption_column: str) -> datasets.Features:
+    """Explicit features: `datasets` otherwise infers them from the first samples and rejects mixed jpg/png shards."""
+    features = {c: datasets.Image(decode=False) for c in image_column.split(";")}
+    features.update({caption_column: datasets.Value("string")})
+    features.update({k: datasets.Value("string") for k in ("__key__", "__url__")})
+    return datasets.Features(features)
+
+
+def _load_hf(paths: list[Path], fmt: str, name: str, **kwargs: Any) -> datasets.Dataset | datasets.IterableDataset:
+    """`datasets.load_dataset` of `paths` in format `fmt`; an empty source raises a ValueError naming it."""
+    if fmt == "imagefolder":
+        if len(paths) != 1 or not paths[0].is_dir():
+            raise ValueError(f"format 'imagefolder' takes one folder, got {name}")
+        # Checked here: `datasets` fails with an IndexError on a metadata file without images.
+        if not any(p.suffix.lower() in ImageFolder.EXTENSIONS for p in paths[0].rglob("*")):
+            raise ValueError(f"{name}: the image folder holds no image files; check the path")
+        kwargs["data_dir"] = str(paths[0])
+    else:
+        kwargs["data_files"] = {kwargs["split"]: _data_files(paths, fmt)}
+    try:
+        return datasets.load_dataset(fmt, **kwargs)
+    except (EmptyDatasetError, DatasetGenerationError, ValueError) as err:  # no data files, no rows, unknown split
+        reason = f"{err}: {err.__cause__}" if err.__cause__ else str(err)
+        raise ValueError(f"{name}: no {fmt} data could be loaded ({reason}); check the path, format and split") from err
+
+
+def _pick_column(requested: str | None, defaults: Sequence[str], columns: list[str], what: str, name: str) -> str:
+    """The present columns among `requested` (";"-separated alternatives), else the first present default."""
+    wanted = requested.split(";") if requested is not None else defaults
+    present = [c for c in wanted if c in columns]
+    if not present:
+        raise ValueError(
+            f"{name} has no {what} column {requested or ' or '.join(defaults)!r}; its columns are {columns}; "
+            f"pass {what}_column=<one of them>"
+        )
+    return ";".join(present) if requested is not None else present[0]
+
+
+def _select_pair_columns(
+    data: datasets.Dataset | datasets.IterableDataset, image_column: str | None, caption_column: str | None, name: str
+) -> tuple[Any, str, str]:
+    """Resolve the image and caption columns, keep only them (and `__key__`), and turn off image decoding.
+
+    Images are decoded by `decode_image` instead of by `datasets`, so that a corrupt file is skipped, not raised.
+    """
+    features = data.features
+    columns = list(features)
+    image_defaults = [c for c in columns if isinstance(features[c], datasets.Image)] + list(_IMAGE_CANDIDATES)
+    image_column = _pick_column(image_column, image_defaults, columns, "image", name)
+    caption_column = _pick_column(caption_column, _CAPTION_CANDIDATES, columns, "caption", name)
+    keep = image_column.split(";") + [caption_column] + [c for c in ("__key__",) if c in columns]
+    data = data.select_columns(keep)
+    for column in image_column.split(";"):
+        if isinstance(features[column], datasets.Image):
+            data = data.cast_column(column, datasets.Image(decode=False))
+    return data, image_column, caption_column
+
+
+def load_pairs(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    format: str | None = None,
+    *,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    streaming: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    split: str = "train",
+    transform: Callable | None = None,
+    tokenizer: Tokenizer | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> PairDataset | IterablePairDataset:
+    """Read image-text pairs from files through Hugging Face `datasets`.
+
+    Args:
+        source: a folder, a file, a glob pattern, or a list of them.
+        format: one of `FORMATS`; None infers it (a folder with a metadata file is an imagefolder, else the extension).
+        image_column: image column; ";" separates alternatives. None: the first `Image` column, else "image", ...
+            ("jpg;jpeg;png;webp" for webdataset).
+        caption_column: caption column. None: the first of "caption", "text", "txt" ("txt" for webdataset).
+        streaming: iterate lazily (data larger than disk or memory) instead of preparing an Arrow cache.
+        rank: this process's rank; used only when streaming (a map-style dataset is sharded by its sampler).
+        world_size: number of processes; used only when streaming.
+        split: the `datasets` split to read.
+        transform: applied to each RGB PIL image.
+        tokenizer: str -> LongTensor; None keeps captions as strings.
+        cache_dir: where `datasets` writes its Arrow cache (non-streaming); None uses its default.
+
+    Returns:
+        A `PairDataset`, or an `IterablePairDataset` (this rank's part of the data) when streaming.
+    """
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"unknown pair format {format!r}; valid formats are {FORMATS} (or None to infer it)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    paths = _expand_source(source)
+    name = str(paths[0]) + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else "")
+    fmt = format or _infer_format(paths, name)
+    features = None
+    if fmt == "webdataset":
+        image_column, caption_column = image_column or _WEBDATASET_IMAGE, caption_column or "txt"
+        features = _webdataset_features(image_column, caption_column)
+    data = _load_hf(paths, fmt, name, split=split, streaming=streaming, cache_dir=cache_dir, features=features)
+    data, image_column, caption_column = _select_pair_columns(data, image_column, caption_column, name)
+    kwargs = dict(image_column=image_column, caption_column=caption_column, transform=transform, tokenizer=tokenizer)
+    if not streaming:
+        return PairDataset(data, name=name, **kwargs)
+    if world_size > 1:
+        data = split_dataset_by_node(data, rank=rank, world_size=world_size)
+    return IterablePairDataset(data, name=name + (f" [rank {rank}/{world_size}]" if world_size > 1 else ""), **kwargs)
+
+
+def collate(samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Batch pair samples into {"image": FloatTensor[b, 3, H, W], "text": LongTensor[b, ctx] or list[str]}.
+
+    None samples (a dataset's mark for an unusable sample) are dropped.
+    """
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        raise ValueError("collate got a batch in which every sample is None (skipped); check the data source")
+    images = [s["image"] for s in kept]
+    if not all(isinstance(image, torch.Tensor) for image in images):
+        raise ValueError(
+            f"collate needs image tensors, got {type(images[0]).__name__}; give the dataset a transform "
+            "(e.g. mmsoftmoe.data.eval_transform(image_size))"
+        )
+    texts = [s["text"] for s in kept]
+    return {"image": torch.stack(images), "text": torch.stack(texts) if isinstance(texts[0], torch.Tensor) else texts}

@@ -1,0 +1,81 @@
+"""The layer benchmark's FLOP counts and memory probe against hand computations, and a smoke run of its main."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import layer_bench as lb
+from mmsoftmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
+
+# A hand-sized config: b 2 examples, m 8 tokens, d 4, h 16, n 4 experts, p 2 slots each (s 8).
+B, M, D, H, N, P = 2, 8, 4, 16, 4, 2
+
+
+def test_dense_flops_by_hand():
+    # fc1: 2*8 tokens x 4 x 16 multiply-adds, fc2 the same; 2 FLOPs each: 2 * 2 * 256 * 4 = 4096.
+    assert lb.dense_flops(B, M, D, H) == 4096
+
+
+def test_soft_moe_flops_by_hand():
+    # Per example: logits 8x4x8, slots 8x8x4, combine 8x8x4 multiply-adds = 3 * 256 -> 1536 FLOPs;
+    # experts: 8 slots x (4x16 + 16x4) multiply-adds = 1024 -> 2048 FLOPs. Two examples: 2 * 3584.
+    assert lb.soft_moe_flops(B, M, D, H, N * P) == 7168
+    layer = SoftMoE(D, H, num_experts=N, slots_per_expert=P)
+    assert B * layer.flops_per_example(M) == 7168  # the library's own count agrees
+
+
+def test_capacities_by_hand_and_against_layers():
+    assert lb.tokens_choice_capacity(M, N, top_k=1, capacity_factor=1.0) == 2
+    assert lb.tokens_choice_capacity(M, N, top_k=2, capacity_factor=1.25) == 5  # ceil(2 * 8 * 1.25 / 4)
+    assert lb.tokens_choice_capacity(196, 128, top_k=1, capacity_factor=1.0) == 2  # S/16: 256 buffer rows > 196
+    assert lb.experts_choice_capacity(M, N, capacity_factor=1.0) == 2
+    assert lb.experts_choice_capacity(M, N, capacity_factor=10.0) == M  # an expert takes at most every token
+    for m, n, cf in ((8, 4, 1.0), (196, 128, 1.0), (64, 8, 1.5)):
+        assert lb.tokens_choice_capacity(m, n, 1, cf) == TokensChoiceMoE(D, H, num_experts=n,
+                                                                          capacity_factor=cf).capacity(m)
+        assert lb.experts_choice_capacity(m, n, cf) == ExpertsChoiceMoE(D, H, num_experts=n,
+                                                                        capacity_factor=cf).capacity(m)
+
+
+def test_sparse_flops_by_hand():
+    # Router: 2*8 tokens x 4 x 4 multiply-adds = 256 -> 512 FLOPs; experts: 2 groups x 4 experts x 2 rows,
+    # each (4x16 + 16x4) multiply-adds = 16 x 128 = 2048 -> 4096 FLOPs.
+    assert lb.sparse_moe_flops(B, M, D, H, N, capacity=2) == 4608
+
+
+def test_s16_flops():
+    s = lb.SETTINGS["s16"]
+    assert lb.dense_flops(s.batch, s.m, s.d, s.h) == 14_797_504_512
+    assert lb.soft_moe_flops(s.batch, s.m, s.d, s.h, s.slots) == 11_513_364_480
+
+
+def test_peak_alloc_bytes_counts_live_tensors():
+    assert lb.peak_alloc_bytes(lambda: torch.ones(250_000)) == 1_000_000
+    assert lb.peak_alloc_bytes(lambda: torch.ones(250_000).exp()) == 2_000_000  # input and output live at once
+
+
+def test_memory_bound_adds_three_routing_tensors():
+    s = lb.Setting("t", d=D, m=M, n=N, p=P, h=H, batch=B)
+    layers = {name: {"peak_forward_bytes_no_grad": v, "peak_forward_bytes_grad": 2 * v}
+              for name, v in (("dense", 1000), ("soft_moe", 1500))}
+    bound = lb.memory_bound(s, layers)
+    assert bound["no_grad"]["bound_bytes"] == 1000 + 3 * B * M * N * P * 4
+    assert bound["no_grad"]["within"] and bound["grad"]["within"]
+
+
+def test_main_smoke_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    lb.main(["--settings", "tiny", "--repeats", "1", "--warmup", "0", "--peak-size", "256", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert {"torch_version", "threads", "thp", "load_before", "load_after"} <= report["meta"].keys()
+    result = report["settings"]["tiny"]
+    assert {"config", "peak", "layers", "ratios", "memory_bound", "targets"} <= result.keys()
+    assert result["peak"]["mm_gflops"] > 0
+    assert {"soft_moe", "dense", "tokens_choice", "experts_choice"} <= result["layers"].keys()
+    for r in result["layers"].values():
+        for key in ("forward", "forward_backward"):
+            assert r[key]["median_s"] > 0 and r[key]["gflops"] > 0 and r[key]["pct_peak"] > 0
+        assert r["peak_forward_bytes_no_grad"] > 0 and r["peak_forward_bytes_grad"] > 0
+    assert result["ratios"]["soft_moe/dense"]["forward_backward"] > 0
