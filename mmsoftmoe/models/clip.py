@@ -13,13 +13,20 @@ with the model and its tokenizer (`save_pretrained` output); nothing is download
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.transform import PreprocessCfg
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_NAME = "open_clip_config.json"
+# open_clip's own weight file name first; `model.safetensors` is what accelerate writes in a training checkpoint.
+WEIGHTS_NAMES = ("open_clip_model.safetensors", "model.safetensors")
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
@@ -48,6 +55,31 @@ def hf_text_cfg(text_model: str | Path, context_length: int, proj_type: str = "l
             "hf_proj_type": proj_type, "hf_pooler_type": pooler_type, "context_length": context_length}
 
 
+def resolve_clip_config(model_name: str, text_model: str | Path | None = None) -> dict:
+    """The complete open_clip model config: the named config, with an HF text tower swapped in if given."""
+    cfg = get_clip_config(model_name)
+    if text_model is not None:
+        cfg["text_cfg"] = hf_text_cfg(text_model, cfg["text_cfg"].get("context_length", 77))
+        cfg["custom_text"] = True
+    return cfg
+
+
+def build_clip_from_config(
+    model_cfg: dict, *, output_dict: bool = True, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, object]:
+    """(model, tokenizer) from a complete open_clip model config (what `open_clip_config.json` stores)."""
+    cfg = copy.deepcopy(model_cfg)
+    text_cfg = cfg["text_cfg"]
+    is_hf = "hf_model_name" in text_cfg
+    model_cls = open_clip.CustomTextCLIP if (cfg.pop("custom_text", False) or is_hf) else open_clip.CLIP
+    with torch.device(device):
+        model = model_cls(**cfg, output_dict=output_dict)
+    context_length = text_cfg.get("context_length", 77)
+    if is_hf:
+        return model, open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
+    return model, open_clip.SimpleTokenizer(context_length=context_length)
+
+
 def build_clip(
     model_name: str,
     *,
@@ -55,7 +87,7 @@ def build_clip(
     output_dict: bool = True,
     device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, object]:
-    """Build a CLIP model and its tokenizer.
+    """Build a CLIP model and its tokenizer (random weights).
 
     Args:
         model_name: An open_clip config name, e.g. "SoftMoE-Mini-8-64" (see `list_clip_models`).
@@ -66,16 +98,56 @@ def build_clip(
     Returns:
         (model, tokenizer); the tokenizer maps a list of strings to a LongTensor (batch, context_length).
     """
-    if text_model is None:
-        get_clip_config(model_name)  # clear error for unknown names
-        model = open_clip.create_model(model_name, output_dict=output_dict, pretrained_text=False, device=device)
-        return model, open_clip.get_tokenizer(model_name)
-    cfg = get_clip_config(model_name)
-    cfg["text_cfg"] = hf_text_cfg(text_model, cfg["text_cfg"].get("context_length", 77))
-    cfg.pop("custom_text", None)
-    with torch.device(device):
-        model = open_clip.CustomTextCLIP(**cfg, output_dict=output_dict)
-    return model, open_clip.HFTokenizer(str(text_model), context_length=cfg["text_cfg"]["context_length"])
+    return build_clip_from_config(resolve_clip_config(model_name, text_model), output_dict=output_dict,
+                                  device=device)
+
+
+def preprocess_config(model: nn.Module) -> dict:
+    """open_clip's complete preprocessing config of `model` (size, mean, std, interpolation, resize mode)."""
+    cfg = dataclasses.asdict(PreprocessCfg())
+    cfg.update(open_clip.get_model_preprocess_cfg(model))
+    return cfg
+
+
+def write_clip_config(model: nn.Module, model_cfg: dict, folder: str | Path) -> Path:
+    """Write `open_clip_config.json` ({"model_cfg", "preprocess_cfg"}) into `folder`."""
+    path = Path(folder) / CONFIG_NAME
+    path.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_config(model)}, indent=2))
+    return path
+
+
+def save_clip(model: nn.Module, model_cfg: dict, folder: str | Path) -> Path:
+    """Write an open_clip `local-dir:` folder: `open_clip_config.json` and `open_clip_model.safetensors`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_clip_config(model, model_cfg, folder)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAMES[0]))
+    return folder
+
+
+def load_clip(folder: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, object, dict]:
+    """Load a CLIP model saved by mmsoftmoe: an open_clip folder or a training checkpoint folder.
+
+    Returns:
+        (model in eval mode, tokenizer, the `open_clip_config.json` content).
+    """
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} is not an mmsoftmoe/open_clip model folder: {CONFIG_NAME} is missing")
+    config = json.loads(config_path.read_text())
+    weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"no weights in {folder}: expected one of {list(WEIGHTS_NAMES)}")
+    model, tokenizer = build_clip_from_config(config["model_cfg"])
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {weights} does not match its config {config_path}: "
+                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    open_clip.set_model_preprocess_cfg(model, config.get("preprocess_cfg") or preprocess_config(model))
+    return model.to(device).eval(), tokenizer, config
 
 
 def image_tower(model: nn.Module) -> nn.Module:
