@@ -3,7 +3,8 @@
 Architectures follow the paper's configs (Puigcerver et al. 2024, Table 9 / vmoe `configs/common.py`): the MoE
 replaces the MLP of the last half of the blocks, one slot per expert, expert width = the dense MLP width,
 global average pooling after the final norm, query-key normalisation in attention, no class token. `micro` and
-`mini` are CPU-sized towers; `base_patch16_256` is the image-text recipe's tower (paper App. F.1) for tests, the demo and the small-scale study.
+`mini` are CPU-sized towers for tests, the demo and the small-scale study; `base_patch16_256` is the tower of the
+paper's image-text recipe (App. F.1).
 
 Names say what differs: `softmoe_vit_small_patch16_224_e128` (128 experts), `dense_vit_small_patch16_224`,
 `tokenschoice_vit_small_patch16_224_e128_k2` (top-2), `expertschoice_vit_small_patch16_224_e128`.

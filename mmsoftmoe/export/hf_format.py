@@ -1,0 +1,105 @@
+"""Hugging Face transformers export: the image encoder as a remote-code model folder.
+
+`config.json` (with `auto_map`), `model.safetensors` and the two code files of `hf_remote_code/`
+(`configuration_mmsoftmoe.py`, `modeling_mmsoftmoe.py`), copied by transformers' `save_pretrained` after
+`register_for_auto_class`. `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads it offline.
+
+The modeling file vendors the Soft MoE layer (about 60 lines, inference only) on top of timm's
+`VisionTransformer` instead of importing mmsoftmoe: the folder then runs wherever torch, timm and transformers
+are installed, and it keeps working whatever later mmsoftmoe versions change. The exporter's parity check
+guards the copy against drift from `mmsoftmoe.layers.SoftMoE`. Towers with sparse (Tokens/Experts Choice)
+layers are not vendored: export those as timm, open_clip, onnx or torch_export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel
+
+from mmsoftmoe.export.base import Format
+from mmsoftmoe.export.checkpoint import Checkpoint
+from mmsoftmoe.export.hf_remote_code.configuration_mmsoftmoe import MMSoftMoEVisionConfig
+from mmsoftmoe.export.hf_remote_code.modeling_mmsoftmoe import MMSoftMoEVisionModel
+from mmsoftmoe.layers import DenseMLP, SoftMoE
+from mmsoftmoe.models.mmsoftmoe_vit import MODEL_ARGS
+
+_MOE_ARGS = ("moe_layer", "moe_blocks", "moe_kwargs")
+
+
+def soft_moe_blocks(trunk: nn.Module) -> tuple[list[int], dict]:
+    """Indices of the Soft MoE blocks and the vendored layer's arguments (the layers are alike by construction)."""
+    mlps = {i: trunk.blocks[i].mlp for i in getattr(trunk, "moe_block_indices", ())}
+    unsupported = sorted({type(m).__name__ for m in mlps.values() if not isinstance(m, (SoftMoE, DenseMLP))})
+    if unsupported:
+        raise ValueError(f"hf export vendors the Soft MoE layer only; this tower uses {unsupported}: "
+                         "export it with --format timm, open_clip, onnx or torch_export")
+    soft = {i: m for i, m in mlps.items() if isinstance(m, SoftMoE)}
+    if not soft:
+        return [], {}
+    layer = next(iter(soft.values()))
+    if type(layer.experts.act) is not nn.GELU or layer.experts.act.approximate != "none":
+        raise ValueError(f"hf export vendors GELU experts only; this tower's experts use {layer.experts.act}")
+    return sorted(soft), dict(num_experts=layer.num_experts, slots_per_expert=layer.slots_per_expert,
+                              normalize=layer.normalize, bias=layer.experts.b1 is not None)
+
+
+def hf_config(ckpt: Checkpoint, proj: bool) -> MMSoftMoEVisionConfig:
+    """The transformers config of the encoder: timm ViT arguments + Soft MoE settings + projection."""
+    if ckpt.architecture not in MODEL_ARGS:
+        raise ValueError(f"hf export supports mmsoftmoe's registered towers; {ckpt.architecture!r} is not one")
+    vit_kwargs = {k: v for k, v in MODEL_ARGS[ckpt.architecture].items() if k not in _MOE_ARGS}
+    moe_block_indices, moe_kwargs = soft_moe_blocks(ckpt.trunk)
+    return MMSoftMoEVisionConfig(
+        vit_kwargs=vit_kwargs,
+        moe_block_indices=moe_block_indices,
+        moe_kwargs=moe_kwargs,
+        projection_dim=ckpt.projection.out_features if proj else 0,
+        projection_bias=proj and ckpt.projection.bias is not None,
+        image_mean=list(ckpt.preprocess_cfg["mean"]),
+        image_std=list(ckpt.preprocess_cfg["std"]),
+    )
+
+
+def hf_state_dict(ckpt: Checkpoint, proj: bool) -> dict[str, torch.Tensor]:
+    state = {f"trunk.{k}": v for k, v in ckpt.trunk.state_dict().items()}
+    if proj:
+        state.update({f"proj.{k}": v for k, v in ckpt.projection.state_dict().items()})
+    return state
+
+
+def write(ckpt: Checkpoint, folder: Path, proj: bool) -> dict:
+    MMSoftMoEVisionConfig.register_for_auto_class()
+    MMSoftMoEVisionModel.register_for_auto_class("AutoModel")
+    with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
+        model = MMSoftMoEVisionModel(hf_config(ckpt, proj))
+    model.load_state_dict(hf_state_dict(ckpt, proj), strict=True, assign=True)
+    model.save_pretrained(folder)
+    return {"vendored": "Soft MoE layer (modeling_mmsoftmoe.py); needs torch, timm, transformers",
+            "files": sorted(p.name for p in folder.iterdir())}
+
+
+def load(folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`get_image_features` of `AutoModel.from_pretrained(folder, trust_remote_code=True)`."""
+    return AutoModel.from_pretrained(folder, trust_remote_code=True).eval().get_image_features
+
+
+SNIPPET = """\
+from transformers import AutoModel  # needs torch, timm and transformers; not mmsoftmoe
+
+model = AutoModel.from_pretrained("$folder", trust_remote_code=True).eval()
+out = model(pixel_values=pixels, output_patch_tokens=True)  # pixels normalised with config.image_mean/std
+out.image_embeds       # (batch, $output_dim) pooled image embeddings
+out.last_hidden_state  # (batch, patches, width) patch tokens after the final norm
+"""
+
+FORMAT = Format(
+    name="hf",
+    summary="transformers remote-code folder (config.json + auto_map, safetensors, vendored Soft MoE code)",
+    write=write,
+    load=load,
+    snippet=SNIPPET,
+)

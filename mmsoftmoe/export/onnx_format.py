@@ -1,0 +1,67 @@
+"""ONNX export: the image encoder (pixels -> embedding), dynamic batch size, fixed image size.
+
+Exporter: `torch.onnx.export(..., dynamo=True)` from a `torch.export` program (SPEC section 6: torch >= 2.9
+defaults to it; the TorchScript exporter is deprecated). `torch.export` traces the batch size as a symbol, so
+Soft MoE's per-example reshapes and transposes, which use it, stay dynamic in the graph; the export fails
+rather than silently baking in the example's batch size. Large weights go to `model.onnx.data` beside the graph
+(ONNX's 2 GiB protobuf limit); onnxruntime finds it by itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from mmsoftmoe.export.base import Format, export_program
+from mmsoftmoe.export.checkpoint import Checkpoint
+
+MODEL_NAME = "model.onnx"
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "image_embeds"
+
+
+def write(ckpt: Checkpoint, folder: Path, proj: bool) -> dict:
+    program = export_program(ckpt.image_encoder(proj), ckpt.image_size)
+    onnx_program = torch.onnx.export(program, f=str(folder / MODEL_NAME), dynamo=True, input_names=[INPUT_NAME],
+                                     output_names=[OUTPUT_NAME])
+    return {"exporter": "torch.onnx.export(dynamo=True) of a torch.export program",
+            "opset": onnx_program.model.opset_imports[""], "input": f"{INPUT_NAME} (batch, 3, "
+            f"{ckpt.image_size[0]}, {ckpt.image_size[1]}) float32", "output": OUTPUT_NAME,
+            "files": sorted(p.name for p in folder.iterdir())}
+
+
+class OnnxEncoder:
+    """An onnxruntime CPU session of the exported encoder, called like the torch encoder (tensor in and out)."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = np.ascontiguousarray(pixels.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0])
+
+
+def load(folder: Path, threads: int = 0) -> OnnxEncoder:
+    return OnnxEncoder(Path(folder) / MODEL_NAME, threads)
+
+
+SNIPPET = """\
+import onnxruntime as ort  # no torch needed
+
+session = ort.InferenceSession("$folder/model.onnx", providers=["CPUExecutionProvider"])
+(embeds,) = session.run(["image_embeds"], {"pixel_values": pixels})  # float32 (batch, 3, H, W) -> (batch, $output_dim)
+"""
+
+FORMAT = Format(
+    name="onnx",
+    summary="ONNX image encoder (dynamo exporter), dynamic batch size, runs in onnxruntime CPU",
+    write=write,
+    load=load,
+    snippet=SNIPPET,
+    tolerance=1e-4,
+)

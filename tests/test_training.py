@@ -1,0 +1,146 @@
+"""The training loop: a loss that falls, step-exact resume, distributed and accumulated steps equal to one big step."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+
+import training.main as train_main
+from tests.training_fixtures import global_batch, grads, make_model, split
+from training.config import load_config
+from training.loop import build_loss, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def _fit(tmp_path: Path, *overrides: str) -> dict:
+    cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "eval.dataset=none", "data.num_workers=0",
+                              "batch_size=16", "log_every=1", *overrides])
+    train_main.fit(cfg)
+    return {r["step"]: r for r in train_main.MetricsLogger(Accelerator(), tmp_path).read() if "loss" in r}
+
+
+def test_loss_falls_and_checkpoints_are_written(tmp_path):
+    records = _fit(tmp_path, "steps=24", "checkpoint_every=8", "keep_checkpoints=2", "optim.warmup_steps=3")
+    first = sum(records[s]["loss"] for s in range(1, 5)) / 4
+    last = sum(records[s]["loss"] for s in range(21, 25)) / 4
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records.values())
+    assert last < first - 0.3, (first, last)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step_00000016", "step_00000024"]  # the last two kept, no temporary folder left
+    state = json.loads((tmp_path / "checkpoints/step_00000024/trainer_state.json").read_text())
+    assert state["step"] == 24 and state["samples_seen"] == 24 * 16
+    assert (tmp_path / "final/open_clip_model.safetensors").is_file() and (tmp_path / "training.png").is_file()
+
+
+def test_resume_is_step_exact(tmp_path, monkeypatch):
+    reference = _fit(tmp_path / "a", "steps=6", "checkpoint_every=3")
+
+    calls = {"n": 0}
+    real_step = train_main.train_step
+
+    def crash_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_main, "train_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "b", "steps=6", "checkpoint_every=3")
+    monkeypatch.setattr(train_main, "train_step", real_step)
+    resumed = _fit(tmp_path / "b", "steps=6", "checkpoint_every=3")  # resume=auto picks step 3
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(4, 7):
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-6), step
+
+
+def test_data_workers_do_not_change_the_batches(tmp_path):
+    a = _fit(tmp_path / "a", "steps=2", "data.num_workers=0")
+    b = _fit(tmp_path / "b", "steps=2", "data.num_workers=2")
+    for step in (1, 2):
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], abs=1e-6)
+
+
+def test_accumulated_step_equals_full_batch_step():
+    accelerator = Accelerator(cpu=True)
+    results = []
+    for parts in (1, 2, 4):
+        set_seed(0)
+        model, tokenizer = make_model()
+        batch = global_batch(tokenizer, 8)
+        loss_fn = build_loss("clip", local_loss=True, gather_with_grad=True, rank=0, world_size=1)
+        losses = train_step(model, split(batch, parts), loss_fn, accelerator, model.visual, 1.0)
+        results.append((float(losses["contrastive_loss"]), grads(model)))
+    for loss, g in results[1:]:
+        assert loss == pytest.approx(results[0][0], abs=1e-5)
+        assert g.keys() == results[0][1].keys()
+        for name in g:
+            torch.testing.assert_close(g[name], results[0][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    out = tmp_path / "two.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # accelerate launch --cpu starts one process (it needs MPI for more); torchrun's environment is what
+    # accelerate reads to form a gloo process group on CPU, as `accelerate launch` does on GPUs.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "_two_process_step.py"), str(out), "8"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = load_file(str(out))
+
+    accelerator = Accelerator(cpu=True)
+    for kind in ("clip", "siglip"):
+        set_seed(0)
+        model, tokenizer = make_model(kind)
+        batch = global_batch(tokenizer, 8)
+        loss_fn = build_loss(kind, local_loss=True, gather_with_grad=True, rank=0, world_size=1)
+        losses = train_step(model, [batch], loss_fn, accelerator, model.visual, 1.0)
+        assert float(sum(losses.values())) == pytest.approx(float(two[f"{kind}/loss"]), abs=1e-5), kind
+        for name, g in grads(model).items():
+            torch.testing.assert_close(two[f"{kind}/grad/{name}"], g, atol=1e-5, rtol=1e-4, msg=f"{kind} {name}")
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    real_step = train_main.train_step
+    calls = {"n": 0}
+
+    def nan_on_second_step(*args, **kwargs):
+        calls["n"] += 1
+        losses = real_step(*args, **kwargs)
+        return {k: v * float("nan") for k, v in losses.items()} if calls["n"] == 2 else losses
+
+    monkeypatch.setattr(train_main, "train_step", nan_on_second_step)
+    records = _fit(tmp_path / "skip", "steps=3", "resume=none")
+    assert records[2]["nonfinite_steps"] == 1 and records[3]["nonfinite_steps"] == 1
+
+    monkeypatch.setattr(train_main, "train_step",
+                        lambda *a, **k: {k2: v * float("nan") for k2, v in real_step(*a, **k).items()})
+    with pytest.raises(RuntimeError, match="3 consecutive non-finite losses"):
+        _fit(tmp_path / "stop", "steps=5", "max_nonfinite_steps=3")
+
+
+def test_locked_image_tower_does_not_move(tmp_path):
+    cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "eval.dataset=none", "data.num_workers=0", "batch_size=8",
+                              "steps=2", "model.lock_image=true"])
+    set_seed(cfg.seed)
+    before, _, _ = train_main.build_model(cfg)
+    train_main.fit(cfg)
+    from mmsoftmoe.models.clip import load_clip
+
+    after, _, _ = load_clip(tmp_path / "final")
+    # open_clip's TimmModel.lock freezes the trunk; the projection head stays trainable (a LiT read-out).
+    for (name, p0), p1 in zip(before.named_parameters(), after.parameters(), strict=True):
+        if name.startswith("visual.trunk."):
+            assert torch.equal(p0, p1), name
+    assert not torch.equal(before.visual.head.proj.weight, after.visual.head.proj.weight)
+    assert not torch.equal(before.token_embedding.weight, after.token_embedding.weight)

@@ -1,0 +1,231 @@
+"""Typed run configuration: dataclasses, YAML files derived from a base, and `key=value` overrides.
+
+A run config file is YAML whose top-level keys are the fields of `TrainConfig` (sections `model`, `data`,
+`optim`, plus run fields). `base: other.yaml` (relative to the file) is loaded first and the file's keys are
+merged over it; a `smoke:` mapping holds the overrides that shrink the run to seconds (big_vision's `runlocal`),
+applied with `smoke=true`. Unknown or mistyped keys are rejected with the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    name: str = "SoftMoE-Micro-4-32"  # an open_clip config name (mmsoftmoe ships its own, see list_clip_models)
+    text_model: str | None = None  # local Hugging Face encoder folder replacing the text transformer
+    lock_image: bool = False  # LiT: freeze the image trunk (open_clip keeps the projection head trainable)
+    lock_text: bool = False  # freeze the text tower
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # "shapes" (built-in generated pairs) or a path / glob / comma list of pair files
+    format: str | None = None  # imagefolder | parquet | arrow | webdataset (inferred when None)
+    image_column: str | None = None
+    caption_column: str | None = None
+    streaming: bool = False
+    num_samples: int = 100_000  # size of the built-in dataset
+    image_seed: int = 0  # seed of the built-in dataset
+    num_workers: int = 2
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop scale; (0.08, 1.0) is Inception crop
+    hflip: bool = False  # off by default: flips contradict captions that say "left"/"right"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    schedule: str = "cosine"  # cosine | rsqrt | constant
+    warmup_steps: int = 100
+    cooldown_steps: int = 0  # rsqrt: linear cooldown to 0 over the last steps (the paper: 50k)
+    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of lr
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # zero-shot evaluation every N steps (0: only at the end)
+    dataset: str | None = "shapes"  # an eval dataset spec (eval.datasets.build_dataset) or None
+    split: str = "test"
+    max_samples: int = 500
+    fewshot: bool = True  # also the 10-shot ridge probe at the end
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: str = "clip"  # clip (softmax, open_clip ClipLoss) | siglip (sigmoid, open_clip SigLipLoss)
+    local_loss: bool = True  # open_clip: each process scores its own rows against the gathered batch
+    gather_with_grad: bool = True
+    aux_loss_weight: float = 1.0  # multiplies the routers' auxiliary losses (each already weighted by its layer)
+    steps: int = 1000
+    batch_size: int = 64  # global batch per optimizer step (all processes, all accumulation steps)
+    grad_accum_steps: int = 1
+    precision: str = "no"  # accelerate mixed precision: no | bf16 | fp16
+    seed: int = 0
+    output_dir: str = "runs/default"
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | none | a checkpoint folder
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    smoke: bool = False  # apply the config file's `smoke:` overrides
+
+
+CHOICES = {
+    "loss": ("clip", "siglip"),
+    "precision": ("no", "bf16", "fp16"),
+    "optim.schedule": ("cosine", "rsqrt", "constant"),
+    "data.format": (None, "imagefolder", "parquet", "arrow", "webdataset"),
+}
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += _valid_keys(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def valid_keys() -> list[str]:
+    """Every settable key, dotted (`optim.lr`)."""
+    return _valid_keys(TrainConfig)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the field's annotated type, or raise naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin in (tuple, list):
+        items = yaml.safe_load(value) if isinstance(value, str) else value
+        if isinstance(items, str):
+            items = items.split(",")
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple:
+            if len(items) != len(args):
+                raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, key) for v, a in zip(items, args, strict=True))
+        return [_coerce(v, args[0], key) for v in items]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if hint in (int, float, str):
+        try:
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return hint(float(value)) if hint is int and isinstance(value, str) and "e" in value else hint(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+    return value
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    if dotted not in valid_keys():
+        raise ValueError(f"unknown config key {dotted!r}; valid keys: {', '.join(valid_keys())}")
+    *parents, name = dotted.split(".")
+    target = cfg
+    for p in parents:
+        target = getattr(target, p)
+    hints = typing.get_type_hints(type(target))
+    setattr(target, name, _coerce(value, hints[name], dotted))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(settings, smoke overrides) of a config file, both flat and merged over its `base` chain."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    smoke = _flatten(tree.pop("smoke", None) or {})
+    settings = _flatten(tree)
+    if base is None:
+        return settings, smoke
+    base_settings, base_smoke = _read_yaml((path.parent / base).resolve())
+    return {**base_settings, **settings}, {**base_smoke, **smoke}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Build a validated `TrainConfig` from an optional YAML file and `key=value` overrides.
+
+    Precedence, lowest first: dataclass defaults, the base chain, the file, its `smoke:` section (only with
+    `smoke=true`), the command-line overrides.
+    """
+    settings, smoke = _read_yaml(Path(path)) if path else ({}, {})
+    explicit = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value; valid keys: {', '.join(valid_keys())}")
+        key, value = item.split("=", 1)
+        explicit[key.strip()] = value
+    cfg = TrainConfig()
+    for key, value in {**settings, **explicit}.items():
+        _set(cfg, key, value)
+    if cfg.smoke:
+        for key, value in {**smoke, **explicit}.items():
+            _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check choices and arithmetic between fields; raise one ValueError naming the field and the fix."""
+    for key, choices in CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in choices:
+            raise ValueError(f"{key}={value!r} is not valid; choices: {[c for c in choices if c is not None]}")
+    for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "keep_checkpoints", "max_nonfinite_steps"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.batch_size % cfg.grad_accum_steps:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by grad_accum_steps={cfg.grad_accum_steps}")
+    if cfg.optim.lr <= 0:
+        raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,61 @@
+"""Run logs: JSONL metrics per logged step, accelerate's trackers (TensorBoard), and a loss plot at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to `metrics.jsonl` and forwards it to accelerate's trackers."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path) -> None:
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.accelerator.log(metrics, step=step)
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (a resumed run rewrites the steps after its checkpoint)."""
+        if self.accelerator.is_main_process and self.path.is_file():
+            kept = [r for r in self.read() if r["step"] <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_training(records: list[dict], path: str | Path) -> Path | None:
+    """Loss and zero-shot accuracy against step (PNG), if there is anything to plot."""
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if not losses:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [(r["step"], r["zeroshot/acc1"]) for r in records if "zeroshot/acc1" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*losses, strict=True), label="train loss", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals, strict=True), "o-", color="tab:orange", label="zero-shot top-1")
+        ax2.set_ylabel("zero-shot top-1")
+        ax2.set_ylim(0, 1)
+    fig.legend(loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
