@@ -144,3 +144,36 @@ def test_locked_image_tower_does_not_move(tmp_path):
             assert torch.equal(p0, p1), name
     assert not torch.equal(before.visual.head.proj.weight, after.visual.head.proj.weight)
     assert not torch.equal(before.token_embedding.weight, after.token_embedding.weight)
+
+
+def test_trains_from_an_image_folder_skipping_a_corrupt_image(tmp_path):
+
+    from mmsoftmoe.data import ShapesCaptions
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rows = []
+    for i, sample in enumerate(ShapesCaptions(15, image_size=32, seed=5)):
+        sample["image"].save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": sample["caption"]})
+    (folder / "bad.jpg").write_bytes(b"not a jpeg at all")
+    rows.append({"file_name": "bad.jpg", "text": "a broken file"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = _fit(tmp_path / "run", "steps=3", f"data.source={folder}", "data.caption_column=text",
+                   "batch_size=8")
+    assert len(records) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records.values())
+    state = json.loads((tmp_path / "run/final/trainer_state.json").read_text())
+    assert state["data_skipped"] >= 1
+
+
+def test_trains_with_a_hugging_face_text_encoder(tmp_path):
+    from tests.test_clip_models import _tiny_hf_encoder
+
+    _tiny_hf_encoder(tmp_path / "bert")
+    records = _fit(tmp_path / "run", "steps=2", f"model.text_model={tmp_path / 'bert'}", "batch_size=8")
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records.values())
+
+
+def test_siglip_needs_a_model_with_a_bias(tmp_path):
+    with pytest.raises(ValueError, match="loss=siglip needs a model with a logit bias"):
+        _fit(tmp_path, "steps=1", "loss=siglip")

@@ -53,6 +53,9 @@ def _flat_config(cfg: TrainConfig) -> dict:
 def build_model(cfg: TrainConfig):
     """(model, tokenizer, complete open_clip model config), towers locked and checkpointing set as configured."""
     model_cfg = resolve_clip_config(cfg.model.name, cfg.model.text_model)
+    if cfg.loss == "siglip" and model_cfg.get("init_logit_bias") is None:
+        raise ValueError(f"loss=siglip needs a model with a logit bias, and {cfg.model.name} has none; use a "
+                         "*-Sigmoid model config (init_logit_bias=-10, init_logit_scale=log 10) or loss=clip")
     model, tokenizer = build_clip_from_config(model_cfg)
     open_clip.set_model_preprocess_cfg(model, preprocess_config(model))
     if cfg.model.lock_image:

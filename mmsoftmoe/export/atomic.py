@@ -7,7 +7,7 @@ existing target is replaced only when asked (`overwrite`), after the new folder 
 from __future__ import annotations
 
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +27,7 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     target = Path(target)
     check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = sibling(target, "tmp")
     try:
         yield tmp
         _move_into_place(tmp, target)
@@ -41,7 +41,14 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     if not target.exists():
         tmp.rename(target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = sibling(target, "old")
     target.rename(old / target.name)
     tmp.rename(target)
     shutil.rmtree(old)
+
+
+def sibling(target: Path, kind: str) -> Path:
+    """A new empty hidden folder beside `target` (same file system, so renames are atomic; umask permissions)."""
+    folder = target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:12]}"
+    folder.mkdir()
+    return folder

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -76,7 +77,7 @@ def build_clip_from_config(
         model = model_cls(**cfg, output_dict=output_dict)
     context_length = text_cfg.get("context_length", 77)
     if is_hf:
-        return model, open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
+        return model, HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
     return model, open_clip.SimpleTokenizer(context_length=context_length)
 
 
