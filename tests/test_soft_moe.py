@@ -182,3 +182,33 @@ def test_wrong_input_width_is_a_clear_error():
         layer(torch.randn(2, 5, 9))
     with pytest.raises(ValueError, match="mask"):
         layer(torch.randn(2, 5, 8), mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_uniform_ablations():
+    layer = _layer(n=3, p=2, dispatch="uniform", combine="uniform")
+    x = torch.randn(2, 5, 8)
+    dispatch, combine = layer.routing_weights(x)
+    torch.testing.assert_close(dispatch, torch.full((2, 5, 6), 1 / 5))
+    torch.testing.assert_close(combine, torch.full((2, 5, 6), 1 / 6))
+    # Every slot sees the token mean; every token gets the mean of all expert outputs: identical rows.
+    y = layer(x)
+    torch.testing.assert_close(y, y[:, :1].expand_as(y))
+    e = layer.experts
+    slot = x.mean(1)  # (b, d)
+    outs = [torch.nn.functional.gelu(slot @ e.w1[i] + e.b1[i, 0]) @ e.w2[i] + e.b2[i, 0] for i in range(3)]
+    torch.testing.assert_close(y[:, 0], torch.stack(outs).mean(0), atol=1e-6, rtol=1e-5)
+
+
+def test_identity_ablation_routes_token_i_to_slot_i():
+    layer = _layer(n=3, p=2, dispatch="identity", combine="identity", num_tokens=6)
+    x = torch.randn(2, 6, 8)
+    y = layer(x)
+    e = layer.experts
+    for t in range(6):
+        i = t // 2  # slot t belongs to expert t // p
+        ref = torch.nn.functional.gelu(x[:, t] @ e.w1[i] + e.b1[i, 0]) @ e.w2[i] + e.b2[i, 0]
+        torch.testing.assert_close(y[:, t], ref, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="identity"):
+        SoftMoE(8, 16, num_experts=4, dispatch="identity", num_tokens=6)
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        SoftMoE(8, 16, num_experts=4, dispatch="hard")

@@ -28,6 +28,8 @@ from mmsoftmoe.layers.base import ExpertLayerBase, autocast_off, check_positive
 from mmsoftmoe.layers.experts import lecun_normal_
 
 _L2N_EPS = 1e-6  # vmoe's `normalize`: x * rsqrt(sum(x**2) + 1e-6)
+# Routing ablations of the paper (section 5, Table 3): learned ("soft"), uniform weights, or identity (slot i = token i).
+WEIGHT_MODES = ("soft", "uniform", "identity")
 
 
 def l2_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -77,6 +79,8 @@ class SoftMoE(ExpertLayerBase):
         normalize: L2-normalise inputs and `phi` with a learnable scale (paper section 2.3). Off reproduces
             the un-normalised variant of the paper's appendix E.
         noise_std: Std of Gaussian noise added to the logits in training (vmoe option, default off).
+        dispatch, combine: "soft" (the layer), or the paper's ablations: "uniform" (every slot the mean of the
+            tokens / every output the mean of the slots) or "identity" (slot i is token i; needs n * p = m).
         act_layer, bias, drop: As timm's `Mlp`, per expert.
     """
 
@@ -95,6 +99,8 @@ class SoftMoE(ExpertLayerBase):
         num_tokens: int | None = None,
         normalize: bool = True,
         noise_std: float = 0.0,
+        dispatch: str = "soft",
+        combine: str = "soft",
         norm_layer: type[nn.Module] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -104,6 +110,13 @@ class SoftMoE(ExpertLayerBase):
                          norm_layer, device, dtype)
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        for name, mode in (("dispatch", dispatch), ("combine", combine)):
+            if mode not in WEIGHT_MODES:
+                raise ValueError(f"{name} must be one of {WEIGHT_MODES}, got {mode!r}")
+            if mode == "identity" and num_tokens is not None and num_experts * slots != num_tokens:
+                raise ValueError(f"{name}='identity' needs num_experts * slots_per_expert == num_tokens, got "
+                                 f"{num_experts} * {slots} != {num_tokens}")
+        self.dispatch, self.combine = dispatch, combine
         self.slots_per_expert = slots
         self.num_slots = num_experts * slots
         self.num_tokens = num_tokens
@@ -140,11 +153,30 @@ class SoftMoE(ExpertLayerBase):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dispatch weights (softmax over tokens) and combine weights (softmax over slots), (b, m, s) each."""
         logits_bms = self.router_logits(x)
-        dispatch_logits = logits_bms
         if mask is not None:
             # A finite fill (not -inf) keeps an all-padding example NaN-free; its outputs are zeroed in forward.
-            dispatch_logits = logits_bms.masked_fill(~mask[..., None], torch.finfo(logits_bms.dtype).min)
-        return torch.softmax(dispatch_logits, dim=1), torch.softmax(logits_bms, dim=2)
+            fill = torch.finfo(logits_bms.dtype).min
+            dispatch_logits = logits_bms.masked_fill(~mask[..., None], fill)
+        else:
+            dispatch_logits = logits_bms
+        dispatch = self._ablate(self.dispatch, torch.softmax(dispatch_logits, dim=1), mask, over_tokens=True)
+        combine = self._ablate(self.combine, torch.softmax(logits_bms, dim=2), mask, over_tokens=False)
+        return dispatch, combine
+
+    def _ablate(self, mode: str, soft_bms: torch.Tensor, mask: torch.Tensor | None, over_tokens: bool) -> torch.Tensor:
+        """The paper's routing ablations (Table 3): replace learned weights by uniform or identity ones."""
+        if mode == "soft":
+            return soft_bms
+        b, m, s = soft_bms.shape
+        if mode == "identity":
+            if m != s:
+                raise ValueError(f"identity routing needs as many slots as tokens, got {s} slots for {m} tokens")
+            return torch.eye(m, dtype=soft_bms.dtype, device=soft_bms.device).expand(b, m, s)
+        real = torch.ones(b, m, 1, dtype=soft_bms.dtype, device=soft_bms.device) if mask is None else \
+            mask[..., None].to(soft_bms.dtype)
+        if over_tokens:  # every slot: the mean of the example's real tokens
+            return (real / real.sum(dim=1, keepdim=True).clamp(min=1)).expand(b, m, s)
+        return torch.full_like(soft_bms, 1.0 / s)  # every token: the mean of all slots
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x, mask)
@@ -189,4 +221,5 @@ class SoftMoE(ExpertLayerBase):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
-                f"normalize={self.normalize}, noise_std={self.noise_std}")
+                f"normalize={self.normalize}, noise_std={self.noise_std}, dispatch={self.dispatch}, "
+                f"combine={self.combine}")
