@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,10 @@ def export_program(encoder: nn.Module, image_size: tuple[int, int]) -> torch.exp
     example = torch.zeros(2, 3, *image_size)
     batch = torch.export.Dim("batch", min=1)
     # Under no_grad, the layers' `@torch.no_grad()` routing statistics trace as plain ops instead of grad-mode
-    # regions (which `torch.export.load` rejects); those statistics feed no output and are removed below.
-    with torch.no_grad():
+    # regions (which `torch.export.load` rejects); those statistics feed no output and are removed below, so
+    # torch's warning that they are tensor attributes assigned during export does not concern the program.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
         program = torch.export.export(encoder.eval(), (example,), dynamic_shapes=({0: batch},), strict=False)
     program.graph_module.graph.eliminate_dead_code()
     program.graph_module.recompile()

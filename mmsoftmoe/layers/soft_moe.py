@@ -28,7 +28,7 @@ from mmsoftmoe.layers.base import ExpertLayerBase, autocast_off, check_positive
 from mmsoftmoe.layers.experts import lecun_normal_
 
 _L2N_EPS = 1e-6  # vmoe's `normalize`: x * rsqrt(sum(x**2) + 1e-6)
-# Routing ablations of the paper (section 5, Table 3): learned ("soft"), uniform weights, or identity (slot i = token i).
+# The paper's routing ablations (section 5, Table 3): learned ("soft"), uniform, or identity (slot i = token i).
 WEIGHT_MODES = ("soft", "uniform", "identity")
 
 
