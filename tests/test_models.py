@@ -45,7 +45,8 @@ def test_full_size_architecture_on_meta(name):
     n = MODEL_ARGS[name]["moe_kwargs"]["num_experts"]
     h = 4 * d
     per_expert = 2 * d * h + h + d
-    router = d * n + (1 if name.startswith("softmoe") else 0)  # phi (d, n, 1) [+ scale] or router (d, n)
+    p = MODEL_ARGS[name]["moe_kwargs"].get("slots_per_expert", 1)
+    router = d * n * p + (1 if name.startswith("softmoe") else 0)  # phi (d, n, p) [+ scale] or router (d, n)
     dense_mlp = 2 * d * h + h + d
     expected = sum(p.numel() for p in dense.parameters()) + len(moe) * (n * per_expert + router - dense_mlp)
     assert sum(p.numel() for p in model.parameters()) == expected

@@ -7,7 +7,8 @@ global average pooling after the final norm, query-key normalisation in attentio
 paper's image-text recipe (App. F.1).
 
 Names say what differs: `softmoe_vit_small_patch16_224_e128` (128 experts), `dense_vit_small_patch16_224`,
-`tokenschoice_vit_small_patch16_224_e128_k2` (top-2), `expertschoice_vit_small_patch16_224_e128`.
+`tokenschoice_vit_small_patch16_224_e128_k2` (top-2), `expertschoice_vit_small_patch16_224_e128`,
+`softmoe_vit_micro_patch4_32_e16_s4` (4 slots per expert), `..._e16_s4_duniform_csoft` (uniform dispatch, soft combine).
 After `import mmsoftmoe`, `timm.create_model(name, **overrides)` builds any of them;
 `timm.list_models(module="mmsoftmoe_vit")` lists them.
 """
@@ -34,9 +35,22 @@ TOWERS: dict[str, tuple[dict, int]] = {
     "huge_patch14_224": (dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), 256),
 }
 SPARSE_TWINS = ("micro_patch4_32", "mini_patch8_64", "small_patch16_224", "base_patch16_224")
+# The small-scale study's towers (benchmarks/study.py): Soft MoE with as many slots as tokens, i.e. the dense MLP's
+# cost (`_e16_s4`), and at that size the paper's routing ablations (section 5, Table 3) as `_d<dispatch>_c<combine>`.
+STUDY_TOWERS = ("micro_patch4_32", "mini_patch8_64")
+ROUTING_ABLATIONS = (("soft", "uniform"), ("uniform", "soft"), ("uniform", "uniform"), ("identity", "identity"))
 
 # The paper's ViT recipe shared by every tower (vmoe: GAP after the encoder norm, qk-norm, no class token).
 _COMMON = dict(mlp_ratio=4.0, qk_norm=True, class_token=False, global_pool="avg", fc_norm=False)
+
+
+def matched_slots_per_expert(tower: str) -> int:
+    """Slots per expert p with n * p = m tokens: the Soft MoE that costs what the dense MLP costs."""
+    vit, experts = TOWERS[tower]
+    tokens = (vit.get("img_size", 224) // vit["patch_size"]) ** 2
+    if tokens % experts:
+        raise ValueError(f"{tower}: {tokens} tokens do not split evenly over {experts} experts")
+    return tokens // experts
 
 
 def _variants() -> dict[str, dict]:
@@ -53,6 +67,13 @@ def _variants() -> dict[str, dict]:
                     base, moe_layer="tokens_choice", moe_kwargs=dict(num_experts=experts, top_k=k, capacity_factor=1.0))
             out[f"expertschoice_vit_{tower}_e{experts}"] = dict(
                 base, moe_layer="experts_choice", moe_kwargs=dict(num_experts=experts, capacity_factor=1.0))
+        if tower in STUDY_TOWERS:
+            slots = matched_slots_per_expert(tower)
+            soft = dict(num_experts=experts, slots_per_expert=slots)
+            out[f"softmoe_vit_{tower}_e{experts}_s{slots}"] = dict(base, moe_layer="soft", moe_kwargs=soft)
+            for dispatch, combine in ROUTING_ABLATIONS:
+                out[f"softmoe_vit_{tower}_e{experts}_s{slots}_d{dispatch}_c{combine}"] = dict(
+                    base, moe_layer="soft", moe_kwargs=dict(soft, dispatch=dispatch, combine=combine))
     return out
 
 
