@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from mmsoftmoe.models.clip import CONFIG_NAME, load_clip
@@ -65,7 +64,7 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no {CONFIG_NAME}: not an mmsoftmoe checkpoint folder")
-    tower = read_json(folder / CONFIG_NAME)["model_cfg"]["vision_cfg"].get("timm_model_name")
+    tower = read_json(folder / CONFIG_NAME).get("model_cfg", {}).get("vision_cfg", {}).get("timm_model_name")
     try:
         model, tokenizer, config = load_clip(folder)
     except (ValueError, RuntimeError) as err:
@@ -94,13 +93,3 @@ def _check_tower(folder: Path, model: nn.Module) -> None:
     if not hasattr(visual, "trunk") or not isinstance(getattr(head, "proj", None), nn.Linear):
         raise ValueError(f"checkpoint {folder}: the image tower is not an open_clip timm tower with a linear "
                          "projection (vision_cfg.timm_model_name + timm_proj='linear'); export supports only those")
-
-
-@torch.no_grad()
-def parity_batch(ckpt: Checkpoint, batch_size: int, seed: int = 0) -> torch.Tensor:
-    """A fixed batch of normalised-pixel-like inputs (b, 3, H, W) for the parity checks."""
-    if batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2 to check batch-1 vs batch-{batch_size} determinism, "
-                         f"got {batch_size}")
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch_size, 3, *ckpt.image_size, generator=generator)

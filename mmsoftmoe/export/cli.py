@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the eager model and described by a model card (README.md) and export_report.json.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint or open_clip folder (open_clip_config.json)")
     names = ", ".join(f"{name} ({fmt.summary})" for name, fmt in FORMATS.items())
+    aliases = "; ".join(f"{alias}: alias of {name}" for alias, name in ALIASES.items())
     parser.add_argument("--format", required=True, type=format_list, dest="formats",
-                        help=f"comma-separated formats or {ALL!r}: {names}; {list(ALIASES)} = torch_export")
+                        help=f"comma-separated formats or {ALL!r}: {names}; {aliases}")
     parser.add_argument("--out", required=True, help="export folder (one format) or parent of one per format")
     parser.add_argument("--overwrite", action="store_true", help="replace existing export folders")
     parser.add_argument("--no-proj", dest="proj", action="store_false",

@@ -4,7 +4,8 @@ Each format gets its own folder (`out` itself for one format, `out/<format>` for
 temporary folder the export is written, loaded back the way a user would load it and run on a fixed batch:
 outputs must match the eager mmsoftmoe model (max abs diff within the format's tolerance) and each example's
 output at batch 1 must match its output in the batch. Only then are `export_report.json` (the figures) and the
-model card written and the folder renamed into place; any failure leaves nothing behind.
+model card written and the folder renamed into place; any failure leaves nothing behind. With several formats,
+every target is checked before anything is written; a failure stops the run, the formats done before it stay.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import mmsoftmoe
 from mmsoftmoe.export.atomic import atomic_folder, check_target
 from mmsoftmoe.export.base import Encoder, Format
 from mmsoftmoe.export.card import model_card
-from mmsoftmoe.export.checkpoint import Checkpoint, load_checkpoint, parity_batch
+from mmsoftmoe.export.checkpoint import Checkpoint, load_checkpoint
 from mmsoftmoe.export.formats import FORMATS, parse_formats
 from mmsoftmoe.export.stats import count_flops, parameter_counts
 
@@ -39,6 +40,24 @@ class ParityError(RuntimeError):
 def export_targets(out: Path, names: Sequence[str]) -> dict[str, Path]:
     """Folder per format: `out` itself for a single format, `out/<format>` for several."""
     return {names[0]: out} if len(names) == 1 else {name: out / name for name in names}
+
+
+def check_targets(targets: dict[str, Path], checkpoint: Path, overwrite: bool) -> None:
+    """Every target is free (or `overwrite`) and none is, or contains, the checkpoint being exported."""
+    for target in targets.values():
+        if target.resolve() == checkpoint.resolve() or target.resolve() in checkpoint.resolve().parents:
+            raise ValueError(f"export folder {target} would replace the checkpoint {checkpoint}; choose another --out")
+        check_target(target, overwrite)
+
+
+@torch.no_grad()
+def parity_batch(ckpt: Checkpoint, batch_size: int, seed: int = 0) -> torch.Tensor:
+    """A fixed batch of normalised-pixel-like inputs (b, 3, H, W) for the parity checks."""
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 to check batch-1 vs batch-{batch_size} determinism, "
+                         f"got {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, *ckpt.image_size, generator=generator)
 
 
 def export_checkpoint(
@@ -63,8 +82,7 @@ def export_checkpoint(
     """
     names = parse_formats(formats)
     targets = export_targets(Path(out), names)
-    for target in targets.values():
-        check_target(target, overwrite)
+    check_targets(targets, Path(checkpoint), overwrite)
     ckpt = load_checkpoint(checkpoint)
     pixels = parity_batch(ckpt, batch_size)
     return {name: export_format(ckpt, FORMATS[name], target, pixels, proj=proj, overwrite=overwrite)

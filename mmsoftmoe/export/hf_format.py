@@ -41,6 +41,10 @@ def soft_moe_blocks(trunk: nn.Module) -> tuple[list[int], dict]:
     if not soft:
         return [], {}
     layer = next(iter(soft.values()))
+    ablated = sorted({f"{m.dispatch}/{m.combine}" for m in soft.values() if (m.dispatch, m.combine) != ("soft", "soft")})
+    if ablated:
+        raise ValueError(f"hf export vendors soft dispatch and combine only; this tower uses the routing ablation(s) "
+                         f"{ablated}: export it with --format timm, open_clip, onnx or torch_export")
     if type(layer.experts.act) is not nn.GELU or layer.experts.act.approximate != "none":
         raise ValueError(f"hf export vendors GELU experts only; this tower's experts use {layer.experts.act}")
     return sorted(soft), dict(num_experts=layer.num_experts, slots_per_expert=layer.slots_per_expert,

@@ -9,10 +9,11 @@ rather than silently baking in the example's batch size. Large weights go to `mo
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from mmsoftmoe.export.base import Format, export_program
@@ -23,7 +24,15 @@ INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_embeds"
 
 
+def require_extras() -> None:
+    """onnxscript (the exporter) and onnxruntime (the parity check) come with the `export` extra."""
+    missing = [m for m in ("onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"the onnx format needs {missing}: pip install 'mmsoftmoe[export]'")
+
+
 def write(ckpt: Checkpoint, folder: Path, proj: bool) -> dict:
+    require_extras()
     program = export_program(ckpt.image_encoder(proj), ckpt.image_size)
     onnx_program = torch.onnx.export(program, f=str(folder / MODEL_NAME), dynamo=True, input_names=[INPUT_NAME],
                                      output_names=[OUTPUT_NAME])
@@ -37,8 +46,11 @@ class OnnxEncoder:
     """An onnxruntime CPU session of the exported encoder, called like the torch encoder (tensor in and out)."""
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
+        require_extras()
+        ort = importlib.import_module("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
+        options.inter_op_num_threads = 1  # sequential graph execution: all parallelism is intra-op
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

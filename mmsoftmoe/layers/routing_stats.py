@@ -23,6 +23,8 @@ class RoutingStatsMixin:
         self.aux_loss = None
 
     def _record(self, stats: dict[str, torch.Tensor], aux_loss: torch.Tensor | None = None) -> None:
+        if torch.compiler.is_exporting():  # an exported graph has no Python attributes to write to
+            return
         self.last_stats = {k: v.detach() for k, v in stats.items()}
         self.aux_loss = aux_loss
 
