@@ -8,6 +8,9 @@ retrieval take the model; the probes take features, so a probe on cached feature
     test = extract_features(model.encode_image, test_loader, device=device, cache=key.with_split("test"))
     fewshot = evaluate_fewshot(*train, *test, shots=(1, 5, 10, 25))
     linprobe = evaluate_linear_probe(*train, *test)
+
+``run_evaluation`` (``eval.main``, also behind ``mmsoftmoe eval``) composes them per dataset, with retrieval, full
+fine-tuning (``eval.finetune``) and the Soft MoE dispatch pictures (``eval.plots``).
 """
 
 from eval.datasets import (
@@ -28,7 +31,17 @@ from eval.features import (
     sha256_file,
 )
 from eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS, L2_SWEEP, RidgeProbe, evaluate_fewshot
+from eval.finetune import (
+    FinetuneConfig,
+    build_classifier,
+    evaluate_classifier,
+    finetune,
+    load_classifier,
+    save_classifier,
+)
 from eval.linear_probe import WEIGHT_DECAYS, evaluate_linear_probe, fit_logistic, select_weight_decay
+from eval.main import TASKS, run_evaluation
+from eval.plots import dispatch_maps, plot_dispatch
 from eval.report import markdown_table, plot_fewshot, write_json, write_report
 from eval.retrieval import evaluate_retrieval, retrieval_metrics
 from eval.zero_shot import classification_metrics, evaluate_zero_shot, zero_shot_classifier, zero_shot_metrics
@@ -37,29 +50,39 @@ __all__ = [
     "DEFAULT_L2_REG",
     "DEFAULT_SHOTS",
     "L2_SWEEP",
+    "TASKS",
     "UNREADABLE_LABEL",
     "WEIGHT_DECAYS",
     "ClassificationDataset",
     "DigitsDataset",
     "FeatureCacheKey",
+    "FinetuneConfig",
     "HFClassificationDataset",
     "ImageFolderDataset",
     "RidgeProbe",
+    "build_classifier",
     "build_dataset",
     "classification_metrics",
     "digits_split",
+    "dispatch_maps",
     "eval_mode",
+    "evaluate_classifier",
     "evaluate_fewshot",
     "evaluate_linear_probe",
     "evaluate_retrieval",
     "evaluate_zero_shot",
     "extract_features",
+    "finetune",
     "fit_logistic",
+    "load_classifier",
     "load_hf_split",
     "make_loader",
     "markdown_table",
+    "plot_dispatch",
     "plot_fewshot",
     "retrieval_metrics",
+    "run_evaluation",
+    "save_classifier",
     "select_weight_decay",
     "sha256_file",
     "write_json",

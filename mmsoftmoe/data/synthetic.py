@@ -223,6 +223,15 @@ class ShapesCaptions(_GeneratedShapes):
         scene = sample_scene(rng, self.image_size)
         return {"image": self._finish(render_scene(scene, self.image_size)), "caption": caption_scene(scene, rng)}
 
+    def captions(self, index: int, num_captions: int) -> list[str]:
+        """`num_captions` captions of sample `index`'s scene (for retrieval); the first is the one `[index]` holds.
+
+        Later captions describe the same scene with other random wording (article and template), so they may repeat.
+        """
+        rng = self._rng(index)
+        scene = sample_scene(rng, self.image_size)
+        return [caption_scene(scene, rng) for _ in range(num_captions)]
+
 
 class ShapesClassification(_GeneratedShapes):
     """Labelled coloured shapes: one class per colour x shape, balanced (label = index % num_classes).

@@ -1,0 +1,96 @@
+"""Pictures of Soft MoE routing: which image patches each of a few slots draws from.
+
+In a Soft MoE layer (Puigcerver et al. 2024, section 2.1 and Fig. 2) slot j's input is a convex mix of the tokens with
+the dispatch weights ``D[:, j]`` (softmax over tokens), so on a ViT each slot's weights are a heat map over the patch
+grid. ``dispatch_maps`` captures the input of a tower's last Soft MoE layer with a forward hook and recomputes its
+routing weights; ``plot_dispatch`` overlays the maps on the images, one row per image and one column per slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eval.features import eval_mode
+from mmsoftmoe.layers import SoftMoE
+
+
+def last_soft_moe(tower: nn.Module) -> SoftMoE | None:
+    """The tower's last Soft MoE layer (the MLP of its last MoE block), or None for a tower without one."""
+    layers = [module for module in tower.modules() if isinstance(module, SoftMoE)]
+    return layers[-1] if layers else None
+
+
+def spread_slots(num_slots: int, count: int) -> list[int]:
+    """``count`` slot indices spread evenly over ``0 .. num_slots - 1`` (distinct experts when p = 1)."""
+    return torch.linspace(0, num_slots - 1, min(count, num_slots)).round().long().tolist()
+
+
+def dispatch_maps(tower: nn.Module, images: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+    """Dispatch weights of the chosen slots of the last Soft MoE layer over the patch grid.
+
+    Args:
+        tower: A timm ViT (``patch_embed.grid_size``, ``num_prefix_tokens``) with at least one ``SoftMoE`` MLP.
+        images: ``[b, 3, H, W]`` preprocessed images on the tower's device.
+        slots: Slot indices to keep.
+
+    Returns:
+        ``[b, len(slots), gh, gw]`` weights; over patches and prefix tokens together, each slot's weights sum to 1.
+    """
+    layer = last_soft_moe(tower)
+    if layer is None:
+        raise ValueError(f"{type(tower).__name__} has no SoftMoE layer: dispatch maps exist only for Soft MoE towers.")
+    captured = []
+    handle = layer.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    try:
+        with torch.inference_mode(), eval_mode(tower):
+            tower(images)
+            dispatch_bms, _ = layer.routing_weights(captured[-1])
+    finally:
+        handle.remove()
+    grid_h, grid_w = tower.patch_embed.grid_size
+    patches_bpk = dispatch_bms[:, tower.num_prefix_tokens:, list(slots)]
+    return patches_bpk.transpose(1, 2).reshape(len(images), len(slots), grid_h, grid_w).float().cpu()
+
+
+def plot_dispatch(
+    images: torch.Tensor, maps: torch.Tensor, slots: Sequence[int], path: str | Path, title: str = ""
+) -> Path:
+    """A grid PNG: per image, the image then each slot's dispatch map over it (colour scale per map).
+
+    Args:
+        images: ``[b, 3, H, W]`` images in ``[0, 1]`` (un-normalised, for display).
+        maps: ``[b, k, gh, gw]`` from ``dispatch_maps``.
+        slots: The k slot indices, for the column titles.
+        path: PNG file to write.
+        title: Figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = maps.shape[0], maps.shape[1] + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + 0.4), squeeze=False)
+    height, width = images.shape[-2:]
+    for i in range(rows):
+        picture = images[i].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+        axes[i, 0].imshow(picture)
+        for k, slot in enumerate(slots):
+            axes[i, k + 1].imshow(picture)
+            axes[i, k + 1].imshow(maps[i, k].numpy(), extent=(0, width, height, 0), alpha=0.6, cmap="magma",
+                                  interpolation="nearest")
+            axes[0, k + 1].set_title(f"slot {slot}", fontsize=8)
+    axes[0, 0].set_title("image", fontsize=8)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.suptitle(title or "dispatch weights of the last Soft MoE layer", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
