@@ -58,10 +58,8 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # zero-shot evaluation every N steps (0: only at the end)
-    dataset: str | None = "shapes"  # an eval dataset spec (eval.datasets.build_dataset) or None
-    split: str = "test"
-    max_samples: int = 500
-    fewshot: bool = True  # also the 10-shot ridge probe at the end
+    dataset: str | None = "shapes"  # a classification spec of eval.datasets.build_dataset (shapes, digits, ...)
+    fewshot: bool = True  # also the 10-shot ridge probe (on frozen pre-logits) at the end
 
 
 @dataclass

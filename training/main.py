@@ -18,10 +18,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from eval.main import run_evaluation
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.layers import collect_routing_stats
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config, save_clip
-from training import evaluate
 from training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, load_config, to_dict, valid_keys
 from training.data import build_pair_dataset, build_train_loader
@@ -86,6 +86,17 @@ def _step_metrics(accelerator: Accelerator, losses: dict, model, optimizer, grad
     return metrics
 
 
+def flat_metrics(results: dict, prefix: str = "") -> dict[str, float]:
+    """`{"zeroshot": {"acc1": x}, "fewshot": {"10shot": {"acc1": y}}}` -> `{"zeroshot/acc1": x, ...}` (scalars only)."""
+    out = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            out.update(flat_metrics(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train as configured; returns the final metrics (also in `output_dir/final/trainer_state.json`)."""
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -123,10 +134,10 @@ def fit(cfg: TrainConfig) -> dict:
     def run_eval(final: bool) -> dict[str, float]:
         if cfg.eval.dataset is None:
             return {}
-        out = evaluate.zero_shot(unwrapped, tokenizer, eval_tf, cfg.eval, accelerator, micro_batch)
-        if final and cfg.eval.fewshot:
-            out.update(evaluate.fewshot(unwrapped, eval_tf, cfg.eval, accelerator, micro_batch))
-        return out
+        tasks = ("zeroshot", "fewshot") if final and cfg.eval.fewshot else ("zeroshot",)
+        results = run_evaluation(unwrapped, tokenizer, dataset=cfg.eval.dataset, tasks=tasks, preprocess=eval_tf,
+                                 batch_size=micro_batch, accelerator=accelerator, shots=(10,))[cfg.eval.dataset]
+        return flat_metrics({k: v for k, v in results.items() if k in tasks})
 
     def checkpoint() -> None:
         trainer_state = {"state": state.to_dict(), "step": state.step, "samples_seen": state.samples_seen,

@@ -143,7 +143,11 @@ def load_clip(folder: str | Path, *, device: torch.device | str = "cpu") -> tupl
         raise FileNotFoundError(f"no weights in {folder}: expected one of {list(WEIGHTS_NAMES)}")
     model, tokenizer = build_clip_from_config(config["model_cfg"])
     state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor whose shape differs from the config's
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise ValueError(f"checkpoint {weights} does not match its config {config_path}: {detail}") from err
     if missing or unexpected:
         raise ValueError(f"checkpoint {weights} does not match its config {config_path}: "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
