@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check mmsoftmoe training eval benchmarks tests
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m benchmarks.layer_bench --settings tiny,s16 --repeats 3
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/mmsoftmoe demo --config configs/demo.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

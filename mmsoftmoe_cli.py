@@ -1,4 +1,4 @@
-"""The `mmsoftmoe` command: `mmsoftmoe {train,eval,export} ...`.
+"""The `mmsoftmoe` command: `mmsoftmoe {train,eval,export,demo} ...`.
 
 It lives outside the library so that `mmsoftmoe/` imports neither `training/` nor `eval/`; each subcommand's
 module is imported only when that subcommand runs.
@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("training.main", "contrastive pretraining (accelerate; one CPU to many nodes)"),
     "eval": ("eval.main", "zero-shot, retrieval, few-shot, linear probe and fine-tuning evaluation"),
     "export": ("mmsoftmoe.export", "export the image encoder (timm, open_clip, hf, onnx, torchscript)"),
+    "demo": ("training.demo", "pretrain on built-in data, evaluate, export, print a results table"),
 }
 
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<8}{help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: mmsoftmoe {train,eval,export} [args]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: mmsoftmoe {train,eval,export,demo} [args]\n\ncommands:\n" + "\n".join(lines))
         bad = bool(argv) and argv[0] not in ("-h", "--help")
         if bad:
             print(f"\nerror: unknown command {argv[0]!r}; valid commands: {sorted(COMMANDS)}", file=sys.stderr)
