@@ -1,0 +1,467 @@
+"""Layer benchmark: Soft MoE against the dense MLP, the sparse MoEs and soft-moe-pytorch, fp32 on CPU.
+
+Run as `python -m benchmarks.layer_bench [--settings tiny,s16] [--repeats N] [--threads 2] [--no-thp] [--out F]`.
+Issue 2 ("Benchmark") sets the targets; SPEC.md sections 1, 3 and 6 the layers and the pitfalls.
+
+What is measured, per setting (`s16`: the paper's S/16 MoE layer; `tiny`: a seconds-long smoke size):
+- Forward time: eval mode, under `torch.no_grad()`.
+- Forward+backward time: train mode, the input requiring grad (as inside a network), backward of a fixed random
+  output gradient. Parameter and input gradients are set to None before every step (`zero_grad(set_to_none=True)`,
+  the optimizer default), so every step allocates fresh gradients: the case SPEC section 6 warns about.
+  Both are medians of `--repeats` calls timed with `time.perf_counter`, after `--warmup` untimed calls; the
+  JSON adds the min and the minor page faults per call (fresh memory is what the CPU pays for, not only FLOPs).
+- GFLOP/s from explicit FLOP counts: 2 per multiply-add, matmuls only (biases, GELU, softmax ignored).
+  Dense 4bmdh; Soft MoE b(6mds + 4sdh) with s = n*p slots (logits, dispatch, combine, experts);
+  sparse 2bmdn for the router plus 4dh per expert-buffer row actually processed (b groups x n experts x capacity C,
+  empty buffer positions included: they are computed). Backward counts as 2x forward.
+- % of peak: against the best-of-5 fp32 `torch.mm` of two `--peak-size` squares, measured in the same run with
+  the same threads (a `torch.bmm` of the expert shape is reported beside it).
+- Peak memory of one forward (no grad; and with grad, output and autograd graph alive): the peak of bytes live
+  in torch's CPU allocator during the call above those live before it, from torch.profiler's allocation events
+  (tensor bytes, not RSS: parameters and input are excluded, and glibc's caching does not count). The issue's
+  bound for Soft MoE is the dense MLP's peak plus the three (b, m, s) float32 routing tensors (logits, dispatch,
+  combine weights).
+- Machine state: load average and a one-second CPU busy fraction before the run (a loud warning when the machine
+  is busy: two contended cores make timings meaningless), load after, threads, torch version, THP flag; and for
+  every timing the share of the CPU that other processes took meanwhile (/proc/stat minus this process's own
+  time), flagged in the table above 0.1.
+
+THP: torch's CPU allocator backs large allocations with transparent huge pages when `THP_MEM_ALLOC_ENABLE=1` is in
+the environment when torch starts. Run as a script, this module re-executes itself with it set (unset with
+`--no-thp`); called in-process (`main([...])`), it records whatever the environment held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmsoftmoe.layers import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
+
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+FWD_BWD_FLOP_FACTOR = 3  # forward + backward = forward + 2x forward
+FP32_BYTES = 4
+ROUTING_TENSORS = 3  # (b, m, s) logits, dispatch and combine weights
+LUCIDRAINS = "lucidrains"
+TARGET_PCT_PEAK = 70.0
+TARGET_SPEEDUP_VS_LUCIDRAINS = 1.3
+MIN_CPU_WINDOW_S = 0.2  # CPU seconds (all cores) below which /proc/stat's 10 ms ticks say nothing
+CONTENDED = 0.1  # share of the machine's CPU taken by other processes above which a timing is flagged
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One layer shape: width d, tokens m, experts n, slots per expert p, expert (and dense) width h, batch b."""
+
+    name: str
+    d: int
+    m: int
+    n: int
+    p: int
+    h: int
+    batch: int
+
+    @property
+    def slots(self) -> int:
+        return self.n * self.p
+
+
+SETTINGS = {
+    "tiny": Setting("tiny", d=64, m=64, n=8, p=4, h=256, batch=32),
+    "s16": Setting("s16", d=384, m=196, n=128, p=1, h=1536, batch=32),
+}
+
+
+# FLOP counts (forward, 2 per multiply-add, matmuls only).
+def dense_flops(b: int, m: int, d: int, h: int) -> int:
+    """fc1 (d -> h) and fc2 (h -> d) on every token."""
+    return 4 * b * m * d * h
+
+
+def soft_moe_flops(b: int, m: int, d: int, h: int, s: int) -> int:
+    """Logits (m x d x s), slots (s x m x d), combine (m x s x d) and s expert MLPs, per example."""
+    return b * (3 * 2 * m * d * s + s * 4 * d * h)
+
+
+def tokens_choice_capacity(m: int, n: int, top_k: int, capacity_factor: float) -> int:
+    """Buffer positions per expert and group of m tokens: ceil(k m cf / n) (SPEC section 3)."""
+    return max(1, math.ceil(top_k * m * capacity_factor / n))
+
+
+def experts_choice_capacity(m: int, n: int, capacity_factor: float) -> int:
+    """Tokens each expert takes per group of m tokens: ceil(m cf / n), at most m."""
+    return min(m, max(1, math.ceil(m * capacity_factor / n)))
+
+
+def sparse_moe_flops(b: int, m: int, d: int, h: int, n: int, capacity: int) -> int:
+    """Router (d -> n per token) and the n * capacity buffer rows of each of the b per-example groups."""
+    return 2 * b * m * d * n + b * n * capacity * 4 * d * h
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    build: Callable[[Setting], nn.Module]
+    flops: Callable[[Setting], int]
+
+
+def build_lucidrains(s: Setting) -> nn.Module:
+    """soft-moe-pytorch's SoftMoE at the same d, n, p and expert width h (its `expert_mult` = h / d).
+
+    `num_slots` (slots per expert) is given instead of `seq_len` (the two are exclusive; seq_len would set
+    p = m // n); its per-forward expert offloading is off, as it is a no-op on one CPU device.
+    """
+    from soft_moe_pytorch import SoftMoE as LucidrainsSoftMoE
+
+    if s.h % s.d:
+        raise ValueError(f"soft-moe-pytorch needs an expert width h that is a multiple of d, got h={s.h}, d={s.d}")
+    return LucidrainsSoftMoE(s.d, num_experts=s.n, num_slots=s.p, expert_mult=s.h // s.d,
+                             offload_unused_experts_to_cpu=False)
+
+
+def layer_specs(with_lucidrains: bool) -> list[LayerSpec]:
+    """Soft MoE (ours), dense MLP, Tokens Choice (k 1, cf 1), Experts Choice (cf 1), soft-moe-pytorch."""
+    specs = [
+        LayerSpec("soft_moe", lambda s: SoftMoE(s.d, s.h, num_experts=s.n, slots_per_expert=s.p),
+                  lambda s: soft_moe_flops(s.batch, s.m, s.d, s.h, s.slots)),
+        LayerSpec("dense", lambda s: DenseMLP(s.d, s.h), lambda s: dense_flops(s.batch, s.m, s.d, s.h)),
+        LayerSpec("tokens_choice", lambda s: TokensChoiceMoE(s.d, s.h, num_experts=s.n, top_k=1, capacity_factor=1.0),
+                  lambda s: sparse_moe_flops(s.batch, s.m, s.d, s.h, s.n, tokens_choice_capacity(s.m, s.n, 1, 1.0))),
+        LayerSpec("experts_choice", lambda s: ExpertsChoiceMoE(s.d, s.h, num_experts=s.n, capacity_factor=1.0),
+                  lambda s: sparse_moe_flops(s.batch, s.m, s.d, s.h, s.n, experts_choice_capacity(s.m, s.n, 1.0))),
+    ]
+    if with_lucidrains:
+        specs.append(LayerSpec(LUCIDRAINS, build_lucidrains, lambda s: soft_moe_flops(s.batch, s.m, s.d, s.h, s.slots)))
+    return specs
+
+
+def lucidrains_available() -> bool:
+    try:
+        import soft_moe_pytorch  # noqa: F401
+    except ImportError:
+        print("skipping soft-moe-pytorch: not importable (install the benchmark extra: pip install -e '.[bench]')",
+              file=sys.stderr)
+        return False
+    return True
+
+
+# Machine state.
+@dataclass(frozen=True)
+class CpuSample:
+    """All CPUs' total and idle time (/proc/stat) and this process's own CPU time, in seconds."""
+
+    total_s: float
+    idle_s: float
+    own_s: float
+
+
+def cpu_sample() -> CpuSample | None:
+    """None where /proc/stat does not exist."""
+    try:
+        line = Path("/proc/stat").read_text().split("\n", 1)[0]
+    except OSError:
+        return None
+    ticks = [int(v) for v in line.split()[1:9]]  # user nice system idle iowait irq softirq steal (guest is in user)
+    hz = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return CpuSample(sum(ticks) / hz, (ticks[3] + ticks[4]) / hz, own.user + own.system)
+
+
+def cpu_fractions(a: CpuSample | None, b: CpuSample | None) -> dict[str, float | None]:
+    """Between two samples: fraction of all CPUs busy, and busy with processes other than this one."""
+    if a is None or b is None or b.total_s - a.total_s < MIN_CPU_WINDOW_S:
+        return {"busy": None, "others": None}
+    total = b.total_s - a.total_s
+    busy = total - (b.idle_s - a.idle_s)
+    others = busy - (b.own_s - a.own_s)
+    return {"busy": min(1.0, max(0.0, busy / total)), "others": min(1.0, max(0.0, others / total))}
+
+
+def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy over the next `seconds` (while this process sleeps)."""
+    before = cpu_sample()
+    time.sleep(seconds)
+    return cpu_fractions(before, cpu_sample())["busy"]
+
+
+def machine_load(measure_busy: bool) -> dict:
+    """Load averages, usable cores and (optionally) the CPU busy fraction over the next second."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = {"loadavg_1_5_15": list(os.getloadavg()), "cores": cores}
+    if measure_busy:
+        load["cpu_busy_fraction_1s"] = cpu_busy_fraction()
+    return load
+
+
+def load_warning(load: dict) -> str | None:
+    busy = load.get("cpu_busy_fraction_1s")
+    if load["loadavg_1_5_15"][0] > 0.5 * load["cores"] or (busy is not None and busy > 0.5):
+        return (f"MACHINE IS BUSY (1-min load {load['loadavg_1_5_15'][0]:.2f} on {load['cores']} cores, "
+                f"CPU busy {busy if busy is None else round(busy, 2)}): timings beside another busy process are "
+                "meaningless")
+    return None
+
+
+# Measurements.
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_median(fn: Callable[[], object], repeats: int, warmup: int) -> dict[str, float | None]:
+    """Median and min seconds of `repeats` calls after `warmup` untimed ones; page faults per call; and the
+    fraction of the machine's CPU that other processes used meanwhile (above ~0.1 the times are not to be trusted)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    faults_before, cpu_before = minor_faults(), cpu_sample()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    faults = (minor_faults() - faults_before) / repeats
+    others = cpu_fractions(cpu_before, cpu_sample())["others"]
+    return {"median_s": statistics.median(times), "min_s": min(times), "minor_faults_per_call": faults,
+            "others_cpu_fraction": others}
+
+
+def peak_gemm_gflops(fn: Callable[[], object], flops: int, tries: int = 5) -> float:
+    """Best-of-`tries` GFLOP/s of a GEMM call (after one warm-up)."""
+    return flops / time_median(fn, tries, warmup=1)["min_s"] / 1e9
+
+
+def measure_peak(s: Setting, size: int) -> dict[str, float]:
+    """fp32 `torch.mm` of `size` squares, and `torch.bmm` of the expert shape (n, b*p, d) @ (n, d, h)."""
+    a, b, c = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
+    xe, we, ye = torch.randn(s.n, s.batch * s.p, s.d), torch.randn(s.n, s.d, s.h), torch.empty(s.n, s.batch * s.p, s.h)
+    before = cpu_sample()
+    return {
+        "mm_size": size,
+        "mm_gflops": peak_gemm_gflops(lambda: torch.mm(a, b, out=c), 2 * size**3),
+        "bmm_expert_gflops": peak_gemm_gflops(lambda: torch.bmm(xe, we, out=ye), 2 * s.n * s.batch * s.p * s.d * s.h),
+        "others_cpu_fraction": cpu_fractions(before, cpu_sample())["others"],
+    }
+
+
+def peak_alloc_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes live in torch's CPU allocator during `fn()` above those live before it (profiler events)."""
+    gc.collect()
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto's "no GPU found" error on CPU-only profiling is noise
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = prof.profiler.kineto_results.events()
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in deltas:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def forward_no_grad(layer: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return layer(x)
+    return run
+
+
+def forward_backward(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Callable[[], None]:
+    """One training step's layer work; gradients set to None first, so each step allocates them afresh."""
+    def run() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(grad_out)
+    return run
+
+
+def bench_layer(spec: LayerSpec, s: Setting, repeats: int, warmup: int, peak_gflops: float) -> dict:
+    """Times, GFLOP/s, % of peak and peak forward memory of one layer at one setting."""
+    torch.manual_seed(0)
+    layer = spec.build(s)
+    x = torch.randn(s.batch, s.m, s.d)
+    x_grad = x.clone().requires_grad_(True)
+    grad_out = torch.randn(s.batch, s.m, s.d)
+    flops = spec.flops(s)
+    layer.eval()
+    fwd = time_median(forward_no_grad(layer, x), repeats, warmup)
+    mem_no_grad = peak_alloc_bytes(forward_no_grad(layer, x))
+    layer.train()
+    fwd_bwd = time_median(forward_backward(layer, x_grad, grad_out), repeats, warmup)
+    mem_grad = peak_alloc_bytes(lambda: layer(x_grad))
+    result = {"forward_gflop": flops / 1e9, "params": sum(p.numel() for p in layer.parameters()),
+              "forward": fwd, "forward_backward": fwd_bwd,
+              "peak_forward_bytes_no_grad": mem_no_grad, "peak_forward_bytes_grad": mem_grad}
+    for key, factor in (("forward", 1), ("forward_backward", FWD_BWD_FLOP_FACTOR)):
+        gflops = factor * flops / result[key]["median_s"] / 1e9
+        result[key] |= {"gflops": gflops, "pct_peak": 100.0 * gflops / peak_gflops}
+    return result
+
+
+# Summaries.
+def ratios(layers: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Soft MoE's time over each other layer's (< 1: Soft MoE is faster), forward and forward+backward."""
+    ours = layers["soft_moe"]
+    return {f"soft_moe/{name}": {k: ours[k]["median_s"] / other[k]["median_s"] for k in ("forward", "forward_backward")}
+            for name, other in layers.items() if name != "soft_moe"}
+
+
+def memory_bound(s: Setting, layers: dict[str, dict]) -> dict[str, dict]:
+    """Soft MoE's forward peak against dense peak + the (b, m, s) routing tensors, without and with grad."""
+    extra = ROUTING_TENSORS * s.batch * s.m * s.slots * FP32_BYTES
+    out = {}
+    for mode in ("no_grad", "grad"):
+        key = f"peak_forward_bytes_{mode}"
+        bound = layers["dense"][key] + extra
+        out[mode] = {"soft_moe_bytes": layers["soft_moe"][key], "bound_bytes": bound,
+                     "within": layers["soft_moe"][key] <= bound}
+    return out
+
+
+def targets(layers: dict[str, dict], bound: dict[str, dict]) -> dict[str, dict]:
+    """The issue's three targets, with the value reached and whether it is met."""
+    pct = layers["soft_moe"]["forward_backward"]["pct_peak"]
+    out = {"soft_moe_fwd_bwd_pct_peak>=70": {"value": pct, "met": pct >= TARGET_PCT_PEAK},
+           "soft_moe_forward_peak_memory_within_bound": {
+               "value": {mode: b["soft_moe_bytes"] / b["bound_bytes"] for mode, b in bound.items()},
+               "met": all(b["within"] for b in bound.values())}}
+    if LUCIDRAINS in layers:
+        theirs, ours = (layers[k]["forward_backward"]["median_s"] for k in (LUCIDRAINS, "soft_moe"))
+        speedup = theirs / ours
+        out["fwd_bwd_speedup_vs_lucidrains>=1.3"] = {"value": speedup, "met": speedup >= TARGET_SPEEDUP_VS_LUCIDRAINS}
+    return out
+
+
+def worst_others(*timings: dict) -> float | None:
+    values = [t["others_cpu_fraction"] for t in timings if t["others_cpu_fraction"] is not None]
+    return max(values) if values else None
+
+
+def format_others(*timings: dict) -> str:
+    worst = worst_others(*timings)
+    return "-" if worst is None else f"{worst:.2f}" + ("!" if worst > CONTENDED else "")
+
+
+def all_timings(results: dict[str, dict]) -> list[dict]:
+    """Every timing record of a run (peaks and layers), for the contention summary."""
+    out = []
+    for result in results.values():
+        out.append(result["peak"])
+        out.extend(r[k] for r in result["layers"].values() for k in ("forward", "forward_backward"))
+    return out
+
+
+def format_table(name: str, s: Setting, result: dict) -> str:
+    """A readable table of one setting's layers, then its ratios and targets."""
+    peak = result["peak"]
+    lines = [f"\n[{name}] d={s.d} m={s.m} n={s.n} p={s.p} h={s.h} b={s.batch} | peak: mm{peak['mm_size']} "
+             f"{peak['mm_gflops']:.1f} GFLOP/s, expert bmm {peak['bmm_expert_gflops']:.1f} GFLOP/s "
+             f"(others {format_others(peak)})",
+             f"{'layer':<15}{'GFLOP':>7}{'fwd ms':>9}{'GFLOP/s':>9}{'%peak':>7}{'f+b ms':>9}{'GFLOP/s':>9}"
+             f"{'%peak':>7}{'mem MiB':>9}{'+grad':>8}{'kfaults f/f+b':>15}{'others':>7}"]
+    for layer, r in result["layers"].items():
+        f, fb = r["forward"], r["forward_backward"]
+        lines.append(f"{layer:<15}{r['forward_gflop']:>7.2f}{1e3 * f['median_s']:>9.2f}{f['gflops']:>9.1f}"
+                     f"{f['pct_peak']:>7.1f}{1e3 * fb['median_s']:>9.2f}{fb['gflops']:>9.1f}{fb['pct_peak']:>7.1f}"
+                     f"{r['peak_forward_bytes_no_grad'] / 2**20:>9.1f}{r['peak_forward_bytes_grad'] / 2**20:>8.1f}"
+                     f"{f['minor_faults_per_call'] / 1e3:>8.1f}/{fb['minor_faults_per_call'] / 1e3:<6.1f}"
+                     f"{format_others(f, fb):>7}")
+    for key, r in result["ratios"].items():
+        lines.append(f"time {key}: forward {r['forward']:.2f}, forward+backward {r['forward_backward']:.2f}")
+    for key, t in result["targets"].items():
+        lines.append(f"target {key}: {'MET' if t['met'] else 'MISSED'} ({t['value']})")
+    lines.append(f"others: share of all CPUs other processes used while timing (! above {CONTENDED}: do not trust)")
+    return "\n".join(lines)
+
+
+def run_setting(s: Setting, specs: list[LayerSpec], repeats: int, warmup: int, peak_size: int) -> dict:
+    peak = measure_peak(s, peak_size)
+    layers = {}
+    for spec in specs:
+        print(f"[{s.name}] {spec.name} ...", file=sys.stderr, flush=True)
+        layers[spec.name] = bench_layer(spec, s, repeats, warmup, peak["mm_gflops"])
+    bound = memory_bound(s, layers)
+    return {"config": asdict(s), "peak": peak, "layers": layers, "ratios": ratios(layers),
+            "memory_bound": bound, "targets": targets(layers, bound)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--settings", default="tiny,s16", help=f"comma-separated, from {sorted(SETTINGS)}")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--peak-size", type=int, default=2048, help="side of the square fp32 mm for the peak")
+    parser.add_argument("--no-thp", action="store_true", help=f"run without {THP_ENV}=1 (re-executes as needed)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/layer_bench.json"))
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.settings.split(",")) - set(SETTINGS))
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {sorted(SETTINGS)}")
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print the tables, write and return the JSON report."""
+    args = parse_args(argv)
+    load_before = machine_load(measure_busy=True)
+    warning = load_warning(load_before)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        specs = layer_specs(lucidrains_available())
+        results = {name: run_setting(SETTINGS[name], specs, args.repeats, args.warmup, args.peak_size)
+                   for name in args.settings.split(",")}
+    finally:
+        torch.set_num_threads(previous_threads)
+    meta = {"torch_version": torch.__version__, "threads": args.threads, "thp": os.environ.get(THP_ENV) == "1",
+            "repeats": args.repeats, "warmup": args.warmup, "grad_reset": "set_to_none", "dtype": "float32",
+            "load_before": load_before, "load_after": machine_load(measure_busy=False), "load_warning": warning}
+    meta["max_others_cpu_fraction"] = worst_others(*all_timings(results))
+    report = {"meta": meta, "settings": results}
+    for name, result in results.items():
+        print(format_table(name, SETTINGS[name], result))
+    print(f"\nthreads {args.threads}, THP {'on' if meta['thp'] else 'off'}, torch {torch.__version__}, "
+          f"load before {load_before}, after {meta['load_after']['loadavg_1_5_15']}")
+    if (meta["max_others_cpu_fraction"] or 0.0) > CONTENDED:
+        print(f"WARNING: other processes took up to {meta['max_others_cpu_fraction']:.0%} of the CPU while timing: "
+              "the flagged figures measure the contention, not the layers", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return report
+
+
+def reexec_for_thp(argv: list[str]) -> None:
+    """Re-execute this script with THP_MEM_ALLOC_ENABLE set as asked: torch reads it once, at its first allocation."""
+    want = "--no-thp" not in argv
+    if want == (os.environ.get(THP_ENV) == "1"):
+        return
+    env = dict(os.environ)
+    if want:
+        env[THP_ENV] = "1"
+    else:
+        env.pop(THP_ENV)
+    target = ["-m", __spec__.name] if __spec__ is not None else [sys.argv[0]]
+    os.execve(sys.executable, [sys.executable, *target, *argv], env)
+
+
+if __name__ == "__main__":
+    reexec_for_thp(sys.argv[1:])
+    main()
