@@ -41,5 +41,5 @@ def count_flops(encoder: nn.Module, image_size: tuple[int, int]) -> int:
     """Forward FLOPs of one image, counted by `FlopCounterMode`."""
     # The math SDPA backend runs attention as matmuls, which the counter sees; CPU flash attention it does not.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        encoder.eval()(torch.zeros(1, 3, *image_size))
+        encoder.eval()(torch.zeros(1, 3, *image_size, device=next(encoder.parameters()).device))
     return counter.get_total_flops()
