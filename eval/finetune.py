@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from eval.datasets import ClassificationDataset
-from eval.features import eval_mode, extract_features
+from eval.features import UNREADABLE_LABEL, eval_mode, extract_features
 from eval.zero_shot import classification_metrics
 from mmsoftmoe.layers import collect_aux_loss
 
@@ -161,6 +161,18 @@ def _train_loader(dataset: ClassificationDataset, config: FinetuneConfig, num_wo
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(config.seed))
 
 
+def _drop_unreadable(images: torch.Tensor, labels: torch.Tensor, even: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove images the dataset could not decode (label UNREADABLE_LABEL); mixup needs an even batch."""
+    keep = labels != UNREADABLE_LABEL
+    if bool(keep.all()):
+        return images, labels
+    logger.warning("finetune: dropped %d unreadable image(s) from a batch", int((~keep).sum()))
+    images, labels = images[keep], labels[keep]
+    if even and len(labels) % 2:
+        images, labels = images[:-1], labels[:-1]
+    return images, labels
+
+
 def _train_step(
     model: nn.Module,
     batch: tuple[torch.Tensor, torch.Tensor],
@@ -171,7 +183,7 @@ def _train_step(
     clip_grad: float,
 ) -> torch.Tensor:
     """One optimiser step on a batch; returns the detached loss (classification plus router auxiliary losses)."""
-    images, labels = batch
+    images, labels = _drop_unreadable(*batch, even=mixup is not None)
     targets = labels
     if mixup is not None:
         images, targets = mixup(images, labels)

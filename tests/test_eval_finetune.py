@@ -103,3 +103,15 @@ def test_train_step_adds_router_aux_losses():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     loss = _train_step(model, (images, labels), nn.CrossEntropyLoss(), None, optimizer, Accelerator(), 0.0)
     torch.testing.assert_close(loss, expected.detach())
+
+
+def test_unreadable_images_are_dropped_from_training_batches():
+    from eval.features import UNREADABLE_LABEL
+    from eval.finetune import _drop_unreadable
+
+    images = torch.arange(5.0).view(5, 1)
+    labels = torch.tensor([0, UNREADABLE_LABEL, 2, 3, 4])
+    kept_images, kept_labels = _drop_unreadable(images, labels, even=False)
+    assert kept_labels.tolist() == [0, 2, 3, 4] and kept_images.view(-1).tolist() == [0.0, 2.0, 3.0, 4.0]
+    _, even_labels = _drop_unreadable(images, torch.tensor([0, UNREADABLE_LABEL, UNREADABLE_LABEL, 3, 4]), even=True)
+    assert even_labels.tolist() == [0, 3]
