@@ -1,6 +1,7 @@
 """Layer benchmark: Soft MoE against the dense MLP, the sparse MoEs and soft-moe-pytorch, fp32 on CPU.
 
-Run as `python -m benchmarks.layer_bench [--settings tiny,s16] [--repeats N] [--threads 2] [--no-thp] [--out F]`.
+Run as `python -m benchmarks.layer_bench [--settings tiny,s16] [--repeats N] [--threads 2] [--no-thp] [--retain-heap]
+[--out F]`.
 Issue 2 ("Benchmark") sets the targets; SPEC.md sections 1, 3 and 6 the layers and the pitfalls.
 
 What is measured, per setting (`s16`: the paper's S/16 MoE layer; `tiny`: a seconds-long smoke size):
@@ -26,9 +27,12 @@ What is measured, per setting (`s16`: the paper's S/16 MoE layer; `tiny`: a seco
   every timing the share of the CPU that other processes took meanwhile (/proc/stat minus this process's own
   time), flagged in the table above 0.1.
 
-THP: torch's CPU allocator backs large allocations with transparent huge pages when `THP_MEM_ALLOC_ENABLE=1` is in
-the environment when torch starts. Run as a script, this module re-executes itself with it set (unset with
-`--no-thp`); called in-process (`main([...])`), it records whatever the environment held.
+Allocation: fresh memory costs page faults (and the kernel zeroing it), and a Soft MoE training step at S/16 gets
+about 600 MiB of fresh expert-weight gradients. torch's CPU allocator backs large allocations with transparent huge
+pages when `THP_MEM_ALLOC_ENABLE=1` is in the environment when torch starts (on by default here, `--no-thp` off);
+`--retain-heap` also has glibc serve every allocation from a heap it never trims (`MALLOC_MMAP_MAX_=0`,
+`MALLOC_TRIM_THRESHOLD_=2**40`), so freed memory is reused without faults. Run as a script, this module re-executes
+itself with these variables as asked; called in-process (`main([...])`), it records whatever the environment held.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from torch import nn
 from mmsoftmoe.layers import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
+RETAIN_TRIM_THRESHOLD = str(2**40)  # glibc never returns freed heap memory to the kernel
 FWD_BWD_FLOP_FACTOR = 3  # forward + backward = forward + 2x forward
 FP32_BYTES = 4
 ROUTING_TENSORS = 3  # (b, m, s) logits, dispatch and combine weights
@@ -405,6 +410,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square fp32 mm for the peak")
     parser.add_argument("--no-thp", action="store_true", help=f"run without {THP_ENV}=1 (re-executes as needed)")
+    parser.add_argument("--retain-heap", action="store_true",
+                        help="glibc serves every allocation from a heap it never trims (MALLOC_MMAP_MAX_=0), so "
+                             "freed memory is reused without page faults (re-executes as needed)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/layer_bench.json"))
     args = parser.parse_args(argv)
     unknown = sorted(set(args.settings.split(",")) - set(SETTINGS))
@@ -431,14 +439,15 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         torch.set_num_threads(previous_threads)
     meta = {"torch_version": torch.__version__, "threads": args.threads, "thp": os.environ.get(THP_ENV) == "1",
+            "retain_heap": os.environ.get("MALLOC_MMAP_MAX_") == "0",
             "repeats": args.repeats, "warmup": args.warmup, "grad_reset": "set_to_none", "dtype": "float32",
             "load_before": load_before, "load_after": machine_load(measure_busy=False), "load_warning": warning}
     meta["max_others_cpu_fraction"] = worst_others(*all_timings(results))
     report = {"meta": meta, "settings": results}
     for name, result in results.items():
         print(format_table(name, SETTINGS[name], result))
-    print(f"\nthreads {args.threads}, THP {'on' if meta['thp'] else 'off'}, torch {torch.__version__}, "
-          f"load before {load_before}, after {meta['load_after']['loadavg_1_5_15']}")
+    print(f"\nthreads {args.threads}, THP {'on' if meta['thp'] else 'off'}, retain-heap {meta['retain_heap']}, "
+          f"torch {torch.__version__}, load before {load_before}, after {meta['load_after']['loadavg_1_5_15']}")
     if (meta["max_others_cpu_fraction"] or 0.0) > CONTENDED:
         print(f"WARNING: other processes took up to {meta['max_others_cpu_fraction']:.0%} of the CPU while timing: "
               "the flagged figures measure the contention, not the layers", file=sys.stderr)
@@ -448,20 +457,25 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def reexec_for_thp(argv: list[str]) -> None:
-    """Re-execute this script with THP_MEM_ALLOC_ENABLE set as asked: torch reads it once, at its first allocation."""
-    want = "--no-thp" not in argv
-    if want == (os.environ.get(THP_ENV) == "1"):
+def allocator_env(argv: list[str]) -> dict[str, str | None]:
+    """The allocator variables a command line asks for (None: unset)."""
+    retain = "--retain-heap" in argv
+    return {THP_ENV: None if "--no-thp" in argv else "1",
+            "MALLOC_MMAP_MAX_": "0" if retain else None,
+            "MALLOC_TRIM_THRESHOLD_": RETAIN_TRIM_THRESHOLD if retain else None}
+
+
+def reexec_with_allocator_env(argv: list[str]) -> None:
+    """Re-execute this script unless the allocator variables are as asked: torch and glibc read them at start-up."""
+    want = allocator_env(argv)
+    if all(os.environ.get(k) == v for k, v in want.items()):
         return
-    env = dict(os.environ)
-    if want:
-        env[THP_ENV] = "1"
-    else:
-        env.pop(THP_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in want}
+    env |= {k: v for k, v in want.items() if v is not None}
     target = ["-m", __spec__.name] if __spec__ is not None else [sys.argv[0]]
     os.execve(sys.executable, [sys.executable, *target, *argv], env)
 
 
 if __name__ == "__main__":
-    reexec_for_thp(sys.argv[1:])
+    reexec_with_allocator_env(sys.argv[1:])
     main()
