@@ -7,6 +7,7 @@ module is imported only when that subcommand runs.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             print(f"\nerror: unknown command {argv[0]!r}; valid commands: {sorted(COMMANDS)}", file=sys.stderr)
         return 2 if bad or not argv else 0
+    # torch's CPU allocator backs large tensors with transparent huge pages only if this is set before torch
+    # loads; measured on the S/16 Soft MoE layer it removes ~97% of page faults per step (SPEC section 6).
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:]) or 0
 

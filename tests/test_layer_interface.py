@@ -74,3 +74,18 @@ def test_is_a_drop_in_timm_mlp_layer(name):
 def test_unknown_layer_lists_choices():
     with pytest.raises(ValueError, match="valid choices: \\['dense', 'experts_choice', 'soft', 'tokens_choice'\\]"):
         get_moe_layer("switch")
+
+
+@pytest.mark.parametrize("name", ["soft", "tokens_choice", "experts_choice"])
+def test_statistics_can_be_switched_off_but_the_aux_loss_stays(name):
+    from mmsoftmoe.layers import set_record_stats
+
+    layer = get_moe_layer(name)(16, 32, **LAYER_KWARGS[name]).eval()  # eval: no routing noise
+    model = torch.nn.Sequential(layer)
+    set_record_stats(model, False)
+    y_off = model(torch.ones(2, 6, 16))
+    assert layer.last_stats == {}
+    assert (layer.aux_loss is not None) == (name == "tokens_choice")
+    set_record_stats(model, True)
+    torch.testing.assert_close(model(torch.ones(2, 6, 16)), y_off)  # statistics never change the output
+    assert layer.last_stats

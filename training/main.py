@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from eval.main import run_evaluation
 from mmsoftmoe.data import transforms_from_preprocess_cfg
-from mmsoftmoe.layers import collect_routing_stats
+from mmsoftmoe.layers import collect_routing_stats, set_record_stats
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config, save_clip
 from training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, load_config, to_dict, valid_keys
@@ -154,6 +154,8 @@ def fit(cfg: TrainConfig) -> dict:
         set_lr(optimizer, cfg.optim.lr * lr_multiplier(
             state.step, schedule=cfg.optim.schedule, total_steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps,
             cooldown_steps=cfg.optim.cooldown_steps, min_lr_ratio=cfg.optim.min_lr_ratio))
+        logging_step = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == cfg.steps
+        set_record_stats(unwrapped, logging_step)  # routing statistics cost time: only on logged steps
         losses = train_step(model, micro, loss_fn, accelerator, unwrapped.visual, cfg.aux_loss_weight)
         grad_norm = None
         if all_finite(accelerator, sum(losses.values())):
@@ -178,7 +180,7 @@ def fit(cfg: TrainConfig) -> dict:
         progress.update(1)
 
         record = {}
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+        if logging_step:
             elapsed = time.perf_counter() - interval_start
             record = _step_metrics(accelerator, losses, unwrapped, optimizer, grad_norm, interval_samples / elapsed)
             record["nonfinite_steps"] = state.nonfinite_steps

@@ -8,25 +8,42 @@ knowing the layer types (torchtitan keeps such statistics in the layer for the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 
 class RoutingStatsMixin:
-    """Holds the statistics and auxiliary loss of the last forward pass."""
+    """Holds the statistics and auxiliary loss of the last forward pass.
+
+    `record_stats` (default True) can be switched off per layer, or for a whole model with `set_record_stats`,
+    to skip computing the statistics on forwards nobody logs (about a tenth of a Soft MoE S/16 layer's forward
+    time on CPU). The auxiliary loss is part of the objective and is always recorded.
+    """
 
     last_stats: dict[str, torch.Tensor]
     aux_loss: torch.Tensor | None
+    record_stats: bool
 
     def _init_routing_stats(self) -> None:
         self.last_stats = {}
         self.aux_loss = None
+        self.record_stats = True
 
-    def _record(self, stats: dict[str, torch.Tensor], aux_loss: torch.Tensor | None = None) -> None:
+    def _record(self, stats_fn: Callable[[], dict[str, torch.Tensor]], aux_loss: torch.Tensor | None = None) -> None:
         if torch.compiler.is_exporting():  # an exported graph has no Python attributes to write to
             return
-        self.last_stats = {k: v.detach() for k, v in stats.items()}
         self.aux_loss = aux_loss
+        if self.record_stats:
+            with torch.no_grad():
+                self.last_stats = {k: v.detach() for k, v in stats_fn().items()}
+
+
+def set_record_stats(model: nn.Module, enabled: bool) -> None:
+    """Switch the routing statistics of every routed layer in `model` on or off."""
+    for layer in routed_layers(model).values():
+        layer.record_stats = enabled
 
 
 def routed_layers(model: nn.Module) -> dict[str, nn.Module]:

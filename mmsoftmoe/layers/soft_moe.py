@@ -191,10 +191,9 @@ class SoftMoE(ExpertLayerBase):
         y_bmo = combine_bms.to(ys_bso.dtype) @ ys_bso.reshape(b, self.num_slots, -1)
         if mask is not None:
             y_bmo = y_bmo * mask[..., None].to(y_bmo.dtype)
-        self._record(self._stats(dispatch_bms, combine_bms, mask))
+        self._record(lambda: self._stats(dispatch_bms, combine_bms, mask))
         return y_bmo
 
-    @torch.no_grad()
     def _stats(
         self, dispatch_bms: torch.Tensor, combine_bms: torch.Tensor, mask: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
@@ -202,8 +201,9 @@ class SoftMoE(ExpertLayerBase):
         real = torch.ones_like(dispatch_bms[..., :1], dtype=torch.bool) if mask is None else mask[..., None]
         stats = {}
         for name, w in (("dispatch", dispatch_bms), ("combine", combine_bms)):
-            stats[f"{name}_weights_min"] = w.masked_fill(~real, math.inf).amin(dim=(1, 2)).mean()
-            stats[f"{name}_weights_max"] = w.masked_fill(~real, -math.inf).amax(dim=(1, 2)).mean()
+            low, high = (w, w) if mask is None else (w.masked_fill(~real, math.inf), w.masked_fill(~real, -math.inf))
+            stats[f"{name}_weights_min"] = low.amin(dim=(1, 2)).mean()
+            stats[f"{name}_weights_max"] = high.amax(dim=(1, 2)).mean()
         # Entropy of each slot's distribution over tokens, and of each real token's over slots (nats).
         stats["dispatch_entropy"] = torch.special.entr(dispatch_bms).sum(dim=1).mean()
         combine_entropy_bm = torch.special.entr(combine_bms).sum(dim=2)

@@ -162,7 +162,8 @@ class TokensChoiceMoE(SparseMoEBase):
         out_gnco = self._run_experts(x_gsd, token_idx.view(g, n, cap), cap)
         out = out_gnco.reshape(g * n * cap, -1) * weight.reshape(-1, 1).to(out_gnco.dtype)
         y = out.new_zeros(g * s, out.shape[-1]).index_add_(0, token_idx.reshape(-1), out)
-        self._record(*self._stats_and_losses(logits, noisy, gates_gsn, mask_gs, kept_gks, expert_gks, cap))
+        aux, importance, load = self._aux_loss(logits, noisy, gates_gsn, mask_gs)
+        self._record(lambda: self._stats(mask_gs, kept_gks, expert_gks, cap, importance, load), aux)
         return y.view(b, m, -1)
 
     def _priority_order(self, top_gate_gs: torch.Tensor, mask_gs: torch.Tensor) -> torch.Tensor:
@@ -172,27 +173,28 @@ class TokensChoiceMoE(SparseMoEBase):
         score = torch.where(mask_gs, top_gate_gs, -1.0)
         return torch.argsort(score, dim=1, descending=True, stable=True)
 
-    def _stats_and_losses(self, logits, noisy, gates_gsn, mask_gs, kept_gks, expert_gks, cap):
+    def _aux_loss(self, logits, noisy, gates_gsn, mask_gs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weighted V-MoE auxiliary loss, and its importance and load terms."""
         real = mask_gs[..., None].to(gates_gsn.dtype)
         importance = cv_squared((gates_gsn * real).sum(dim=1))
         load = self._load_loss(logits, noisy, real) if (self.training and self.noise_std > 0) else \
             importance.new_zeros(())
-        aux = self.importance_loss_weight * importance + self.load_loss_weight * load
-        with torch.no_grad():
-            num_real = mask_gs.sum().clamp(min=1)
-            # kept_gks is in priority order, like mask_gs reordered; a token is processed if any choice is kept.
-            processed = kept_gks.any(dim=1).sum()
-            per_expert = torch.zeros(self.num_experts, device=logits.device).index_add_(
-                0, expert_gks.reshape(-1), kept_gks.reshape(-1).float())
-            stats = {
-                "dropped_fraction": 1.0 - processed / num_real,
-                "assignments_kept_fraction": kept_gks.sum() / (num_real * self.top_k),
-                "expert_load_max": per_expert.max() / (cap * mask_gs.shape[0]),  # fullest buffer, fraction
-                "expert_load_cv": cv_squared(per_expert).sqrt(),
-                "importance_loss": importance.detach(),
-                "load_loss": load.detach(),
-            }
-        return stats, aux
+        return self.importance_loss_weight * importance + self.load_loss_weight * load, importance, load
+
+    def _stats(self, mask_gs, kept_gks, expert_gks, cap, importance, load) -> dict[str, torch.Tensor]:
+        num_real = mask_gs.sum().clamp(min=1)
+        # kept_gks is in priority order, like mask_gs reordered; a token is processed if any choice is kept.
+        processed = kept_gks.any(dim=1).sum()
+        per_expert = torch.zeros(self.num_experts, device=mask_gs.device).index_add_(
+            0, expert_gks.reshape(-1), kept_gks.reshape(-1).float())
+        return {
+            "dropped_fraction": 1.0 - processed / num_real,
+            "assignments_kept_fraction": kept_gks.sum() / (num_real * self.top_k),
+            "expert_load_max": per_expert.max() / (cap * mask_gs.shape[0]),  # fullest buffer, fraction
+            "expert_load_cv": cv_squared(per_expert).sqrt(),
+            "importance_loss": importance,
+            "load_loss": load,
+        }
 
     def _load_loss(self, logits, noisy, real):
         """vmoe `_load_loss`: P(expert e in top-k) = 1 - Phi((threshold - clean logit) / sigma)."""
@@ -255,10 +257,9 @@ class ExpertsChoiceMoE(SparseMoEBase):
         out_gnco = self._run_experts(x_gsd, token_idx, cap)
         out = out_gnco.reshape(g * n * cap, -1) * weight_gnc.reshape(-1, 1).to(out_gnco.dtype)
         y = out.new_zeros(g * s, out.shape[-1]).index_add_(0, token_idx.reshape(-1), out)
-        self._record(self._stats(token_idx, weight_gnc, mask_gs))
+        self._record(lambda: self._stats(token_idx, weight_gnc, mask_gs))
         return y.view(b, m, -1)
 
-    @torch.no_grad()
     def _stats(self, token_idx, weight_gnc, mask_gs) -> dict[str, torch.Tensor]:
         per_token = torch.zeros(mask_gs.numel(), device=mask_gs.device).index_add_(
             0, token_idx.reshape(-1), (weight_gnc > 0).reshape(-1).float())
