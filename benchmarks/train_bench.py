@@ -5,9 +5,11 @@ Run as `python -m benchmarks.train_bench [--models Dense-Micro-4-32,SoftMoE-Micr
 "bare" is what open_clip's training loop does per step without its bookkeeping: forward, `open_clip.ClipLoss`,
 backward, `AdamW.step`, `zero_grad`. "mmsoftmoe" is one iteration of `training.main.fit`'s loop body on an
 in-memory batch: learning-rate schedule, `training.loop.train_step` (accelerate autocast/backward, router aux
-losses), the cross-process finiteness check, gradient clipping, the step, and the metrics of `log_every` steps.
+losses), the cross-process finiteness check, gradient clipping (also measured without it, as the bare step has
+none), the step, and the metrics of `log_every` steps.
 Both run in one process, interleaved round by round so machine noise hits both alike; the figure is the ratio
-of median step times (target <= 1.05). The machine's load is recorded before and after.
+of median step times (target <= 1.05). The step's FLOPs are counted (`FlopCounterMode`) and stated as GFLOP/s and
+a fraction of the peak fp32 GEMM throughput measured in the same run. The machine's load is recorded.
 """
 
 from __future__ import annotations
@@ -22,15 +24,21 @@ from pathlib import Path
 import open_clip
 import torch
 from accelerate import Accelerator
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.layer_bench import load_warning, machine_load
+from benchmarks.model_bench import peak_gemm_gflops
 from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
+from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.clip import build_clip, preprocess_config
 from training.loop import all_finite, build_loss, train_step
 from training.main import _step_metrics
 from training.optim import build_optimizer, lr_multiplier, set_lr
 
 TARGET_RATIO = 1.05
+# Step kinds, with the gradient-clipping norm of the mmsoftmoe loop (bare open_clip-style steps do not clip).
+KINDS = {"bare": None, "mmsoftmoe": 1.0, "mmsoftmoe_noclip": None}
 LOG_EVERY = 10
 
 
@@ -49,12 +57,14 @@ def bare_step(model, optimizer, loss_fn, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def ours_step(accelerator, model, optimizer, loss_fn, batch, step: int) -> None:
+def ours_step(accelerator, model, optimizer, loss_fn, batch, step: int, grad_clip: float | None) -> None:
+    set_record_stats(model, step % LOG_EVERY == 0)  # as fit: routing statistics on logged steps only
     set_lr(optimizer, 5e-4 * lr_multiplier(step, schedule="cosine", total_steps=1000, warmup_steps=10))
     losses = train_step(model, [batch], loss_fn, accelerator, model.visual, 1.0)
     grad_norm = None
     if all_finite(accelerator, sum(losses.values())):
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        if grad_clip:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if step % LOG_EVERY == 0:
@@ -64,29 +74,36 @@ def ours_step(accelerator, model, optimizer, loss_fn, batch, step: int) -> None:
 def bench_model(name: str, batch_size: int, steps: int, warmup: int) -> dict:
     accelerator = Accelerator(cpu=True)
     runs = {}
-    for kind in ("bare", "mmsoftmoe"):
+    for kind in KINDS:
         torch.manual_seed(0)
         model, tokenizer = build_clip(name)
+        set_record_stats(model, False)  # the bare step computes no routing statistics
         optimizer = build_optimizer(model, lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
-        if kind == "mmsoftmoe":
+        if kind != "bare":
             model, optimizer = accelerator.prepare(model, optimizer)
         loss_fn = open_clip.ClipLoss() if kind == "bare" else build_loss(
             "clip", local_loss=True, gather_with_grad=True, rank=0, world_size=1)
         runs[kind] = (model, optimizer, loss_fn, make_batch(model, tokenizer, batch_size))
-    times = {"bare": [], "mmsoftmoe": []}
+    times = {kind: [] for kind in KINDS}
     for step in range(warmup + steps):  # interleaved: noise hits both alike
         for kind, (model, optimizer, loss_fn, batch) in runs.items():
             start = time.perf_counter()
             if kind == "bare":
                 bare_step(model, optimizer, loss_fn, batch)
             else:
-                ours_step(accelerator, model, optimizer, loss_fn, batch, step)
+                ours_step(accelerator, model, optimizer, loss_fn, batch, step, KINDS[kind])
             if step >= warmup:
                 times[kind].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
+    model, optimizer, loss_fn, batch = runs["bare"]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA: attention counted
+        bare_step(model, optimizer, loss_fn, batch)
     return {"model": name, "batch": batch_size, "steps": steps,
             "bare_step_s": med["bare"], "mmsoftmoe_step_s": med["mmsoftmoe"],
-            "ratio": med["mmsoftmoe"] / med["bare"], "samples_per_s_mmsoftmoe": batch_size / med["mmsoftmoe"]}
+            "noclip_step_s": med["mmsoftmoe_noclip"], "ratio": med["mmsoftmoe"] / med["bare"],
+            "ratio_without_clipping": med["mmsoftmoe_noclip"] / med["bare"],
+            "samples_per_s_mmsoftmoe": batch_size / med["mmsoftmoe"], "step_flops": counter.get_total_flops(),
+            "mmsoftmoe_gflops_per_s": counter.get_total_flops() / med["mmsoftmoe"] / 1e9}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,12 +120,18 @@ def main(argv: list[str] | None = None) -> dict:
     if (warning := load_warning(load)):
         print(warning, file=sys.stderr)
     rows = [bench_model(m, args.batch, args.steps, args.warmup) for m in args.models.split(",")]
-    result = {"load_before": load, "load_after": machine_load(measure_busy=False), "threads": args.threads,
-              "torch": torch.__version__, "target_ratio": TARGET_RATIO, "rows": rows}
-    print(f"{'model':<22}{'bare ms':>10}{'ours ms':>10}{'ratio':>8}{'ours samples/s':>16}")
+    peak = peak_gemm_gflops(torch.device("cpu"), torch.float32, 2048)
+    for r in rows:
+        r["pct_of_peak_gemm"] = 100 * r["mmsoftmoe_gflops_per_s"] / peak
+    result = {"peak_gemm_gflops": peak, "load_before": load, "load_after": machine_load(measure_busy=False),
+              "threads": args.threads, "torch": torch.__version__, "target_ratio": TARGET_RATIO, "rows": rows}
+    print(f"{'model':<22}{'bare ms':>10}{'ours ms':>10}{'ratio':>8}{'no-clip ratio':>15}{'ours samples/s':>16}"
+          f"{'GFLOP/s':>9}{'%peak':>7}")
     for r in rows:
         print(f"{r['model']:<22}{1e3 * r['bare_step_s']:>10.1f}{1e3 * r['mmsoftmoe_step_s']:>10.1f}"
-              f"{r['ratio']:>8.3f}{r['samples_per_s_mmsoftmoe']:>16.1f}")
+              f"{r['ratio']:>8.3f}{r['ratio_without_clipping']:>15.3f}{r['samples_per_s_mmsoftmoe']:>16.1f}"
+              f"{r['mmsoftmoe_gflops_per_s']:>9.1f}{r['pct_of_peak_gemm']:>7.1f}")
+    print(f"peak GEMM (fp32 mm 2048): {peak:.1f} GFLOP/s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
