@@ -92,7 +92,7 @@ class _RoutedStub(RoutingStatsMixin, nn.Module):
         self.linear = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._record({}, aux_loss=2.0 * self.linear.weight.pow(2).sum())
+        self._record(dict, aux_loss=2.0 * self.linear.weight.pow(2).sum())
         return self.linear(x)
 
 
