@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from benchmarks.layer_bench import load_warning, machine_load, time_median
+from benchmarks.layer_bench import check_machine, machine_load, time_median
 from mmsoftmoe.export import export_checkpoint, parse_formats
 from mmsoftmoe.export.core import max_abs_diff
 from mmsoftmoe.export.onnx_format import OnnxEncoder
@@ -97,10 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table and the JSON report, write it to --out and return it."""
     args = parse_args(argv)
     formats = parse_formats(args.formats)
-    load_before = machine_load(measure_busy=True)
-    warning = load_warning(load_before)
-    if warning:
-        print(f"WARNING: {warning}", file=sys.stderr)
+    load_before, warning = check_machine()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

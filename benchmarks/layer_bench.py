@@ -212,12 +212,23 @@ def machine_load(measure_busy: bool) -> dict:
 
 
 def load_warning(load: dict) -> str | None:
+    """A warning if the machine is busy: by the measured CPU busy fraction when there is one (the load average
+    lags by a minute and still counts a benchmark that just ended), else by the 1-minute load average."""
     busy = load.get("cpu_busy_fraction_1s")
-    if load["loadavg_1_5_15"][0] > 0.5 * load["cores"] or (busy is not None and busy > 0.5):
+    if (busy > 0.5) if busy is not None else (load["loadavg_1_5_15"][0] > 0.5 * load["cores"]):
         return (f"MACHINE IS BUSY (1-min load {load['loadavg_1_5_15'][0]:.2f} on {load['cores']} cores, "
                 f"CPU busy {busy if busy is None else round(busy, 2)}): timings beside another busy process are "
                 "meaningless")
     return None
+
+
+def check_machine() -> tuple[dict, str | None]:
+    """Load before a benchmark (with a one-second busy measurement); the warning, if any, goes to stderr."""
+    load = machine_load(measure_busy=True)
+    warning = load_warning(load)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    return load, warning
 
 
 # Measurements.
@@ -426,10 +437,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the tables, write and return the JSON report."""
     args = parse_args(argv)
-    load_before = machine_load(measure_busy=True)
-    warning = load_warning(load_before)
-    if warning:
-        print(f"WARNING: {warning}", file=sys.stderr)
+    load_before, warning = check_machine()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

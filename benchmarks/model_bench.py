@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from accelerate import Accelerator
 
 import mmsoftmoe  # noqa: F401  (registers the towers)
-from benchmarks.layer_bench import load_warning, machine_load, peak_alloc_bytes
+from benchmarks.layer_bench import check_machine, machine_load, peak_alloc_bytes
 from mmsoftmoe.export.stats import count_flops, parameter_counts
 from mmsoftmoe.models.mmsoftmoe_vit import SPARSE_TWINS, TOWERS
 
@@ -147,9 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = args.sizes.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     batches = batches * len(sizes) if len(batches) == 1 else batches
-    load = machine_load(measure_busy=True)
-    if (warning := load_warning(load)) and accelerator.device.type == "cpu":
-        print(warning, file=sys.stderr)
+    load, _ = check_machine()
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     peak = peak_gemm_gflops(accelerator.device, dtype, args.peak_size)
     result = {"device": str(accelerator.device), "precision": args.precision, "peak_gemm_gflops": peak,

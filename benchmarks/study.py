@@ -51,7 +51,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.layer_bench import load_warning, machine_load
+from benchmarks.layer_bench import check_machine, machine_load
 from eval.report import write_json
 from mmsoftmoe.models.clip import count_parameters, get_clip_config, load_clip
 from mmsoftmoe.models.mmsoftmoe_vit import TOWERS, matched_slots_per_expert
@@ -329,9 +329,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Train and evaluate every variant and seed; write and return the report."""
     args = parse_args(argv)
-    load_before = machine_load(measure_busy=True)
-    if load_warning(load_before):
-        print(f"WARNING: {load_warning(load_before)}", file=sys.stderr)
+    load_before, warning = check_machine()
     names = register_clip_configs(args.size, args.variants, args.out / "model_configs")
     first = args.out / "runs" / args.variants[0] / f"seed{args.seeds[0]}"
     run_config = to_dict(load_config(None, run_overrides(args, names[args.variants[0]], args.seeds[0], first)))
@@ -345,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
                             args.steps * args.batch_size) for v in args.variants}
     report = {"settings": settings(args, run_config), "variants": results, "claims": claims(results),
               "machine": {"load_before": load_before, "load_after": machine_load(measure_busy=False),
-                          "load_warning": load_warning(load_before)}}
+                          "load_warning": warning}}
     write_json(report, args.out / "study.json")
     (args.out / "study.md").write_text(markdown(report))
     plot(results, args.out / "study.png")

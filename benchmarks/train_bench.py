@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from accelerate import Accelerator
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.layer_bench import load_warning, machine_load
+from benchmarks.layer_bench import check_machine, machine_load
 from benchmarks.model_bench import peak_gemm_gflops
 from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
@@ -116,9 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/train_bench.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    load = machine_load(measure_busy=True)
-    if (warning := load_warning(load)):
-        print(warning, file=sys.stderr)
+    load, _ = check_machine()
     rows = [bench_model(m, args.batch, args.steps, args.warmup) for m in args.models.split(",")]
     peak = peak_gemm_gflops(torch.device("cpu"), torch.float32, 2048)
     for r in rows:
