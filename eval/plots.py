@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from eval.features import eval_mode
+from eval.report import save_figure
 from mmsoftmoe.layers import SoftMoE
 
 
@@ -88,9 +89,4 @@ def plot_dispatch(
     for ax in axes.flat:
         ax.set_axis_off()
     fig.suptitle(title or "dispatch weights of the last Soft MoE layer", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -75,10 +75,17 @@ def plot_fewshot(curves: Mapping[str, Mapping[str, Mapping[str, Any]]], path: st
     ax.set(xlabel="examples per class (shots)", ylabel="top-1 accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

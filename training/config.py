@@ -148,13 +148,19 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def get_value(cfg: TrainConfig, dotted: str) -> Any:
+    """The value of a dotted key (`optim.lr`)."""
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _set(cfg: Any, dotted: str, value: Any) -> None:
     if dotted not in valid_keys():
         raise ValueError(f"unknown config key {dotted!r}; valid keys: {', '.join(valid_keys())}")
-    *parents, name = dotted.split(".")
-    target = cfg
-    for p in parents:
-        target = getattr(target, p)
+    parent, _, name = dotted.rpartition(".")
+    target = get_value(cfg, parent) if parent else cfg
     hints = typing.get_type_hints(type(target))
     setattr(target, name, _coerce(value, hints[name], dotted))
 
@@ -211,9 +217,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(cfg: TrainConfig) -> None:
     """Check choices and arithmetic between fields; raise one ValueError naming the field and the fix."""
     for key, choices in CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = get_value(cfg, key)
         if value not in choices:
             raise ValueError(f"{key}={value!r} is not valid; choices: {[c for c in choices if c is not None]}")
     for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "keep_checkpoints", "max_nonfinite_steps"):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from eval.report import save_figure
+
 
 class MetricsLogger:
     """Appends one JSON object per logged step to `metrics.jsonl` and forwards it to accelerate's trackers."""
@@ -55,7 +57,4 @@ def plot_training(records: list[dict], path: str | Path) -> Path | None:
         ax2.set_ylabel("zero-shot top-1")
         ax2.set_ylim(0, 1)
     fig.legend(loc="upper center", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=120)

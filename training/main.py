@@ -23,7 +23,7 @@ from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.layers import collect_routing_stats, set_record_stats
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config, save_clip
 from training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from training.config import TrainConfig, load_config, to_dict, valid_keys
+from training.config import TrainConfig, get_value, load_config, to_dict, valid_keys
 from training.data import build_pair_dataset, build_train_loader
 from training.logger import MetricsLogger, plot_training
 from training.loop import TrainState, all_finite, build_loss, train_step
@@ -41,13 +41,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def _flat_config(cfg: TrainConfig) -> dict:
-    flat = {}
-    for key in valid_keys():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        flat[key] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat
+    flat = {key: get_value(cfg, key) for key in valid_keys()}
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
 
 
 def build_model(cfg: TrainConfig):
@@ -139,11 +134,13 @@ def fit(cfg: TrainConfig) -> dict:
                                  batch_size=micro_batch, accelerator=accelerator, shots=(10,))[cfg.eval.dataset]
         return flat_metrics({k: v for k, v in results.items() if k in tasks})
 
+    def trainer_state() -> dict:
+        """What `trainer_state.json` records, in every checkpoint and in `final/`."""
+        return {"state": state.to_dict(), "step": state.step, "samples_seen": state.samples_seen,
+                "config": to_dict(cfg), "metrics": last_eval, "data_skipped": getattr(dataset, "num_skipped", 0)}
+
     def checkpoint() -> None:
-        trainer_state = {"state": state.to_dict(), "step": state.step, "samples_seen": state.samples_seen,
-                         "config": to_dict(cfg), "metrics": last_eval,
-                         "data_skipped": getattr(dataset, "num_skipped", 0)}
-        save_checkpoint(accelerator, model, cfg.output_dir, step=state.step, trainer_state=trainer_state,
+        save_checkpoint(accelerator, model, cfg.output_dir, step=state.step, trainer_state=trainer_state(),
                         model_cfg=model_cfg, keep=cfg.keep_checkpoints)
 
     progress = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process,
@@ -200,10 +197,7 @@ def fit(cfg: TrainConfig) -> dict:
     checkpoint()
     if accelerator.is_main_process:
         final_dir = save_clip(unwrapped, model_cfg, Path(cfg.output_dir) / "final")
-        summary = {"step": state.step, "samples_seen": state.samples_seen, "metrics": last_eval,
-                   "config": to_dict(cfg), "nonfinite_steps": state.nonfinite_steps,
-                   "data_skipped": getattr(dataset, "num_skipped", 0)}
-        (final_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
+        (final_dir / "trainer_state.json").write_text(json.dumps(trainer_state(), indent=2))
         plot_training(metrics_log.read(), Path(cfg.output_dir) / "training.png")
     accelerator.end_training()
     return last_eval
