@@ -18,48 +18,55 @@ from typing import Any
 import yaml
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its one-line meaning (shown by `mmsoftmoe train --help-config`)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    name: str = "SoftMoE-Micro-4-32"  # an open_clip config name (mmsoftmoe ships its own, see list_clip_models)
-    text_model: str | None = None  # local Hugging Face encoder folder replacing the text transformer
-    lock_image: bool = False  # LiT: freeze the image trunk (open_clip keeps the projection head trainable)
-    lock_text: bool = False  # freeze the text tower
-    grad_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model
+    name: str = setting("SoftMoE-Micro-4-32", "an open_clip config name (mmsoftmoe ships its own, see list_clip_models)")
+    text_model: str | None = setting(None, "local Hugging Face encoder folder replacing the text transformer")
+    lock_image: bool = setting(False, "LiT: freeze the image trunk (open_clip keeps the projection head trainable)")
+    lock_text: bool = setting(False, "freeze the text tower")
+    grad_checkpointing: bool = setting(False, "recompute activations in backward (less memory, more compute)")
+    compile: bool = setting(False, "torch.compile the model")
 
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # "shapes" (built-in generated pairs) or a path / glob / comma list of pair files
-    format: str | None = None  # imagefolder | parquet | arrow | webdataset (inferred when None)
-    image_column: str | None = None
-    caption_column: str | None = None
-    streaming: bool = False
-    num_samples: int = 100_000  # size of the built-in dataset
-    image_seed: int = 0  # seed of the built-in dataset
-    num_workers: int = 2
-    crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop scale; (0.08, 1.0) is Inception crop
-    hflip: bool = False  # off by default: flips contradict captions that say "left"/"right"
+    source: str = setting("shapes", "'shapes' (built-in generated pairs) or a path / glob / comma list of pair files")
+    format: str | None = setting(None, "imagefolder | parquet | arrow | webdataset (inferred when None)")
+    image_column: str | None = setting(None, "image column (';' separates alternatives); None: inferred")
+    caption_column: str | None = setting(None, "caption column; None: inferred (caption, text, txt)")
+    streaming: bool = setting(False, "read the files lazily instead of preparing an Arrow cache")
+    num_samples: int = setting(100_000, "size of the built-in dataset")
+    image_seed: int = setting(0, "seed of the built-in dataset")
+    num_workers: int = setting(2, "DataLoader worker processes per training process")
+    crop_scale: tuple[float, float] = setting((0.9, 1.0), "RandomResizedCrop scale; (0.08, 1.0) is Inception crop")
+    hflip: bool = setting(False, "random horizontal flips; off by default: flips contradict captions that say left/right")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    schedule: str = "cosine"  # cosine | rsqrt | constant
-    warmup_steps: int = 100
-    cooldown_steps: int = 0  # rsqrt: linear cooldown to 0 over the last steps (the paper: 50k)
-    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of lr
-    grad_clip: float | None = 1.0
+    lr: float = setting(5e-4, "peak learning rate (AdamW)")
+    weight_decay: float = setting(0.2, "AdamW weight decay (none on gains, biases, scales, phi)")
+    betas: tuple[float, float] = setting((0.9, 0.98), "AdamW betas")
+    eps: float = setting(1e-6, "AdamW epsilon")
+    schedule: str = setting("cosine", "cosine | rsqrt | constant")
+    warmup_steps: int = setting(100, "linear warmup steps")
+    cooldown_steps: int = setting(0, "rsqrt: linear cooldown to 0 over the last steps (the paper: 50k)")
+    min_lr_ratio: float = setting(0.0, "cosine: final lr as a fraction of lr")
+    grad_clip: float | None = setting(1.0, "clip the global gradient norm to this; none: no clipping")
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # zero-shot evaluation every N steps (0: only at the end)
-    dataset: str | None = "shapes"  # a classification spec of eval.datasets.build_dataset (shapes, digits, ...)
-    fewshot: bool = True  # also the 10-shot ridge probe (on frozen pre-logits) at the end
+    every: int = setting(0, "zero-shot evaluation every N steps (0: only at the end)")
+    dataset: str | None = setting("shapes", "a classification spec of eval.datasets.build_dataset (shapes, digits, ...)")
+    fewshot: bool = setting(True, "also the 10-shot ridge probe (on frozen pre-logits) at the end")
 
 
 @dataclass
@@ -68,23 +75,23 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    loss: str = "clip"  # clip (softmax, open_clip ClipLoss) | siglip (sigmoid, open_clip SigLipLoss)
-    local_loss: bool = True  # open_clip: each process scores its own rows against the gathered batch
-    gather_with_grad: bool = True
-    aux_loss_weight: float = 1.0  # multiplies the routers' auxiliary losses (each already weighted by its layer)
-    steps: int = 1000
-    batch_size: int = 64  # global batch per optimizer step (all processes, all accumulation steps)
-    grad_accum_steps: int = 1
-    precision: str = "no"  # accelerate mixed precision: no | bf16 | fp16
-    seed: int = 0
-    output_dir: str = "runs/default"
-    log_every: int = 10
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | none | a checkpoint folder
-    max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
-    smoke: bool = False  # apply the config file's `smoke:` overrides
+    loss: str = setting("clip", "clip (softmax, open_clip ClipLoss) | siglip (sigmoid, open_clip SigLipLoss)")
+    local_loss: bool = setting(True, "open_clip: each process scores its own rows against the gathered batch")
+    gather_with_grad: bool = setting(True, "open_clip: gather features with their gradient (exact distributed loss)")
+    aux_loss_weight: float = setting(1.0, "multiplies the routers' auxiliary losses (each already weighted by its layer)")
+    steps: int = setting(1000, "optimizer steps of the run")
+    batch_size: int = setting(64, "global batch per optimizer step (all processes, all accumulation steps)")
+    grad_accum_steps: int = setting(1, "micro-batches per optimizer step (exact full-batch contrastive gradient)")
+    precision: str = setting("no", "accelerate mixed precision: no | bf16 | fp16")
+    seed: int = setting(0, "seed of initialisation, data order and augmentation")
+    output_dir: str = setting("runs/default", "run folder: config, logs, metrics, checkpoints, final model")
+    log_every: int = setting(10, "log metrics every N steps")
+    checkpoint_every: int = setting(500, "save a resumable checkpoint every N steps")
+    keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep")
+    resume: str = setting("auto", "auto (latest checkpoint in output_dir, if any) | none | a checkpoint folder")
+    max_nonfinite_steps: int = setting(5, "consecutive non-finite losses before the run stops")
+    trackers: list[str] = setting(factory=lambda: ["tensorboard"], help="accelerate trackers (tensorboard, wandb); [] for none")
+    smoke: bool = setting(False, "apply the config file's `smoke:` overrides")
 
 
 CHOICES = {
