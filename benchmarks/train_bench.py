@@ -3,10 +3,10 @@
 Run as `python -m benchmarks.train_bench [--models Dense-Micro-4-32,SoftMoE-Micro-4-32] [--batch 32] [--steps 20]`.
 
 "bare" is what open_clip's training loop does per step without its bookkeeping: forward, `open_clip.ClipLoss`,
-backward, `AdamW.step`, `zero_grad`. "mmsoftmoe" is one iteration of `training.main.fit`'s loop body on an
-in-memory batch: learning-rate schedule, `training.loop.train_step` (accelerate autocast/backward, router aux
-losses), the cross-process finiteness check, gradient clipping (also measured without it, as the bare step has
-none), the step, and the metrics of `log_every` steps.
+backward, `AdamW.step`, `zero_grad`. "mmsoftmoe" is what `training.main.fit` runs per step, on an in-memory
+batch: `training.loop.optimizer_step` (learning rate, accelerate autocast/backward, router aux losses, the
+cross-process finiteness check, gradient clipping (also measured without it, as the bare step has none), the
+update) and `training.loop.step_metrics` every `log_every` steps.
 Both run in one process, interleaved round by round so machine noise hits both alike; the figure is the ratio
 of median step times (target <= 1.05). The step's FLOPs are counted (`FlopCounterMode`) and stated as GFLOP/s and
 a fraction of the peak fp32 GEMM throughput measured in the same run. The machine's load is recorded.
@@ -31,9 +31,8 @@ from benchmarks.model_bench import peak_gemm_gflops
 from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.clip import build_clip, preprocess_config
-from training.loop import all_finite, build_loss, train_step
-from training.main import _step_metrics
-from training.optim import build_optimizer, lr_multiplier, set_lr
+from training.loop import build_loss, optimizer_step, step_metrics
+from training.optim import build_optimizer, lr_multiplier
 
 TARGET_RATIO = 1.05
 # Step kinds, with the gradient-clipping norm of the mmsoftmoe loop (bare open_clip-style steps do not clip).
@@ -57,17 +56,13 @@ def bare_step(model, optimizer, loss_fn, batch) -> None:
 
 
 def ours_step(accelerator, model, optimizer, loss_fn, batch, step: int, grad_clip: float | None) -> None:
+    """What `fit` does per step: the shared `optimizer_step`, and the metrics on logged steps."""
     set_record_stats(model, step % LOG_EVERY == 0)  # as fit: routing statistics on logged steps only
-    set_lr(optimizer, 5e-4 * lr_multiplier(step, schedule="cosine", total_steps=1000, warmup_steps=10))
-    losses = train_step(model, [batch], loss_fn, accelerator, model.visual, 1.0)
-    grad_norm = None
-    if all_finite(accelerator, sum(losses.values())):
-        if grad_clip:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    lr = 5e-4 * lr_multiplier(step, schedule="cosine", total_steps=1000, warmup_steps=10)
+    result = optimizer_step(model, optimizer, [batch], loss_fn=loss_fn, accelerator=accelerator,
+                            routed_model=model.visual, aux_weight=1.0, lr=lr, grad_clip=grad_clip)
     if step % LOG_EVERY == 0:
-        _step_metrics(accelerator, losses, model, optimizer, grad_norm, 0.0)
+        step_metrics(accelerator, result, model, optimizer, 0.0)
 
 
 def bench_model(name: str, batch_size: int, steps: int, warmup: int) -> dict:

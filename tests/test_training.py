@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
+import training.loop
 import training.main as train_main
 from tests.training_fixtures import global_batch, grads, make_model, split
 from training.config import load_config
@@ -45,7 +46,7 @@ def test_resume_is_step_exact(tmp_path, monkeypatch):
     reference = _fit(tmp_path / "a", "steps=6", "checkpoint_every=3")
 
     calls = {"n": 0}
-    real_step = train_main.train_step
+    real_step = train_main.optimizer_step
 
     def crash_at_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -53,10 +54,10 @@ def test_resume_is_step_exact(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_main, "train_step", crash_at_step_5)
+    monkeypatch.setattr(train_main, "optimizer_step", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         _fit(tmp_path / "b", "steps=6", "checkpoint_every=3")
-    monkeypatch.setattr(train_main, "train_step", real_step)
+    monkeypatch.setattr(train_main, "optimizer_step", real_step)
     resumed = _fit(tmp_path / "b", "steps=6", "checkpoint_every=3")  # resume=auto picks step 3
     assert sorted(resumed) == list(range(1, 7))
     for step in range(4, 7):
@@ -111,7 +112,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    real_step = train_main.train_step
+    real_step = training.loop.train_step
     calls = {"n": 0}
 
     def nan_on_second_step(*args, **kwargs):
@@ -119,13 +120,13 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         losses = real_step(*args, **kwargs)
         return {k: v * float("nan") for k, v in losses.items()} if calls["n"] == 2 else losses
 
-    monkeypatch.setattr(train_main, "train_step", nan_on_second_step)
+    monkeypatch.setattr(training.loop, "train_step", nan_on_second_step)
     records = _fit(tmp_path / "skip", "steps=3", "resume=none")
     assert records[2]["nonfinite_steps"] == 1 and records[3]["nonfinite_steps"] == 1
 
-    monkeypatch.setattr(train_main, "train_step",
+    monkeypatch.setattr(training.loop, "train_step",
                         lambda *a, **k: {k2: v * float("nan") for k2, v in real_step(*a, **k).items()})
-    with pytest.raises(RuntimeError, match="3 consecutive non-finite losses"):
+    with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses"):
         _fit(tmp_path / "stop", "steps=5", "max_nonfinite_steps=3")
 
 

@@ -11,23 +11,31 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+CONFIG_DIR = Path(__file__).parent / "configs"  # the run configs shipped with the package
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
-    """A config field with its one-line meaning (shown by `mmsoftmoe train --help-config`)."""
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+            minimum: float | None = None) -> Any:
+    """A config field with its one-line meaning (shown by `mmsoftmoe train --help-config`).
+
+    `minimum` is checked by `validate` when the config is loaded, before anything is built.
+    """
+    metadata = {"help": help, "minimum": minimum}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class ModelConfig:
-    name: str = setting("SoftMoE-Micro-4-32", "an open_clip config name (mmsoftmoe ships its own, see list_clip_models)")
+    name: str = setting("SoftMoE-Micro-4-32", "an open_clip model config name (mmsoftmoe ships its own)")
     text_model: str | None = setting(None, "local Hugging Face encoder folder replacing the text transformer")
     lock_image: bool = setting(False, "LiT: freeze the image trunk (open_clip keeps the projection head trainable)")
     lock_text: bool = setting(False, "freeze the text tower")
@@ -42,30 +50,30 @@ class DataConfig:
     image_column: str | None = setting(None, "image column (';' separates alternatives); None: inferred")
     caption_column: str | None = setting(None, "caption column; None: inferred (caption, text, txt)")
     streaming: bool = setting(False, "read the files lazily instead of preparing an Arrow cache")
-    num_samples: int = setting(100_000, "size of the built-in dataset")
+    num_samples: int = setting(100_000, "size of the built-in dataset", minimum=1)
     image_seed: int = setting(0, "seed of the built-in dataset")
-    num_workers: int = setting(2, "DataLoader worker processes per training process")
+    num_workers: int = setting(2, "DataLoader worker processes per training process", minimum=0)
     crop_scale: tuple[float, float] = setting((0.9, 1.0), "RandomResizedCrop scale; (0.08, 1.0) is Inception crop")
-    hflip: bool = setting(False, "random horizontal flips; off by default: flips contradict captions that say left/right")
+    hflip: bool = setting(False, "random horizontal flips (off: flips contradict captions saying left/right)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = setting(5e-4, "peak learning rate (AdamW)")
-    weight_decay: float = setting(0.2, "AdamW weight decay (none on gains, biases, scales, phi)")
+    lr: float = setting(5e-4, "peak learning rate (AdamW)", minimum=0)
+    weight_decay: float = setting(0.2, "AdamW weight decay (none on gains, biases, scales, phi)", minimum=0)
     betas: tuple[float, float] = setting((0.9, 0.98), "AdamW betas")
-    eps: float = setting(1e-6, "AdamW epsilon")
+    eps: float = setting(1e-6, "AdamW epsilon", minimum=0)
     schedule: str = setting("cosine", "cosine | rsqrt | constant")
-    warmup_steps: int = setting(100, "linear warmup steps")
-    cooldown_steps: int = setting(0, "rsqrt: linear cooldown to 0 over the last steps (the paper: 50k)")
-    min_lr_ratio: float = setting(0.0, "cosine: final lr as a fraction of lr")
-    grad_clip: float | None = setting(1.0, "clip the global gradient norm to this; none: no clipping")
+    warmup_steps: int = setting(100, "linear warmup steps", minimum=0)
+    cooldown_steps: int = setting(0, "rsqrt: linear cooldown to 0 over the last steps (the paper: 50k)", minimum=0)
+    min_lr_ratio: float = setting(0.0, "cosine: final lr as a fraction of lr", minimum=0)
+    grad_clip: float | None = setting(1.0, "clip the global gradient norm to this; none: no clipping", minimum=0)
 
 
 @dataclass
 class EvalConfig:
-    every: int = setting(0, "zero-shot evaluation every N steps (0: only at the end)")
-    dataset: str | None = setting("shapes", "a classification spec of eval.datasets.build_dataset (shapes, digits, ...)")
+    every: int = setting(0, "zero-shot evaluation every N steps (0: only at the end)", minimum=0)
+    dataset: str | None = setting("shapes", "classification dataset (shapes, digits, folder:ROOT); none: no evaluation")
     fewshot: bool = setting(True, "also the 10-shot ridge probe (on frozen pre-logits) at the end")
 
 
@@ -78,19 +86,21 @@ class TrainConfig:
     loss: str = setting("clip", "clip (softmax, open_clip ClipLoss) | siglip (sigmoid, open_clip SigLipLoss)")
     local_loss: bool = setting(True, "open_clip: each process scores its own rows against the gathered batch")
     gather_with_grad: bool = setting(True, "open_clip: gather features with their gradient (exact distributed loss)")
-    aux_loss_weight: float = setting(1.0, "multiplies the routers' auxiliary losses (each already weighted by its layer)")
-    steps: int = setting(1000, "optimizer steps of the run")
-    batch_size: int = setting(64, "global batch per optimizer step (all processes, all accumulation steps)")
-    grad_accum_steps: int = setting(1, "micro-batches per optimizer step (exact full-batch contrastive gradient)")
+    aux_loss_weight: float = setting(1.0, "multiplies the routers' auxiliary losses (each already weighted)",
+                                     minimum=0)
+    steps: int = setting(1000, "optimizer steps of the run", minimum=1)
+    batch_size: int = setting(64, "global batch per optimizer step (all processes, all accumulation steps)", minimum=1)
+    grad_accum_steps: int = setting(1, "micro-batches per optimizer step (exact full-batch gradient)",
+                                   minimum=1)
     precision: str = setting("no", "accelerate mixed precision: no | bf16 | fp16")
     seed: int = setting(0, "seed of initialisation, data order and augmentation")
     output_dir: str = setting("runs/default", "run folder: config, logs, metrics, checkpoints, final model")
-    log_every: int = setting(10, "log metrics every N steps")
-    checkpoint_every: int = setting(500, "save a resumable checkpoint every N steps")
-    keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep")
+    log_every: int = setting(10, "log metrics every N steps", minimum=1)
+    checkpoint_every: int = setting(500, "save a resumable checkpoint every N steps", minimum=1)
+    keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep", minimum=1)
     resume: str = setting("auto", "auto (latest checkpoint in output_dir, if any) | none | a checkpoint folder")
-    max_nonfinite_steps: int = setting(5, "consecutive non-finite losses before the run stops")
-    trackers: list[str] = setting(factory=lambda: ["tensorboard"], help="accelerate trackers (tensorboard, wandb); [] for none")
+    max_nonfinite_steps: int = setting(5, "consecutive non-finite losses before the run stops", minimum=1)
+    trackers: list[str] = setting(factory=lambda: ["tensorboard"], help="trackers (tensorboard, wandb); [] for none")
     smoke: bool = setting(False, "apply the config file's `smoke:` overrides")
 
 
@@ -102,19 +112,9 @@ CHOICES = {
 }
 
 
-def _valid_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            keys += _valid_keys(f.default_factory, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
 def valid_keys() -> list[str]:
     """Every settable key, dotted (`optim.lr`)."""
-    return _valid_keys(TrainConfig)
+    return [key for key, _ in _fields()]
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -204,7 +204,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     Precedence, lowest first: dataclass defaults, the base chain, the file, its `smoke:` section (only with
     `smoke=true`), the command-line overrides.
     """
-    settings, smoke = _read_yaml(Path(path)) if path else ({}, {})
+    settings, smoke = _read_yaml(resolve_config_path(path)) if path else ({}, {})
     explicit = {}
     for item in overrides or []:
         if "=" not in item:
@@ -221,19 +221,87 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _fields(cls: type = TrainConfig, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]]:
+    """(dotted key, field) of every setting, sections expanded."""
+    for f in dataclasses.fields(cls):
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(factory):
+            yield from _fields(factory, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Check choices and arithmetic between fields; raise one ValueError naming the field and the fix."""
+    """Check choices, bounds, paths and arithmetic between fields, before anything is built.
+
+    Raises:
+        ValueError: naming the field, its value and the fix.
+    """
     for key, choices in CHOICES.items():
         value = get_value(cfg, key)
         if value not in choices:
             raise ValueError(f"{key}={value!r} is not valid; choices: {[c for c in choices if c is not None]}")
-    for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "keep_checkpoints", "max_nonfinite_steps"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key, f in _fields():
+        value, minimum = get_value(cfg, key), f.metadata.get("minimum")
+        if minimum is not None and value is not None and value < minimum:
+            raise ValueError(f"{key} must be >= {minimum}, got {value}")
     if cfg.batch_size % cfg.grad_accum_steps:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by grad_accum_steps={cfg.grad_accum_steps}")
     if cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    _validate_paths(cfg)
+
+
+def _validate_paths(cfg: TrainConfig) -> None:
+    output = Path(cfg.output_dir)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output_dir={cfg.output_dir!r} is a file, not a folder; choose another output_dir")
+    if cfg.data.source != "shapes":
+        for item in (s for s in cfg.data.source.split(",") if s):
+            if not any(c in item for c in "*?[") and not Path(item).exists():
+                raise ValueError(f"data.source: {item!r} does not exist; give a folder, a file, a glob pattern "
+                                 "or 'shapes' (the built-in data)")
+    if cfg.model.text_model is not None and not Path(cfg.model.text_model).is_dir():
+        raise ValueError(f"model.text_model={cfg.model.text_model!r} is not a folder; give a local Hugging Face "
+                         "model folder (config.json, weights, tokenizer files)")
+    if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_dir():
+        raise ValueError(f"resume={cfg.resume!r} is not a folder; use 'auto', 'none' or a checkpoint folder")
+
+
+def config_help() -> str:
+    """Every key with its type, default and meaning: what `mmsoftmoe train --help-config` prints."""
+    rows = []
+    for key, f in _fields():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        hint = str(f.type).replace("typing.", "")
+        choices = CHOICES.get(key)
+        meaning = f.metadata.get("help", "") + (f" (choices: {', '.join(map(str, choices))})" if choices else "")
+        rows.append((key, hint, repr(default), meaning))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {m}" for k, t, d, m in rows)
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML that `load_config` reads back to an equal config."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+    tree = plain(to_dict(cfg))
+    tree["smoke"] = False  # the smoke overrides are already applied
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file path, or the name of a run config shipped with mmsoftmoe (`demo`, `smoke`, ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; shipped: {names}")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

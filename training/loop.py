@@ -10,6 +10,7 @@ the *whole* batch with that micro-batch's features live. The gradient equals the
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -19,7 +20,10 @@ from accelerate import Accelerator
 from open_clip.loss import SigLipLoss
 from torch import nn
 
-from mmsoftmoe.layers import collect_aux_loss
+from mmsoftmoe.layers import collect_aux_loss, collect_routing_stats
+from training.optim import set_lr
+
+logger = logging.getLogger("mmsoftmoe.train")
 
 
 @dataclass
@@ -101,3 +105,63 @@ def all_finite(accelerator: Accelerator, total: torch.Tensor) -> bool:
     """Whether the loss is finite on every process (all must skip a step together)."""
     flag = torch.isfinite(total).to(torch.int32).reshape(1)
     return bool(accelerator.gather(flag).min().item())
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did: its named losses (detached), the gradient norm before clipping (None when
+    clipping is off or the step was skipped) and whether the step was applied (every loss finite everywhere)."""
+
+    losses: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor | None
+    applied: bool
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict], *,
+                   loss_fn: nn.Module, accelerator: Accelerator, routed_model: nn.Module, aux_weight: float,
+                   lr: float, grad_clip: float | None) -> StepResult:
+    """One optimizer step: learning rate, forward/backward of every micro-batch, the finiteness check on every
+    process, gradient clipping, the update. The one place a step is defined (`fit` and the benchmarks call it)."""
+    set_lr(optimizer, lr)
+    losses = train_step(model, micro_batches, loss_fn, accelerator, routed_model, aux_weight)
+    grad_norm, applied = None, all_finite(accelerator, sum(losses.values()))
+    if applied:
+        if grad_clip:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(losses, grad_norm, applied)
+
+
+def record_step(state: TrainState, result: StepResult, *, samples: int, max_nonfinite: int) -> None:
+    """Advance the counters by one step; raise when `max_nonfinite` steps in a row were skipped."""
+    state.step += 1
+    state.samples_seen += samples
+    if result.applied:
+        state.nonfinite_in_a_row = 0
+        return
+    state.nonfinite_steps += 1
+    state.nonfinite_in_a_row += 1
+    logger.warning("step %d: non-finite loss %s, step skipped", state.step,
+                   {k: float(v) for k, v in result.losses.items()})
+    if state.nonfinite_in_a_row >= max_nonfinite:
+        raise FloatingPointError(
+            f"{state.nonfinite_in_a_row} consecutive non-finite losses at step {state.step}; stopping. Lower "
+            "optim.lr, use precision=bf16 instead of fp16, or resume from the last checkpoint with a smaller lr")
+
+
+def step_metrics(accelerator: Accelerator, result: StepResult, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 samples_per_s: float) -> dict[str, float]:
+    """The logged metrics of a step (host values: call on logging steps only)."""
+    # Mean over processes: with local_loss each process holds the loss of its own rows only.
+    metrics = {k: float(accelerator.reduce(v.reshape(1), reduction="mean")) for k, v in result.losses.items()}
+    metrics["loss"] = sum(metrics.values())
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    metrics["logit_scale"] = float(model.logit_scale.detach().exp())
+    if getattr(model, "logit_bias", None) is not None:
+        metrics["logit_bias"] = float(model.logit_bias.detach())
+    if result.grad_norm is not None:
+        metrics["grad_norm"] = float(result.grad_norm)
+    metrics["samples_per_s"] = samples_per_s
+    metrics.update(collect_routing_stats(model.visual))
+    return metrics

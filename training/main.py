@@ -1,15 +1,20 @@
-"""`mmsoftmoe train --config configs/<name>.yaml [key=value ...]`: contrastive pretraining with accelerate.
+"""`mmsoftmoe train --config NAME|FILE [key=value ...]`: contrastive pretraining with accelerate.
 
-The same command runs on one CPU, one GPU, or under `accelerate launch` on many processes, GPUs or nodes.
-`fit(cfg)` composes the `build_*` helpers and runs the loop; see `training.loop` for the step itself.
+The same command runs on one CPU, one GPU, or many processes: `torchrun --nproc_per_node N --no-python mmsoftmoe
+train ...` (CPU processes use gloo) or `accelerate launch --multi_gpu --no_python mmsoftmoe train ...`.
+`fit(cfg)` composes the `build_*` helpers and runs the loop; the step itself is `training.loop.optimizer_step`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
@@ -20,21 +25,48 @@ from tqdm.auto import tqdm
 
 from eval.main import run_evaluation
 from mmsoftmoe.data import transforms_from_preprocess_cfg
-from mmsoftmoe.layers import collect_routing_stats, set_record_stats
+from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config, save_clip
 from training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from training.config import TrainConfig, get_value, load_config, to_dict, valid_keys
+from training.config import TrainConfig, config_help, config_yaml, get_value, load_config, to_dict, valid_keys
 from training.data import build_pair_dataset, build_train_loader
 from training.logger import MetricsLogger, plot_training
-from training.loop import TrainState, all_finite, build_loss, train_step
-from training.optim import build_optimizer, lr_multiplier, set_lr
+from training.loop import TrainState, build_loss, optimizer_step, record_step, step_metrics
+from training.optim import build_optimizer, lr_multiplier
 
 logger = logging.getLogger("mmsoftmoe.train")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Trackers accelerate can log to, and the package each needs.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+
+
+def check_trackers(trackers: list[str]) -> list[str]:
+    """The configured trackers; an unknown one or one whose package is missing is an error, not a warning."""
+    for name in trackers:
+        if name not in TRACKER_PACKAGES:
+            raise ValueError(f"trackers: unknown tracker {name!r}; choices: {sorted(TRACKER_PACKAGES)} (or [])")
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ValueError(f"trackers: {name!r} needs the package {TRACKER_PACKAGES[name]!r}, which is not "
+                             f"installed; pip install {TRACKER_PACKAGES[name]}, or remove it (trackers=[])")
+    return trackers
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    trackers = [t for t in cfg.trackers if t]
-    accelerator = Accelerator(mixed_precision=cfg.precision, log_with=trackers or None, project_dir=cfg.output_dir)
+    """accelerate's Accelerator for this run; refuses to start as several independent copies of one run.
+
+    Without an accelerator device accelerate must be told to use the CPU, or under `torchrun` it sees one process
+    and every rank trains alone (SPEC section 7).
+    """
+    trackers = check_trackers([t for t in cfg.trackers if t])
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=cfg.precision,
+                              log_with=trackers or None, project_dir=cfg.output_dir)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(f"WORLD_SIZE={launched} processes were launched, but accelerate sees "
+                           f"{accelerator.num_processes}: every process would train alone. Launch with torchrun or "
+                           "`accelerate launch` and do not set CUDA_VISIBLE_DEVICES to fewer devices than processes")
     if trackers:
         accelerator.init_trackers("mmsoftmoe", config=_flat_config(cfg))
     return accelerator
@@ -43,6 +75,27 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
 def _flat_config(cfg: TrainConfig) -> dict:
     flat = {key: get_value(cfg, key) for key in valid_keys()}
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
+
+
+@contextlib.contextmanager
+def run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Iterator[Path]:
+    """Create `output_dir` and write the resolved `config.yaml`; while open, the main process also logs to
+    `train.log` and the other processes log warnings only (one copy of each line)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-save INFO lines drown the run's own
+    ours = logging.getLogger("mmsoftmoe")
+    handler = logging.FileHandler(out / "train.log") if accelerator.is_main_process else logging.NullHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    try:
+        if accelerator.is_main_process:
+            (out / "config.yaml").write_text(config_yaml(cfg))
+        yield out
+    finally:
+        ours.removeHandler(handler)
+        handler.close()
 
 
 def build_model(cfg: TrainConfig):
@@ -61,24 +114,40 @@ def build_model(cfg: TrainConfig):
     return model, tokenizer, model_cfg
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def restore(cfg: TrainConfig, accelerator: Accelerator) -> tuple[TrainState, dict[str, float]]:
+    """The state to start from: fresh, or the checkpoint `cfg.resume` names (model and optimizer restored)."""
+    resume_from = find_resume_checkpoint(cfg.resume, cfg.output_dir)
+    if resume_from is None:
+        return TrainState(), {}
+    saved = load_checkpoint(accelerator, resume_from, cfg.model.name)
+    state = TrainState(**saved["state"])
+    logger.info("resumed from %s at step %d", resume_from, state.step)
+    trained = saved.get("config", {}).get("steps")
+    if trained is not None and state.step >= trained and cfg.steps > state.step:
+        logger.info("extending a finished run: it trained %d of %d steps and now runs to %d (the learning-rate "
+                    "schedule is recomputed for the new total)", state.step, trained, cfg.steps)
+    return state, saved.get("metrics", {})
 
 
-def _step_metrics(accelerator: Accelerator, losses: dict, model, optimizer, grad_norm,
-                  throughput: float) -> dict[str, float]:
-    # Mean over processes: with local_loss each process holds the loss of its own rows only.
-    metrics = {k: float(accelerator.reduce(v.reshape(1), reduction="mean")) for k, v in losses.items()}
-    metrics["loss"] = sum(metrics.values())
-    metrics["lr"] = optimizer.param_groups[0]["lr"]
-    metrics["logit_scale"] = float(model.logit_scale.detach().exp())
-    if getattr(model, "logit_bias", None) is not None:
-        metrics["logit_bias"] = float(model.logit_bias.detach())
-    if grad_norm is not None:
-        metrics["grad_norm"] = float(grad_norm)
-    metrics["samples_per_s"] = throughput
-    metrics.update(collect_routing_stats(model.visual))
-    return metrics
+def log_summary(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, dataset,
+                state: TrainState) -> None:
+    """What the run is about to do, in one block of the log."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    image = sum(p.numel() for p in model.visual.parameters())
+    try:
+        size = len(dataset)
+        data = f"{size} samples; {cfg.steps * cfg.batch_size / size:.2f} epochs in {cfg.steps} steps"
+    except TypeError:
+        data = "streaming (size unknown)"
+    per_process = cfg.batch_size // accelerator.num_processes
+    logger.info(
+        "run %s: model %s, %.2fM parameters (%.2fM trainable, image tower %.2fM); data %s; batch %d global, %d per "
+        "process in %d micro-batch(es) of %d; %d process(es) on %s; precision %s; %s",
+        cfg.output_dir, cfg.model.name, total / 1e6, trainable / 1e6, image / 1e6, data, cfg.batch_size,
+        per_process, cfg.grad_accum_steps, per_process // cfg.grad_accum_steps, accelerator.num_processes,
+        accelerator.device.type, cfg.precision,
+        f"resuming at step {state.step}" if state.step else "starting at step 0")
 
 
 def flat_metrics(results: dict, prefix: str = "") -> dict[str, float]:
@@ -92,10 +161,18 @@ def flat_metrics(results: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train as configured; returns the final metrics (also in `output_dir/final/trainer_state.json`)."""
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(cfg)
+    with run_folder(cfg, accelerator) as out:
+        return _fit(cfg, accelerator, out)
+
+
+def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path) -> dict:
     set_seed(cfg.seed)
     model, tokenizer, model_cfg = build_model(cfg)
     unwrapped = model
@@ -104,15 +181,9 @@ def fit(cfg: TrainConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.model.compile:
         model = torch.compile(model)
-
-    state, metrics_log = TrainState(), MetricsLogger(accelerator, cfg.output_dir)
-    resume_from = find_resume_checkpoint(cfg.resume, cfg.output_dir)
-    last_eval: dict[str, float] = {}
-    if resume_from is not None:
-        saved = load_checkpoint(accelerator, resume_from, cfg.model.name)
-        state, last_eval = TrainState(**saved["state"]), saved.get("metrics", {})
-        metrics_log.truncate_after(state.step)
-        logger.info("resumed from %s at step %d", resume_from, state.step)
+    state, last_eval = restore(cfg, accelerator)
+    metrics_log = MetricsLogger(accelerator, out)
+    metrics_log.truncate_after(state.step)
 
     preprocess = preprocess_config(unwrapped)
     _, eval_tf = transforms_from_preprocess_cfg(preprocess)
@@ -125,6 +196,7 @@ def fit(cfg: TrainConfig) -> dict:
                                 num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
     loss_fn = build_loss(cfg.loss, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                          rank=accelerator.process_index, world_size=accelerator.num_processes)
+    log_summary(cfg, accelerator, unwrapped, dataset, state)
 
     def run_eval(final: bool) -> dict[str, float]:
         if cfg.eval.dataset is None:
@@ -140,7 +212,7 @@ def fit(cfg: TrainConfig) -> dict:
                 "config": to_dict(cfg), "metrics": last_eval, "data_skipped": getattr(dataset, "num_skipped", 0)}
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, model, cfg.output_dir, step=state.step, trainer_state=trainer_state(),
+        save_checkpoint(accelerator, model, out, step=state.step, trainer_state=trainer_state(),
                         model_cfg=model_cfg, keep=cfg.keep_checkpoints)
 
     progress = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process,
@@ -148,40 +220,26 @@ def fit(cfg: TrainConfig) -> dict:
     interval_start, interval_samples = time.perf_counter(), 0
     while state.step < cfg.steps:
         micro = [_to_device(next(loader), accelerator.device) for _ in range(cfg.grad_accum_steps)]
-        set_lr(optimizer, cfg.optim.lr * lr_multiplier(
-            state.step, schedule=cfg.optim.schedule, total_steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps,
-            cooldown_steps=cfg.optim.cooldown_steps, min_lr_ratio=cfg.optim.min_lr_ratio))
         logging_step = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == cfg.steps
         set_record_stats(unwrapped, logging_step)  # routing statistics cost time: only on logged steps
-        losses = train_step(model, micro, loss_fn, accelerator, unwrapped.visual, cfg.aux_loss_weight)
-        grad_norm = None
-        if all_finite(accelerator, sum(losses.values())):
-            if cfg.optim.grad_clip:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            state.nonfinite_in_a_row = 0
-        else:
-            state.nonfinite_steps += 1
-            state.nonfinite_in_a_row += 1
-            logger.warning("step %d: non-finite loss %s, step skipped", state.step, {k: float(v) for k, v in
-                                                                                      losses.items()})
-            if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{state.nonfinite_in_a_row} consecutive non-finite losses at step {state.step}; stopping. "
-                    "Lower optim.lr, use precision=bf16 instead of fp16, or resume from the last checkpoint "
-                    f"in {cfg.output_dir}/checkpoints with a smaller learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.samples_seen += cfg.batch_size
+        lr = cfg.optim.lr * lr_multiplier(
+            state.step, schedule=cfg.optim.schedule, total_steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps,
+            cooldown_steps=cfg.optim.cooldown_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
+        result = optimizer_step(model, optimizer, micro, loss_fn=loss_fn, accelerator=accelerator,
+                                routed_model=unwrapped.visual, aux_weight=cfg.aux_loss_weight, lr=lr,
+                                grad_clip=cfg.optim.grad_clip)
+        record_step(state, result, samples=cfg.batch_size, max_nonfinite=cfg.max_nonfinite_steps)
         interval_samples += cfg.batch_size
         progress.update(1)
 
         record = {}
         if logging_step:
-            elapsed = time.perf_counter() - interval_start
-            record = _step_metrics(accelerator, losses, unwrapped, optimizer, grad_norm, interval_samples / elapsed)
+            record = step_metrics(accelerator, result, unwrapped, optimizer,
+                                  interval_samples / (time.perf_counter() - interval_start))
             record["nonfinite_steps"] = state.nonfinite_steps
             progress.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+            logger.info("step %d/%d: loss %.4f, lr %.3g, %.1f samples/s", state.step, cfg.steps, record["loss"],
+                        record["lr"], record["samples_per_s"])
             interval_start, interval_samples = time.perf_counter(), 0
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.steps:
             last_eval = run_eval(final=False)
@@ -196,24 +254,35 @@ def fit(cfg: TrainConfig) -> dict:
     metrics_log.log(state.step, dict(last_eval))
     checkpoint()
     if accelerator.is_main_process:
-        final_dir = save_clip(unwrapped, model_cfg, Path(cfg.output_dir) / "final")
+        final_dir = save_clip(unwrapped, model_cfg, out / "final")
         (final_dir / "trainer_state.json").write_text(json.dumps(trainer_state(), indent=2))
-        plot_training(metrics_log.read(), Path(cfg.output_dir) / "training.png")
+        plot_training(metrics_log.read(), out / "training.png")
+        logger.info("finished at step %d: %s", state.step, json.dumps(last_eval))
     accelerator.end_training()
     return last_eval
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="mmsoftmoe train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML run config (configs/*.yaml)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmsoftmoe train", description=__doc__.splitlines()[0],
+        epilog="Keys: `mmsoftmoe train --help-config` lists every key with its type, default and meaning.")
+    parser.add_argument("--config", help="a shipped run config by name (demo, smoke, ...) or a YAML file")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 steps=100 smoke=true")
-    return parser.parse_args(argv), []
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, _ = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.help_config:
+        print(config_help())
+        return 0
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     metrics = fit(cfg)
     print(json.dumps({"output_dir": cfg.output_dir, **metrics}, indent=2))
     return 0
