@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check mmsoftmoe training eval benchmarks tests
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/mmsoftmoe demo --config configs/demo.yaml
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/mmsoftmoe demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,6 +9,7 @@ applied with `smoke=true`. Unknown or mistyped keys are rejected with the list o
 from __future__ import annotations
 
 import dataclasses
+import glob
 import types
 import typing
 from collections.abc import Iterator
@@ -190,7 +191,10 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(tree, dict):
         raise ValueError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
     base = tree.pop("base", None)
-    smoke = _flatten(tree.pop("smoke", None) or {})
+    smoke = tree.pop("smoke", None)
+    if isinstance(smoke, bool):  # the `smoke` setting itself (a resolved config.yaml), not a smoke section
+        tree["smoke"], smoke = smoke, None
+    smoke = _flatten(smoke or {})
     settings = _flatten(tree)
     if base is None:
         return settings, smoke
@@ -258,9 +262,9 @@ def _validate_paths(cfg: TrainConfig) -> None:
         raise ValueError(f"output_dir={cfg.output_dir!r} is a file, not a folder; choose another output_dir")
     if cfg.data.source != "shapes":
         for item in (s for s in cfg.data.source.split(",") if s):
-            if not any(c in item for c in "*?[") and not Path(item).exists():
-                raise ValueError(f"data.source: {item!r} does not exist; give a folder, a file, a glob pattern "
-                                 "or 'shapes' (the built-in data)")
+            if not glob.glob(item):
+                raise ValueError(f"data.source: {item!r} does not exist (or matches no file); give a folder, a file, "
+                                 "a glob pattern or 'shapes' (the built-in data)")
     if cfg.model.text_model is not None and not Path(cfg.model.text_model).is_dir():
         raise ValueError(f"model.text_model={cfg.model.text_model!r} is not a folder; give a local Hugging Face "
                          "model folder (config.json, weights, tokenizer files)")
@@ -287,9 +291,7 @@ def config_yaml(cfg: TrainConfig) -> str:
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return list(value) if isinstance(value, tuple) else value
-    tree = plain(to_dict(cfg))
-    tree["smoke"] = False  # the smoke overrides are already applied
-    return yaml.safe_dump(tree, sort_keys=False)
+    return yaml.safe_dump(plain(to_dict(cfg)), sort_keys=False)  # no `smoke:` section: smoke=true is a no-op
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

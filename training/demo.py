@@ -66,7 +66,7 @@ def training_summary(output_dir: Path, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmsoftmoe demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="demo", help="a shipped run config by name, or a YAML file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, ["resume=none", *args.overrides])

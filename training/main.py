@@ -137,7 +137,7 @@ def log_summary(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Modu
     image = sum(p.numel() for p in model.visual.parameters())
     try:
         size = len(dataset)
-        data = f"{size} samples; {cfg.steps * cfg.batch_size / size:.2f} epochs in {cfg.steps} steps"
+        data = f"{size} samples, {cfg.steps * cfg.batch_size / size:.3g} epochs in {cfg.steps} steps"
     except TypeError:
         data = "streaming (size unknown)"
     per_process = cfg.batch_size // accelerator.num_processes
@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     metrics = fit(cfg)
-    print(json.dumps({"output_dir": cfg.output_dir, **metrics}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"output_dir": cfg.output_dir, **metrics}, indent=2))
     return 0
 
 
