@@ -41,10 +41,11 @@ from eval.finetune import (
 )
 from eval.linear_probe import WEIGHT_DECAYS, evaluate_linear_probe, fit_logistic, select_weight_decay
 from eval.main import TASKS, run_evaluation
+from eval.metrics import classification_metrics
 from eval.plots import dispatch_maps, plot_dispatch
 from eval.report import markdown_table, plot_fewshot, write_json, write_report
 from eval.retrieval import evaluate_retrieval, retrieval_metrics
-from eval.zero_shot import classification_metrics, evaluate_zero_shot, zero_shot_classifier, zero_shot_metrics
+from eval.zero_shot import evaluate_zero_shot, zero_shot_classifier, zero_shot_metrics
 
 __all__ = [
     "DEFAULT_L2_REG",

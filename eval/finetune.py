@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from eval.datasets import ClassificationDataset
 from eval.features import UNREADABLE_LABEL, eval_mode, extract_features
-from eval.zero_shot import classification_metrics
+from eval.metrics import classification_metrics
 from mmsoftmoe.layers import collect_aux_loss
 
 logger = logging.getLogger(__name__)

@@ -2,12 +2,11 @@
 
 Follows CLIP (Radford et al. 2021, section 3.1.4) as implemented by open_clip's ``build_zero_shot_classifier`` (mean
 of the L2-normalised text embeddings of every template, re-normalised) and reports CLIP_benchmark's metric names
-(``acc1``, ``acc5``, ``mean_per_class_recall``). The classification metrics here are shared with the linear probe.
+(``acc1``, ``acc5``, ``mean_per_class_recall``, from ``eval.metrics``).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import open_clip
@@ -15,41 +14,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_recall
 
 from eval.features import FeatureCacheKey, eval_mode, extract_features, resolve_device
+from eval.metrics import classification_metrics
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
-
-
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Top-1, top-5 and mean per-class recall with CLIP_benchmark's names.
-
-    ``mean_per_class_recall`` averages the recall of the classes present in ``labels`` (as scikit-learn's
-    ``balanced_accuracy_score``, which CLIP_benchmark uses): a class absent from the test set does not count as 0.
-    With fewer than 5 classes, ``acc5`` is top-``num_classes`` accuracy (always 1.0) and a warning says so.
-
-    Args:
-        logits: Scores of shape ``[N, C]``.
-        labels: True classes of shape ``[N]``.
-    """
-    num_classes = logits.shape[1]
-    if labels.numel() and int(labels.max()) >= num_classes:
-        raise ValueError(
-            f"Labels go up to {int(labels.max())} but there are only {num_classes} classes: "
-            "pass one class name (or one logit column) per label."
-        )
-    top_k = min(5, num_classes)
-    if top_k < 5:
-        warnings.warn(f"Only {num_classes} classes: acc5 is top-{top_k} accuracy.", stacklevel=2)
-    labels = labels.to(logits.device)
-    recall_per_class = multiclass_recall(logits, labels, num_classes=num_classes, average="none")
-    present = torch.bincount(labels, minlength=num_classes) > 0
-    return {
-        "acc1": multiclass_accuracy(logits, labels, num_classes=num_classes, average="micro", top_k=1).item(),
-        "acc5": multiclass_accuracy(logits, labels, num_classes=num_classes, average="micro", top_k=top_k).item(),
-        "mean_per_class_recall": recall_per_class[present].mean().item(),
-    }
 
 
 def zero_shot_classifier(

@@ -13,7 +13,7 @@ from eval.datasets import DigitsDataset
 from eval.features import eval_mode, extract_features, make_loader
 from eval.finetune import FinetuneConfig, _train_step, build_classifier, finetune, load_classifier
 from eval.linear_probe import evaluate_linear_probe
-from eval.zero_shot import classification_metrics
+from eval.metrics import classification_metrics
 from mmsoftmoe.data import eval_transform
 from mmsoftmoe.layers import RoutingStatsMixin
 
