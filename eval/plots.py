@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from eval.features import eval_mode
-from eval.report import save_figure
+from mmsoftmoe.figures import save_figure
 from mmsoftmoe.layers import SoftMoE
 
 

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mmsoftmoe.figures import save_figure
+
 
 def _scalars(results: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
     """``(path, value)`` for every number or string leaf; lists are left to the JSON."""
@@ -76,18 +78,6 @@ def plot_fewshot(curves: Mapping[str, Mapping[str, Mapping[str, Any]]], path: st
     ax.grid(alpha=0.3)
     ax.legend()
     return save_figure(fig, path, dpi=120)
-
-
-def save_figure(fig: Any, path: str | Path, dpi: int) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
 
 
 def write_report(results: Mapping[str, Any], out_dir: str | Path, name: str = "results") -> dict[str, Path]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from eval.report import save_figure
+from mmsoftmoe.figures import save_figure
 
 
 class MetricsLogger:
