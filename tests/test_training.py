@@ -171,8 +171,17 @@ def test_trains_with_a_hugging_face_text_encoder(tmp_path):
     from tests.test_clip_models import _tiny_hf_encoder
 
     _tiny_hf_encoder(tmp_path / "bert")
-    records = _fit(tmp_path / "run", "steps=2", f"model.text_model={tmp_path / 'bert'}", "batch_size=8")
-    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records.values())
+    records = _fit(tmp_path / "run", "steps=16", f"model.text_model={tmp_path / 'bert'}", "batch_size=8",
+                   "optim.warmup_steps=2")
+    losses = [records[s]["loss"] for s in range(1, 17)]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2, losses  # it learns through the HF tower
+
+
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    eager = _fit(tmp_path / "eager", "steps=3")
+    compiled = _fit(tmp_path / "compiled", "steps=3", "model.compile=true")
+    for step in (1, 2, 3):
+        assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], abs=1e-4), step
 
 
 def test_siglip_needs_a_model_with_a_bias(tmp_path):
