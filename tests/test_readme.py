@@ -1,0 +1,123 @@
+"""Every code block in README.md runs, as written or as a declared cheap twin, in a fresh folder.
+
+A bash line runs as written unless `TWINS` names it: then it runs with arguments appended (a smoke size of the same
+command) or, where it needs hardware CI lacks, as a named replacement. A README line missing from both fails here,
+so the README cannot drift from what the commands do. Lines run in README order in one folder: the demo's run folder
+is what the eval and export lines read.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+SMOKE = "smoke=true data.num_workers=0 trackers=[]"
+
+
+def readme_blocks(language: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", text, re.M | re.S) if lang == language]
+
+
+def bash_lines() -> list[str]:
+    lines = [line.split("  #")[0].strip() for block in readme_blocks("bash") for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _demo_table(cwd: Path, out: str) -> None:
+    table = (cwd / "runs/demo/results.md").read_text()
+    for row in ("zero-shot top-1", "10-shot ridge top-1", "image->text / text->image R@1",
+                "onnx: max abs diff vs eager", "torch_export: max abs diff vs eager"):
+        value = next(line for line in table.splitlines() if row in line).rstrip(" |").rsplit("|", 1)[1]
+        float(value.split("/")[0].split("±")[0])  # a number, not only a label
+    for fmt in ("timm", "open_clip", "hf", "onnx", "torch_export"):
+        assert (cwd / "runs/demo/export" / fmt / "export_report.json").is_file()
+    assert (cwd / "runs/demo/training.png").is_file()
+
+
+def _final(run: str) -> Callable[[Path, str], None]:
+    def check(cwd: Path, out: str) -> None:
+        assert (cwd / "runs" / run / "final" / "open_clip_model.safetensors").is_file()
+    return check
+
+
+def _help_config(cwd: Path, out: str) -> None:
+    assert "optim.lr" in out and "global batch per optimizer step" in out
+
+
+def _print_config(cwd: Path, out: str) -> None:
+    assert yaml.safe_load(out)["model"]["name"] == "SoftMoE-Mini-8-64"
+
+
+def _eval(cwd: Path, out: str) -> None:
+    results = json.loads((cwd / "eval_results/results.json").read_text())
+    assert {"shapes", "digits"} <= set(results)
+    assert 0 <= results["shapes"]["zeroshot"]["acc1"] <= 1
+
+
+def _export(cwd: Path, out: str) -> None:
+    for fmt in ("timm", "open_clip", "hf", "onnx", "torch_export"):
+        report = json.loads((cwd / "exports/demo" / fmt / "export_report.json").read_text())
+        assert report["parity"]["max_abs_diff"] < 1e-4, fmt
+
+
+TRAIN_TWIN = f"{SMOKE} eval.dataset=none"
+# README line -> (how it runs here, why, what it must have produced)
+TWINS: dict[str, tuple[str, str, Callable | None]] = {
+    "make demo": ("skip", "runs `mmsoftmoe demo` after the install (checked against the Makefile below)", None),
+    "make test": ("skip", "this suite is `make test`", None),
+    "mmsoftmoe demo": ("append", SMOKE, _demo_table),
+    "mmsoftmoe train --config demo optim.lr=1e-3 steps=300": ("append", f"{TRAIN_TWIN} steps=2 output_dir=runs/t1",
+                                                               _final("t1")),
+    "mmsoftmoe train --config demo smoke=true": ("append", f"{TRAIN_TWIN} output_dir=runs/t2", _final("t2")),
+    "torchrun --nproc_per_node 2 --no-python mmsoftmoe train --config smoke": (
+        "append", f"{TRAIN_TWIN} output_dir=runs/t3", _final("t3")),
+    "accelerate launch --multi_gpu --num_processes 8 --no_python mmsoftmoe train --config softmoe_b16_sigmoid_256": (
+        "replace", "accelerate launch --cpu --num_processes 1 --no_python mmsoftmoe train --config "
+                   f"softmoe_b16_sigmoid_256 {TRAIN_TWIN} output_dir=runs/t4", _final("t4")),
+    "mmsoftmoe eval --checkpoint runs/demo/final --dataset shapes digits --tasks zeroshot,retrieval,fewshot,linprobe": (
+        "append", "", _eval),
+    "mmsoftmoe export --checkpoint runs/demo/final --format all --out exports/demo": ("append", "", _export),
+}
+RUN_AS_WRITTEN = {"mmsoftmoe train --help-config": _help_config,
+                  "mmsoftmoe train --config demo --print-config": _print_config}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("readme")
+
+
+def test_every_bash_line_is_declared():
+    """A new README command must be added here: run as written (with a check) or with a declared twin."""
+    assert set(bash_lines()) == set(TWINS) | set(RUN_AS_WRITTEN)
+    assert "$(VENV)/bin/mmsoftmoe demo\n" in (ROOT / "Makefile").read_text()
+
+
+@pytest.mark.parametrize("line", bash_lines())
+def test_bash_line_runs(line, workdir):
+    how, extra, check = TWINS.get(line, ("as written", "", RUN_AS_WRITTEN.get(line)))
+    if how == "skip":
+        pytest.skip(extra)
+    command = extra if how == "replace" else f"{line} {extra}".strip()
+    proc = subprocess.run(command, shell=True, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+    check(workdir, proc.stdout)
+
+
+@pytest.mark.parametrize("block", readme_blocks("python"))
+def test_python_block_runs_as_written(block, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.Size([2, 16, 64])" in proc.stdout and "torch.Size([1, " in proc.stdout
