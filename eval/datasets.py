@@ -12,6 +12,11 @@ Kinds (``build_dataset(spec, split, transform)``):
 - ``digits``: scikit-learn's ``load_digits`` (8x8 grey, shipped inside the package), as RGB images that the model's
   preprocessing upsamples to its resolution; a fixed split of 360 test and 1437 train images.
 - ``shapes``: the generated shapes of ``mmsoftmoe.data.synthetic`` (imported lazily).
+- ``wds:ROOT``: CLIP_benchmark's ``wds/`` layout (``eval.wds``), classification or, with ``dataset_type.txt`` saying
+  ``retrieval``, image-caption retrieval.
+
+Class names and templates can come from files (``eval.prompts``): passed to ``build_dataset``, or found next to the
+data as ``classnames.txt`` / ``zeroshot_classification_templates.txt``.
 
 Unreadable images are not fatal: such a sample yields a black placeholder labelled ``UNREADABLE_LABEL``, which
 ``eval.features.extract_features`` drops and counts.
@@ -34,6 +39,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from eval.features import UNREADABLE_LABEL
+from eval.prompts import apply_text_files
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +51,7 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 DIGIT_TEMPLATES = ('a photo of the number: "{}".',)  # CLIP_benchmark's MNIST template
 DIGITS_TEST_SIZE = 360
 SHAPES_SPLITS = {"train": (2000, 1), "test": (500, 2)}  # split -> (num_samples, seed)
-SPEC_HELP = "digits, shapes, folder:ROOT[:CLASSES.json], hf:PATH[:IMAGE_COLUMN:LABEL_COLUMN]"
+SPEC_HELP = "digits, shapes, folder:ROOT[:CLASSES.json], hf:PATH[:IMAGE_COLUMN:LABEL_COLUMN], wds:ROOT"
 
 
 class ClassificationDataset(Protocol):
@@ -246,9 +252,7 @@ def _build_shapes(split: str, transform: Transform | None) -> ClassificationData
 
 
 def _build_folder(arg: str, split: str, transform: Transform | None) -> ClassificationDataset:
-    root, sep, class_map = arg.rpartition(":")
-    if not (sep and class_map.endswith(".json")):
-        root, class_map = arg, None
+    root, class_map = _folder_parts(arg)
     return ImageFolderDataset(root, split, transform, class_map)
 
 
@@ -260,13 +264,54 @@ def _build_hf(arg: str, split: str, transform: Transform | None) -> Classificati
     return HFClassificationDataset(load_hf_split(parts[0], split), *columns, transform=transform)
 
 
-def build_dataset(spec: str, split: str, transform: Transform | None = None) -> ClassificationDataset:
+def _build_wds(arg: str, split: str, transform: Transform | None) -> ClassificationDataset:
+    from eval.wds import WdsDataset
+
+    return WdsDataset(arg, split, transform)
+
+
+def _folder_root(spec: str) -> Path | None:
+    """The folder next to which ``classnames.*`` / templates files are looked for (``folder:`` and ``hf:`` specs)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "folder":
+        return Path(_folder_parts(arg)[0])
+    if kind == "hf":
+        path = Path(arg.split(":")[0])
+        return path if path.is_dir() else path.parent
+    return None
+
+
+def _folder_parts(arg: str) -> tuple[str, str | None]:
+    root, sep, class_map = arg.rpartition(":")
+    return (root, class_map) if sep and class_map.endswith(".json") else (arg, None)
+
+
+def dataset_name(spec: str) -> str:
+    """A short name for tables and legends: the last folder of a path spec (``wds:/data/cifar10`` -> ``cifar10``)."""
+    kind, _, arg = spec.partition(":")
+    if not arg:
+        return spec
+    path = Path(_folder_parts(arg)[0] if kind == "folder" else arg.split(":")[0])
+    return path.stem if path.suffix in (".parquet", ".arrow") else path.name or spec
+
+
+def build_dataset(
+    spec: str,
+    split: str,
+    transform: Transform | None = None,
+    *,
+    classnames_file: str | Path | None = None,
+    templates_file: str | Path | None = None,
+) -> ClassificationDataset:
     """A classification dataset from a spec string (kinds listed in the module docstring).
 
     Args:
-        spec: e.g. ``"digits"``, ``"shapes"``, ``"folder:/data/imagenet"``, ``"hf:/data/food101:image:label"``.
+        spec: e.g. ``"digits"``, ``"shapes"``, ``"folder:/data/imagenet"``, ``"hf:/data/food101:image:label"``,
+            ``"wds:/data/wds_cifar10"``.
         split: Split name, e.g. ``"train"``, ``"test"``, ``"val"``.
         transform: Image preprocessing, e.g. the model's eval transform.
+        classnames_file: Class names (``eval.prompts`` formats) replacing the dataset's own.
+        templates_file: Prompt templates replacing the dataset's own.
     """
     kind, _, arg = spec.partition(":")
     builders: dict[str, Callable[[str, str, Transform | None], ClassificationDataset]] = {
@@ -274,10 +319,13 @@ def build_dataset(spec: str, split: str, transform: Transform | None = None) -> 
         "shapes": lambda _, s, t: _build_shapes(s, t),
         "folder": _build_folder,
         "hf": _build_hf,
+        "wds": _build_wds,
     }
     if kind not in builders:
         raise ValueError(f"Unknown dataset kind {kind!r} in {spec!r}; valid specs: {SPEC_HELP}.")
-    if bool(arg) != (kind in ("folder", "hf")):
+    if bool(arg) != (kind in ("folder", "hf", "wds")):
         raise ValueError(f"Bad dataset spec {spec!r}; valid specs: {SPEC_HELP}.")
-    return builders[kind](arg, split, transform)
-
+    dataset = builders[kind](arg, split, transform)
+    if getattr(dataset, "classnames", None) is None:  # a retrieval set: no classes to name
+        return dataset
+    return apply_text_files(dataset, dataset_name(spec), _folder_root(spec), classnames_file, templates_file)

@@ -24,7 +24,7 @@ of classes need no more memory than the features plus the ``[D, C]`` weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -124,10 +124,14 @@ def _check_class_sizes(
         )
 
 
-def _select_l2(probe: RidgeProbe, features: torch.Tensor, labels: torch.Tensor, l2_regs: Sequence[float]) -> float:
-    """The l2 strength with the best accuracy on held-out train examples; ties go to the stronger penalty."""
-    accuracy = (probe.predict(features, l2_regs) == labels.to(probe.lhs.device)).double().mean(1)
-    return l2_regs[len(l2_regs) - 1 - int(accuracy.flip(0).argmax())]
+def _l2_candidates(l2_reg: float | Sequence[float] | Mapping[int, float], shots: Sequence[int]) -> dict[int, tuple]:
+    """The l2 strengths each shot count may use: the fixed one, the sweep, or its entry in a per-shot mapping."""
+    if isinstance(l2_reg, Mapping):
+        missing = [shot for shot in shots if shot not in l2_reg]
+        if missing:
+            raise ValueError(f"The per-shot l2 mapping has no value for shots {missing}: give one per shot count.")
+        return {shot: (float(l2_reg[shot]),) for shot in shots}
+    return {shot: (float(l2_reg),) if isinstance(l2_reg, (int, float)) else tuple(l2_reg) for shot in shots}
 
 
 def _fewshot_run(
@@ -138,23 +142,37 @@ def _fewshot_run(
     holdout: int,
     l2_regs: Sequence[float],
     num_classes: int,
-) -> tuple[float, float]:
-    """Accuracy on the test split of one seed's k-shot probe, and the l2 strength used."""
+) -> tuple[float, float, list[float]]:
+    """Test accuracy of one seed's k-shot probe, the l2 strength used and the held-out accuracy of every candidate.
+
+    With several candidates, the one with the best accuracy on the held-out train examples is used (ties go to the
+    stronger penalty); with one, it is used as is.
+    """
     fit = (ranks >= holdout) & (ranks < holdout + shots)
     probe = RidgeProbe(train[0][fit], train[1][fit], num_classes)
-    held = ranks < holdout
-    l2 = _select_l2(probe, train[0][held], train[1][held], l2_regs) if holdout else l2_regs[0]
+    held_accuracy: list[float] = []
+    l2 = l2_regs[0]
+    if len(l2_regs) > 1:
+        held = ranks < holdout
+        accuracy = (probe.predict(train[0][held], l2_regs) == train[1][held].to(probe.lhs.device)).double().mean(1)
+        held_accuracy = accuracy.tolist()
+        l2 = l2_regs[len(l2_regs) - 1 - int(accuracy.flip(0).argmax())]
     preds = probe.predict(test[0], [l2])[0]
-    return (preds == test[1].to(preds.device)).double().mean().item(), l2
+    return (preds == test[1].to(preds.device)).double().mean().item(), l2, held_accuracy
 
 
-def _summarise(runs: list[tuple[float, float]]) -> dict[str, float | list[float]]:
-    """Mean and sample std of the accuracy over seeds, plus the per-seed values and l2 strengths."""
-    accuracies, l2_regs = [acc for acc, _ in runs], [l2 for _, l2 in runs]
+def _summarise(runs: list[tuple[float, float, list[float]]]) -> dict[str, float | list[float]]:
+    """Mean and sample std of the accuracy over seeds, the per-seed values and l2 strengths, and, for a sweep, the
+    held-out train accuracy of each candidate l2 averaged over seeds (what ``eval.suite`` ranks)."""
+    accuracies, l2_regs = [acc for acc, _, _ in runs], [l2 for _, l2, _ in runs]
     mean = sum(accuracies) / len(accuracies)
     ddof = 1 if len(accuracies) > 1 else 0
     std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - ddof))
-    return {"acc1": mean, "acc1_std": std, "acc1_per_seed": accuracies, "l2_reg": l2_regs}
+    summary: dict[str, float | list[float]] = {"acc1": mean, "acc1_std": std, "acc1_per_seed": accuracies,
+                                               "l2_reg": l2_regs}
+    if runs[0][2]:
+        summary["holdout_acc1_per_l2"] = torch.tensor([held for _, _, held in runs]).mean(0).tolist()
+    return summary
 
 
 def evaluate_fewshot(
@@ -165,7 +183,7 @@ def evaluate_fewshot(
     *,
     shots: Sequence[int] = DEFAULT_SHOTS,
     num_seeds: int = 3,
-    l2_reg: float | Sequence[float] = DEFAULT_L2_REG,
+    l2_reg: float | Sequence[float] | Mapping[int, float] = DEFAULT_L2_REG,
     holdout_per_class: int = 10,
     num_classes: int | None = None,
     classnames: Sequence[str] | None = None,
@@ -180,18 +198,20 @@ def evaluate_fewshot(
         shots: Examples per class, e.g. ``(1, 5, 10, 25)``.
         num_seeds: Seeds 0..num_seeds-1; each draws its own per-class order.
         l2_reg: A fixed l2 strength (big_vision: 2^10), or a sequence (e.g. ``L2_SWEEP``) to choose from per seed and
-            shot count on ``holdout_per_class`` train examples per class kept out of the k-shot sets.
-        holdout_per_class: Train examples per class held out to choose the l2 strength (only with a sweep).
+            shot count on ``holdout_per_class`` train examples per class kept out of the k-shot sets, or a mapping
+            shot count -> l2 chosen elsewhere on those held-out examples (``eval.suite``: same k-shot sets).
+        holdout_per_class: Train examples per class held out to choose the l2 strength (with a sweep or mapping).
         num_classes: Number of classes; from ``classnames`` or the largest label when None.
         classnames: Class names, used in error messages.
 
     Returns:
-        ``{"10shot": {"acc1": mean, "acc1_std": sample std over seeds, "acc1_per_seed": [...], "l2_reg": [...]}, ...}``
+        ``{"10shot": {"acc1": mean, "acc1_std": sample std over seeds, "acc1_per_seed": [...], "l2_reg": [...]}, ...}``,
+        with a sweep also ``"holdout_acc1_per_l2"`` (held-out train accuracy per candidate, mean over seeds).
     """
     sweep = not isinstance(l2_reg, (int, float))
     _check_args(shots, num_seeds, sweep, holdout_per_class, train_features.shape[1], test_features.shape[1])
-    l2_regs = tuple(l2_reg) if sweep else (float(l2_reg),)
     holdout = holdout_per_class if sweep else 0
+    candidates = _l2_candidates(l2_reg, shots)
     if num_classes is None:
         num_classes = len(classnames) if classnames is not None else int(max(train_labels.max(), test_labels.max())) + 1
     _check_class_sizes(train_labels, num_classes, max(shots) + holdout, holdout, classnames)
@@ -200,5 +220,5 @@ def evaluate_fewshot(
         ranks = class_ranks(train_labels, num_classes, torch.Generator().manual_seed(seed))
         for shot in shots:
             runs[shot].append(_fewshot_run((train_features, train_labels), (test_features, test_labels), ranks,
-                                           shot, holdout, l2_regs, num_classes))
+                                           shot, holdout, candidates[shot], num_classes))
     return {f"{shot}shot": _summarise(runs[shot]) for shot in shots}

@@ -29,39 +29,33 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import Dataset
 from torchvision.transforms import Normalize
 
-from eval.datasets import SHAPES_SPLITS, SPEC_HELP, build_dataset
-from eval.features import FeatureCacheKey, eval_mode, extract_features, make_loader, resolve_device, sha256_file
-from eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS, L2_SWEEP, evaluate_fewshot
-from eval.finetune import FinetuneConfig, finetune
-from eval.linear_probe import evaluate_linear_probe
+import eval.evaluators  # noqa: F401  (registers the evaluators)
+from eval.datasets import SPEC_HELP, dataset_name
+from eval.features import sha256_file
+from eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS, L2_SWEEP
+from eval.finetune import FinetuneConfig
 from eval.plots import dispatch_maps, last_soft_moe, plot_dispatch, spread_slots
-from eval.report import markdown_table, plot_fewshot, write_report
-from eval.retrieval import evaluate_retrieval
-from eval.zero_shot import Tokenizer, zero_shot_classifier, zero_shot_metrics
-from mmsoftmoe.data import ShapesCaptions, load_pairs, transforms_from_preprocess_cfg
+from eval.protocol import EVALUATORS, Session, TaskInputs, Transform, slug
+from eval.report import Provenance, markdown_table, plot_fewshot, write_report, write_task_files
+from eval.zero_shot import Tokenizer
+from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.models.clip import CONFIG_NAME, WEIGHTS_NAMES, image_tower, load_clip, preprocess_config
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("zeroshot", "retrieval", "fewshot", "linprobe", "finetune")
-PAIRS_PREFIX = "pairs:"
-CAPTIONED_SPECS = ("shapes",)
-PROBE_TASKS = {"fewshot", "linprobe"}  # use frozen features of the train split
-FEATURE_TASKS = {"zeroshot", *PROBE_TASKS}  # use frozen features of the test split
-Transform = Callable[[Any], torch.Tensor]
+TASKS = tuple(EVALUATORS)
+FEATURE_NEEDS = frozenset({"test_features", "train_features"})
 
 
 def parse_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
@@ -73,81 +67,14 @@ def parse_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(task for task in TASKS if task in names)
 
 
-def applicable_tasks(spec: str, tasks: Sequence[str]) -> tuple[str, ...]:
-    """The tasks that apply to ``spec``; the others are skipped with a warning."""
-    if spec.startswith(PAIRS_PREFIX):
-        allowed = ("retrieval",)
-    elif spec in CAPTIONED_SPECS:
-        allowed = TASKS
-    else:
-        allowed = tuple(task for task in TASKS if task != "retrieval")
+def applicable_tasks(spec: str, tasks: Sequence[str], capabilities: frozenset[str]) -> tuple[str, ...]:
+    """The tasks whose data kind ``spec`` has (``Evaluator.applies_to``); the others are skipped with a warning."""
+    allowed = tuple(task for task in tasks if EVALUATORS[task].applies_to(capabilities))
     skipped = [task for task in tasks if task not in allowed]
     if skipped:
-        logger.warning("%s: skipping %s (not available for this dataset; retrieval needs captions: shapes or "
-                       "pairs:PATH, and pairs:PATH has no class labels).", spec, skipped)
-    return tuple(task for task in tasks if task in allowed)
-
-
-def default_test_split(spec: str) -> str:
-    """``val`` for an ImageNet-layout folder without a ``test`` folder, else ``test``."""
-    root = Path(spec.removeprefix("folder:").split(":")[0]) if spec.startswith("folder:") else None
-    if root is not None and not (root / "test").is_dir() and (root / "val").is_dir():
-        return "val"
-    return "test"
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitFeatures:
-    """One split's frozen image features: the tower's pre-logits, the CLIP embeddings, the labels."""
-
-    pre_logits: torch.Tensor
-    embeddings: torch.Tensor
-    labels: torch.Tensor
-
-
-def image_encoder(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], int | None]:
-    """An encode function giving ``[pre-logits | embedding]`` in one pass, and the pre-logit width.
-
-    The pre-logits are the pooled output of open_clip's timm trunk (before the projection head); for other towers the
-    function is ``encode_image`` and the width None (the embedding serves as pre-logits).
-    """
-    visual = model.visual
-    trunk = getattr(visual, "trunk", None)
-    if trunk is None or getattr(trunk, "num_classes", None) != 0:
-        return model.encode_image, None
-
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        pre_logits = trunk(images)
-        return torch.cat([pre_logits, visual.head(pre_logits)], dim=-1)
-
-    return encode, trunk.num_features
-
-
-class _ImagesOnly(Dataset):
-    """The images of a dataset of ``{"image": ...}`` dicts, for an image-only loader."""
-
-    def __init__(self, data: Dataset) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.data[index]["image"]
-
-
-def retrieval_data(spec: str, preprocess: Transform, captions_per_image: int) -> tuple[Dataset, list[list[str]]]:
-    """Images and their captions for retrieval: ``shapes`` (test-split seed) or ``pairs:PATH``.
-
-    For ``pairs:PATH`` an unreadable image is replaced by the next row's (``PairDataset``'s rule), so it would pair
-    with the wrong caption: clean such data first (``PairDataset.num_bad_images`` counts them).
-    """
-    if spec == "shapes":
-        num_samples, seed = SHAPES_SPLITS["test"]
-        shapes = ShapesCaptions(num_samples, seed=seed, transform=preprocess)
-        return _ImagesOnly(shapes), [shapes.captions(i, captions_per_image) for i in range(len(shapes))]
-    pairs = load_pairs(spec.removeprefix(PAIRS_PREFIX), transform=preprocess)
-    return _ImagesOnly(pairs), [[str(caption)] for caption in pairs.data[pairs.caption_column]]
+        logger.warning("%s: skipping %s (this dataset has %s only; retrieval needs captions: shapes, pairs:PATH or "
+                       "a wds retrieval set; the other tasks need class labels).", spec, skipped, sorted(capabilities))
+    return allowed
 
 
 def _denormalize(images: torch.Tensor, preprocess: Transform) -> torch.Tensor:
@@ -158,10 +85,6 @@ def _denormalize(images: torch.Tensor, preprocess: Transform) -> torch.Tensor:
     return images * torch.tensor(norm.std).view(-1, 1, 1) + torch.tensor(norm.mean).view(-1, 1, 1)
 
 
-def _slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", spec).strip("_")
-
-
 @contextlib.contextmanager
 def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -169,126 +92,40 @@ def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
     seconds[name] = round(time.perf_counter() - start, 3)
 
 
-@dataclasses.dataclass
-class _Evaluation:
-    """One ``run_evaluation`` call: the model, its preprocessing and the evaluator settings, for every dataset."""
+def plot_dataset_dispatch(session: Session, spec: str, num_images: int = 4, num_slots: int = 6) -> Path | None:
+    """``dispatch_<dataset>.png`` from the first test images, for Soft MoE towers with an output folder."""
+    tower = image_tower(session.model)
+    layer = last_soft_moe(tower)
+    if session.out_dir is None or layer is None:
+        return None
+    dataset = session.dataset(spec, session.scored_split(spec))
+    images = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])
+    slots = spread_slots(layer.num_slots, num_slots)
+    maps = dispatch_maps(tower, images.to(next(tower.parameters()).device), slots)
+    return plot_dispatch(_denormalize(images, session.preprocess), maps, slots,
+                         session.out_dir / f"dispatch_{slug(spec)}.png",
+                         title=f"{dataset_name(spec)}: last Soft MoE layer")
 
-    model: nn.Module
-    tokenizer: Tokenizer
-    preprocess: Transform
-    train_preprocess: Transform
-    batch_size: int
-    num_workers: int
-    accelerator: Accelerator | None
-    shots: Sequence[int]
-    num_seeds: int
-    l2_reg: float | Sequence[float]
-    finetune_config: FinetuneConfig
-    captions_per_image: int
-    train_split: str
-    test_split: str | None
-    cache_dir: Path | None
-    model_key: str | None
-    out_dir: Path | None
 
-    @property
-    def device(self) -> torch.device | None:
-        """The device for evaluators given no accelerator: the model's."""
-        return None if self.accelerator is not None else next(self.model.parameters()).device
-
-    def scored_split(self, spec: str) -> str:
-        """The split the metrics are computed on."""
-        return self.test_split or default_test_split(spec)
-
-    def cache(self, spec: str, split: str, what: str = "image") -> FeatureCacheKey | None:
-        """The cache entry of ``what`` (image or text features) of a split, or None when caching is off."""
-        if self.cache_dir is None or self.model_key is None:
-            return None
-        precision = self.accelerator.mixed_precision if self.accelerator is not None else "no"
-        dataset = f"{spec}:{self.preprocess!r}:{self.captions_per_image if what == 'text' else ''}"
-        return FeatureCacheKey(self.cache_dir, f"{self.model_key}:{what}:{precision}", dataset, split)
-
-    def loader(self, dataset: Dataset) -> torch.utils.data.DataLoader:
-        device = resolve_device(self.device, self.accelerator)
-        return make_loader(dataset, self.batch_size, self.num_workers, device=device)
-
-    def split_features(self, spec: str, split: str) -> tuple[Any, SplitFeatures]:
-        """The dataset of one split and its image features (one pass, cached when a cache is configured)."""
-        dataset = build_dataset(spec, split, self.preprocess)
-        encode, width = image_encoder(self.model)
-        with eval_mode(self.model):
-            features, labels = extract_features(encode, self.loader(dataset), device=self.device,
-                                                accelerator=self.accelerator, desc=f"{spec} {split}",
-                                                cache=self.cache(spec, f"{split}:pre_logits+embedding"))
-        if width is None:
-            return dataset, SplitFeatures(features, features, labels)
-        return dataset, SplitFeatures(features[:, :width], features[:, width:], labels)
-
-    def zeroshot(self, dataset: Any, test: SplitFeatures) -> dict[str, float]:
-        device = resolve_device(self.device, self.accelerator)
-        classifier = zero_shot_classifier(self.model, self.tokenizer, dataset.classnames, dataset.templates,
-                                          device=device)
-        return zero_shot_metrics(test.embeddings, test.labels, classifier.cpu())
-
-    def retrieval(self, spec: str) -> dict[str, float]:
-        images, captions = retrieval_data(spec, self.preprocess, self.captions_per_image)
-        return evaluate_retrieval(
-            self.model, self.tokenizer, self.loader(images), captions, batch_size=self.batch_size,
-            device=self.device, accelerator=self.accelerator, image_cache=self.cache(spec, "retrieval"),
-            text_cache=self.cache(spec, "retrieval", "text"),
-        )
-
-    def fewshot(self, dataset: Any, train: SplitFeatures, test: SplitFeatures) -> dict[str, Any]:
-        return evaluate_fewshot(train.pre_logits, train.labels, test.pre_logits, test.labels, shots=self.shots,
-                                num_seeds=self.num_seeds, l2_reg=self.l2_reg, classnames=dataset.classnames)
-
-    def linprobe(self, dataset: Any, train: SplitFeatures, test: SplitFeatures) -> dict[str, float]:
-        return evaluate_linear_probe(train.embeddings, train.labels, test.embeddings, test.labels,
-                                     num_classes=len(dataset.classnames))
-
-    def finetune(self, spec: str) -> dict[str, Any]:
-        train_set = build_dataset(spec, self.train_split, self.train_preprocess)
-        test_set = build_dataset(spec, self.scored_split(spec), self.preprocess)
-        out = self.out_dir / "finetune" / _slug(spec) if self.out_dir is not None else None
-        return finetune(image_tower(self.model), train_set, test_set, config=self.finetune_config,
-                        accelerator=self.accelerator, num_workers=self.num_workers, out_dir=out)
-
-    def plot_dispatch(self, spec: str, num_images: int = 4, num_slots: int = 6) -> Path | None:
-        """``dispatch_<dataset>.png`` from the first test images, for Soft MoE towers with an output folder."""
-        tower = image_tower(self.model)
-        layer = last_soft_moe(tower)
-        if self.out_dir is None or layer is None or spec.startswith(PAIRS_PREFIX):
-            return None
-        dataset = build_dataset(spec, self.scored_split(spec), self.preprocess)
-        images = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])
-        slots = spread_slots(layer.num_slots, num_slots)
-        maps = dispatch_maps(tower, images.to(next(tower.parameters()).device), slots)
-        return plot_dispatch(_denormalize(images, self.preprocess), maps, slots,
-                             self.out_dir / f"dispatch_{_slug(spec)}.png", title=f"{spec}: last Soft MoE layer")
-
-    def evaluate(self, spec: str, tasks: Sequence[str]) -> dict[str, Any]:
-        """The metrics of every applicable task on ``spec``, plus ``seconds`` per task (and for the features)."""
-        tasks = applicable_tasks(spec, tasks)
-        seconds: dict[str, float] = {}
-        splits: dict[str, tuple[Any, SplitFeatures]] = {}
-        if FEATURE_TASKS & set(tasks):
-            with _timed(seconds, "features"):
-                splits["test"] = self.split_features(spec, self.scored_split(spec))
-                if PROBE_TASKS & set(tasks):
-                    splits["train"] = self.split_features(spec, self.train_split)
-        runners: dict[str, Callable[[], dict[str, Any]]] = {
-            "zeroshot": lambda: self.zeroshot(*splits["test"]),
-            "retrieval": lambda: self.retrieval(spec),
-            "fewshot": lambda: self.fewshot(splits["test"][0], splits["train"][1], splits["test"][1]),
-            "linprobe": lambda: self.linprobe(splits["test"][0], splits["train"][1], splits["test"][1]),
-            "finetune": lambda: self.finetune(spec),
-        }
-        results: dict[str, Any] = {}
-        for task in tasks:
-            with _timed(seconds, task):
-                results[task] = runners[task]()
-        self.plot_dispatch(spec)
-        return {**results, "seconds": seconds}
+def evaluate_dataset(session: Session, spec: str, tasks: Sequence[str]) -> dict[str, Any]:
+    """The metrics of every applicable task on ``spec``, plus ``seconds`` per task (and for the shared features)."""
+    capabilities = session.capabilities(spec)
+    tasks = applicable_tasks(spec, tasks, capabilities)
+    needs = frozenset().union(*(EVALUATORS[task].needs for task in tasks))
+    seconds: dict[str, float] = {}
+    inputs = TaskInputs(spec, session)
+    if needs & FEATURE_NEEDS:
+        with _timed(seconds, "features"):
+            dataset, test = session.split_features(spec, session.scored_split(spec))
+            train = session.split_features(spec, session.train_split)[1] if "train_features" in needs else None
+        inputs = TaskInputs(spec, session, dataset, test, train)
+    results: dict[str, Any] = {}
+    for task in tasks:
+        with _timed(seconds, task):
+            results[task] = EVALUATORS[task].run(inputs)
+    if "labels" in capabilities:
+        plot_dataset_dispatch(session, spec)
+    return {**results, "seconds": seconds}
 
 
 def run_evaluation(
@@ -312,6 +149,9 @@ def run_evaluation(
     cache_dir: str | Path | None = None,
     model_key: str | None = None,
     out_dir: str | Path | None = None,
+    classnames_file: str | Path | None = None,
+    templates_file: str | Path | None = None,
+    provenance: Provenance | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Runs ``tasks`` on each dataset and returns ``{dataset: {task: metrics, "seconds": {...}}}``.
 
@@ -335,21 +175,31 @@ def run_evaluation(
         cache_dir: Feature cache folder; used only together with ``model_key``.
         model_key: Fingerprint of the model's weights (e.g. a checkpoint hash) keying the cache; leave None for a
             model that changes between calls, such as one being trained.
-        out_dir: Where results.json / results.md, plots and fine-tuned classifiers go; None writes nothing.
+        out_dir: Where results.json / results.md, the per-task CLIP_benchmark files, plots and fine-tuned classifiers
+            go; None writes nothing.
+        classnames_file: Class names for every classification dataset (``eval.prompts`` formats).
+        templates_file: Prompt templates for every classification dataset.
+        provenance: Model name, checkpoint path and hash for the per-task results files.
     """
     tasks = parse_tasks(tasks)
     out = Path(out_dir) if out_dir is not None else None
-    run = _Evaluation(
+    session = Session(
         model=model, tokenizer=tokenizer, preprocess=preprocess, train_preprocess=train_preprocess or preprocess,
         batch_size=batch_size, num_workers=num_workers, accelerator=accelerator, shots=tuple(shots),
         num_seeds=num_seeds, l2_reg=l2_reg, finetune_config=finetune_config or FinetuneConfig(),
         captions_per_image=captions_per_image, train_split=train_split, test_split=test_split,
         cache_dir=Path(cache_dir) if cache_dir is not None else None, model_key=model_key, out_dir=out,
+        classnames_file=Path(classnames_file) if classnames_file else None,
+        templates_file=Path(templates_file) if templates_file else None,
     )
-    results = {spec: run.evaluate(spec, tasks) for spec in ([dataset] if isinstance(dataset, str) else dataset)}
+    specs = [dataset] if isinstance(dataset, str) else list(dataset)
+    results = {spec: evaluate_dataset(session, spec, tasks) for spec in specs}
     if out is not None:
         write_report(results, out)
-        curves = {spec: result["fewshot"] for spec, result in results.items() if "fewshot" in result}
+        task_names = {name: evaluator.task for name, evaluator in EVALUATORS.items()}
+        write_task_files(results, out / "clip_benchmark", task_names,
+                         provenance or Provenance(checkpoint_hash=model_key))
+        curves = {dataset_name(spec): result["fewshot"] for spec, result in results.items() if "fewshot" in result}
         if curves:
             plot_fewshot(curves, out / "fewshot.png", title="few-shot linear (ridge) on frozen pre-logits")
     return results
@@ -388,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"training checkpoint or exported open_clip folder ({CONFIG_NAME} + weights)")
     parser.add_argument("--dataset", required=True, nargs="+", default=argparse.SUPPRESS,
                         help=f"dataset spec(s): {SPEC_HELP}, pairs:PATH")
+    parser.add_argument("--classnames", default=None,
+                        help="class names for every classification dataset: .txt (one per line) or .json (list, or "
+                             "dataset name -> list); default: classnames.txt next to the data, else built in")
+    parser.add_argument("--templates", default=None,
+                        help="prompt templates ({c} or {} for the class name), same formats; default: "
+                             "zeroshot_classification_templates.txt next to the data, else built in")
     parser.add_argument("--tasks", default="zeroshot,fewshot", help=f"comma-separated, from {','.join(TASKS)}")
     parser.add_argument("--out", default="eval_results", help="output folder")
     parser.add_argument("--shots", type=_int_list, default=DEFAULT_SHOTS, help="few-shot shots, e.g. 1,5,10,25")
@@ -410,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_name(config: dict) -> str:
+    """The image tower's registered name (a checkpoint folder records no CLIP model name), for the results files."""
+    return config.get("model_cfg", {}).get("vision_cfg", {}).get("timm_model_name") or "open_clip"
+
+
 def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(**{f.name: getattr(args, f"ft_{f.name}") for f in dataclasses.fields(FinetuneConfig)})
 
@@ -418,9 +279,10 @@ def run_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Loads the checkpoint named by ``args`` and evaluates it; writes the report under ``args.out``."""
     tasks = parse_tasks(args.tasks)
     accelerator = Accelerator(mixed_precision=args.precision)
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, accelerator.device)
+    model, tokenizer, config = load_checkpoint(args.checkpoint, accelerator.device)
     train_preprocess, preprocess = transforms_from_preprocess_cfg(preprocess_config(model))
     out = Path(args.out)
+    fingerprint = checkpoint_fingerprint(args.checkpoint)
     return run_evaluation(
         model, tokenizer, dataset=args.dataset, tasks=tasks, preprocess=preprocess, train_preprocess=train_preprocess,
         batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator, shots=args.shots,
@@ -428,7 +290,8 @@ def run_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         finetune_config=_finetune_config(args), captions_per_image=args.captions_per_image,
         train_split=args.train_split, test_split=args.test_split,
         cache_dir=None if args.no_cache else Path(args.cache_dir or out / "features"),
-        model_key=checkpoint_fingerprint(args.checkpoint), out_dir=out,
+        model_key=fingerprint, out_dir=out, classnames_file=args.classnames, templates_file=args.templates,
+        provenance=Provenance(_model_name(config), str(Path(args.checkpoint).resolve()), fingerprint),
     )
 
 

@@ -2,17 +2,61 @@
 
 Results are nested dicts such as ``{"digits": {"zeroshot": {"acc1": 0.9}, "fewshot": {"10shot": {...}}}}``; the
 markdown table lists every scalar leaf with its path, the JSON keeps everything (per-seed lists included).
+
+``write_task_files`` also writes one file per dataset and task in CLIP_benchmark's envelope (``clip_benchmark/cli.py``:
+``dataset``, ``model``, ``pretrained``, ``task``, ``metrics``, ``language``), plus the checkpoint's hash and the task's
+seconds outside ``metrics``, so CLIP_benchmark's ``build`` command and its readers take them as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from mmsoftmoe.figures import save_figure
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """What was evaluated, for the per-task files: model name, checkpoint path (``pretrained``), checkpoint hash."""
+
+    model: str = ""
+    pretrained: str = ""
+    checkpoint_hash: str | None = None
+    language: str = "en"
+
+
+def task_record(spec: str, task: str, metrics: Mapping[str, Any], seconds: float | None,
+                provenance: Provenance) -> dict[str, Any]:
+    """One dataset and task in CLIP_benchmark's results envelope, with the checkpoint hash and timing beside it."""
+    return {"dataset": spec, "model": provenance.model, "pretrained": provenance.pretrained, "task": task,
+            "metrics": dict(metrics), "language": provenance.language, "checkpoint_hash": provenance.checkpoint_hash,
+            "seconds": seconds}
+
+
+def write_task_files(results: Mapping[str, Mapping[str, Any]], folder: str | Path, task_names: Mapping[str, str],
+                     provenance: Provenance) -> list[Path]:
+    """``<folder>/<dataset>_<task>.json`` per dataset and task of ``run_evaluation``'s results.
+
+    Args:
+        results: ``{spec: {task: metrics, "seconds": {task: s}}}``.
+        folder: Output folder.
+        task_names: Our task name -> the file's task name (CLIP_benchmark's where one exists).
+        provenance: Model, checkpoint path and hash.
+    """
+    paths = []
+    for spec, result in results.items():
+        for task, metrics in result.items():
+            if task in task_names:
+                record = task_record(spec, task_names[task], metrics, result.get("seconds", {}).get(task), provenance)
+                name = re.sub(r"[^A-Za-z0-9]+", "_", spec).strip("_")
+                paths.append(write_json(record, Path(folder) / f"{name}_{task_names[task]}.json"))
+    return paths
 
 
 def _scalars(results: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
+import mmsoftmoe_cli
 from eval.datasets import SHAPES_SPLITS, DigitsDataset
 from eval.fewshot import evaluate_fewshot
 from eval.linear_probe import evaluate_linear_probe
@@ -235,7 +236,7 @@ def test_user_errors_print_one_clear_line(case, message, checkpoint, tmp_path, c
     elif case == "missing_checkpoint":
         ckpt = tmp_path / "nothing"
     argv = ["--checkpoint", str(ckpt), "--dataset", dataset, "--out", str(tmp_path / "out"), "--no-cache", *extra]
-    assert main(argv) == 2
+    assert mmsoftmoe_cli.main(["eval", *argv]) == 2  # the command's one error contract
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
     assert re.search(message, err[-1]), err[-1]
