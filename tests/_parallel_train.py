@@ -1,0 +1,95 @@
+"""Three optimizer steps of a micro CLIP under a parallel layout; run under `torchrun --nproc_per_node N`.
+
+`python -m torch.distributed.run ... tests/_parallel_train.py OUT LAYOUT [LAYOUT ...]` with LAYOUT
+`dp_replicate,dp_shard,ep`: rank 0 saves the global loss, the gradient norm, every full gradient of every
+step and the trained weights, for each model of `MODELS` and each layout, to OUT (safetensors).
+tests/test_parallel.py runs the same steps in one process with `run_steps` and compares.
+"""
+
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+
+from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
+from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
+from mmsoftmoe.parallel import build_meshes, check_layout, clip_grad_norm_, expert_layers, parallelize
+from tests.training_fixtures import rank_slice
+from training.loop import build_loss, train_step
+from training.optim import build_optimizer
+
+MODELS = ("SoftMoE-Micro-4-32", "TokensChoiceK1-Micro-4-32")
+STEPS, GLOBAL_BATCH, MAX_NORM = 3, 8, 0.05
+
+
+def make_model(name: str) -> tuple[torch.nn.Module, Callable]:
+    """The model with deterministic routing (logit noise draws differ between layouts, so it is off)."""
+    torch.manual_seed(0)
+    model, tokenizer = build_clip_from_config(resolve_clip_config(name))
+    for layer in expert_layers(model).values():
+        layer.noise_std = 0.0
+    return model, tokenizer
+
+
+def batches(model: torch.nn.Module, tokenizer: Callable) -> list[dict]:
+    """STEPS global batches of generated image-caption pairs."""
+    _, eval_tf = transforms_from_preprocess_cfg(preprocess_config(model))
+    data = PairDataset(ShapesCaptions(STEPS * GLOBAL_BATCH, image_size=32, seed=3), transform=eval_tf,
+                       tokenizer=tokenizer)
+    full = collate([data[i] for i in range(STEPS * GLOBAL_BATCH)])
+    return [rank_slice(full, s, STEPS) for s in range(STEPS)]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def run_steps(model: torch.nn.Module, tokenizer: Callable, rank: int, world: int, clip: Callable) -> dict[str, torch.Tensor]:
+    """STEPS AdamW steps on this rank's share of each global batch; the global losses, norms, grads, weights."""
+    accelerator = Accelerator(cpu=True)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = build_loss("clip", local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    out = {}
+    for step, batch in enumerate(batches(model, tokenizer)):
+        losses = train_step(model, [rank_slice(batch, rank, world)], loss_fn, accelerator, model.visual, 1.0)
+        total = sum(losses.values()).reshape(1)
+        if world > 1:
+            dist.all_reduce(total)
+        out[f"step{step}/loss"] = total / world
+        for pname, p in model.named_parameters():
+            out[f"step{step}/grad/{pname}"] = full(p.grad)
+        out[f"step{step}/grad_norm"] = full(clip(model.parameters(), MAX_NORM)).reshape(1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for pname, p in model.named_parameters():
+        out[f"weight/{pname}"] = full(p)
+    return out
+
+
+def main(out_path: str, layouts: list[str]) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for name in MODELS:
+        for layout in layouts:
+            dp_replicate, dp_shard, ep = (int(v) for v in layout.split(","))
+            model, tokenizer = make_model(name)
+            num_experts = tuple(m.num_experts for m in expert_layers(model).values())
+            check_layout(world_size=world, dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep,
+                         num_experts=num_experts)
+            meshes = build_meshes(device_type="cpu", dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep)
+            parallelize(model, meshes)
+            steps = run_steps(model, tokenizer, rank, world, clip_grad_norm_)
+            results.update({f"{name}/{layout}/{k}": v for k, v in steps.items()})
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in results.items()}, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
