@@ -139,3 +139,21 @@ def test_shapes_and_bad_specs():
         build_dataset("digits:/x", "train")
     with pytest.raises(ValueError, match="'train' and 'test'"):
         build_dataset("digits", "val")
+
+
+def test_class_names_and_templates_from_files_next_to_the_data_or_given(folder_root, tmp_path):
+    (folder_root / "classnames.txt").write_text("tabby cat\nbeagle\nsea lion\n")
+    (folder_root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nart of the {c}.\n")
+    dataset = build_dataset(f"folder:{folder_root}", "val")
+    assert dataset.classnames == ["tabby cat", "beagle", "sea lion"]  # label order: sorted class folders
+    assert dataset.templates == ["a photo of a {}.", "art of the {}."]  # CLIP_benchmark's {c} -> open_clip's {}
+    names = tmp_path / "names.json"  # CLIP_benchmark's --custom_classname_file form: dataset name -> list
+    names.write_text(json.dumps({folder_root.name: ["c", "d", "s"], "other": ["x"]}))
+    given = build_dataset(f"folder:{folder_root}", "val", classnames_file=names)
+    assert given.classnames == ["c", "d", "s"] and given.templates == ["a photo of a {}.", "art of the {}."]
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match=r"two.txt lists 2 class names but .* has 3 classes: give one name per class"):
+        build_dataset(f"folder:{folder_root}", "val", classnames_file=tmp_path / "two.txt")
+    names.write_text(json.dumps({"other": ["x"]}))
+    with pytest.raises(ValueError, match=rf"has no entry '{folder_root.name}' \(it has \['other'\]\)"):
+        build_dataset(f"folder:{folder_root}", "val", classnames_file=names)
