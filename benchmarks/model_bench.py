@@ -31,6 +31,7 @@ from accelerate import Accelerator
 import mmsoftmoe  # noqa: F401  (registers the towers)
 from benchmarks.layer_bench import check_machine, machine_load, peak_alloc_bytes
 from mmsoftmoe.export.stats import count_flops, parameter_counts
+from mmsoftmoe.machine import gemm_peak_gflops
 from mmsoftmoe.models.mmsoftmoe_vit import SPARSE_TWINS, TOWERS
 
 
@@ -59,12 +60,6 @@ def median_seconds(fn, steps: int, warmup: int, device: torch.device) -> float:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def peak_gemm_gflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
-    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    seconds = min(median_seconds(lambda: a @ b, 1, 1, device) for _ in range(5))
-    return 2 * size**3 / seconds / 1e9
 
 
 def bench_tower(name: str, accelerator: Accelerator, batch: int, steps: int, warmup: int) -> dict:
@@ -148,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = batches * len(sizes) if len(batches) == 1 else batches
     load, _ = check_machine()
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    peak = peak_gemm_gflops(accelerator.device, dtype, args.peak_size)
+    peak = gemm_peak_gflops(args.peak_size, dtype, accelerator.device)
     result = {"device": str(accelerator.device), "precision": args.precision, "peak_gemm_gflops": peak,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "load_before": load, "sizes": {}}
     for size, batch in zip(sizes, batches, strict=True):

@@ -27,9 +27,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.layer_bench import check_machine, machine_load
-from benchmarks.model_bench import peak_gemm_gflops
 from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
+from mmsoftmoe.machine import gemm_peak_gflops
 from mmsoftmoe.models.clip import build_clip, preprocess_config
 from training.loop import build_loss, optimizer_step, step_metrics
 from training.optim import build_optimizer, lr_multiplier
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     load, _ = check_machine()
     rows = [bench_model(m, args.batch, args.steps, args.warmup) for m in args.models.split(",")]
-    peak = peak_gemm_gflops(torch.device("cpu"), torch.float32, 2048)
+    peak = gemm_peak_gflops(2048, torch.float32, "cpu")
     for r in rows:
         r["pct_of_peak_gemm"] = 100 * r["mmsoftmoe_gflops_per_s"] / peak
     result = {"peak_gemm_gflops": peak, "load_before": load, "load_after": machine_load(measure_busy=False),

@@ -7,17 +7,24 @@ uses the held-out shapes split and scikit-learn's bundled digits; export writes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from eval.main import run_evaluation
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.export import export_checkpoint
+from mmsoftmoe.machine import describe_machine
 from mmsoftmoe.models.clip import load_clip
-from training.config import load_config
+from training.config import TrainConfig, load_config
 from training.main import fit
 
+# Measured on the development machine (2 cores, fp32 GEMM peak REFERENCE["gemm_peak_gflops"]) with `mmsoftmoe demo`:
+# the demo config's training throughput and the evaluation and export phases' wall time. Other machines scale
+# these by their own measured peak (a first estimate; the clock corrects it after each phase).
+REFERENCE = {"gemm_peak_gflops": 400.0, "samples_per_s": 160.0, "evaluation_s": 25.0, "export_s": 12.0}
 EVAL_PLAN = {"shapes": ("zeroshot", "retrieval", "fewshot", "linprobe"), "digits": ("zeroshot", "fewshot", "linprobe")}
 
 
@@ -64,6 +71,43 @@ def training_summary(output_dir: Path, steps: int) -> dict:
     return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1], "samples_per_s": speeds[len(speeds) // 2]}
 
 
+class JobClock:
+    """Wall time per phase, and an estimate of the whole job's remaining time printed at each phase.
+
+    Estimates start from `REFERENCE` scaled by this machine's measured GEMM peak; after each phase, the later
+    phases' estimates are scaled by how much faster or slower that phase ran than estimated.
+    """
+
+    def __init__(self, estimates: dict[str, float]) -> None:
+        self.estimates, self.seconds, self.start = dict(estimates), {}, time.perf_counter()
+
+    def remaining(self, after: str | None = None) -> float:
+        names = list(self.estimates)
+        return sum(self.estimates[n] for n in names[names.index(after) + 1 if after else 0:])
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        names = list(self.estimates)
+        elapsed = time.perf_counter() - self.start
+        print(f"[demo {names.index(name) + 1}/{len(names)}] {name}: {elapsed:.0f} s elapsed, whole job "
+              f"~{self.remaining(names[names.index(name) - 1] if names.index(name) else None):.0f} s to go",
+              flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        factor = self.seconds[name] / max(self.estimates[name], 1e-9)
+        for later in names[names.index(name) + 1:]:
+            self.estimates[later] *= factor
+
+
+def phase_estimates(cfg: TrainConfig, peak_gflops: float) -> dict[str, float]:
+    """Expected seconds of each phase on a machine with this GEMM peak (`REFERENCE` scaled by the peak)."""
+    scale = REFERENCE["gemm_peak_gflops"] / peak_gflops
+    train = cfg.steps * cfg.batch_size / REFERENCE["samples_per_s"]
+    return {"pretraining": train * scale, "evaluation": REFERENCE["evaluation_s"] * scale,
+            "export": REFERENCE["export_s"] * scale}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmsoftmoe demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="demo", help="a shipped run config by name, or a YAML file")
@@ -71,19 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, ["resume=none", *args.overrides])
     out = Path(cfg.output_dir)
-    seconds = {}
-    start = time.perf_counter()
-    fit(cfg)
-    seconds["pretraining"] = time.perf_counter() - start
-    start = time.perf_counter()
-    evals = evaluate(out / "final", out / "eval")
-    seconds["evaluation"] = time.perf_counter() - start
-    start = time.perf_counter()
-    exports = export_checkpoint(out / "final", "all", out / "export", overwrite=True)
-    seconds["export (all formats, parity-checked)"] = time.perf_counter() - start
+    machine = describe_machine()
+    clock = JobClock(phase_estimates(cfg, machine["gemm_peak_gflops_fp32"]))
+    with clock.phase("pretraining"):
+        fit(cfg, desc=f"demo 1/3 pretraining (then ~{clock.remaining('pretraining'):.0f} s)")
+    with clock.phase("evaluation"):
+        evals = evaluate(out / "final", out / "eval")
+    with clock.phase("export"):
+        exports = export_checkpoint(out / "final", "all", out / "export", overwrite=True)
+    seconds = {**clock.seconds, "whole job": time.perf_counter() - clock.start}
     table = results_table(training_summary(out, cfg.steps), evals, exports, seconds)
-    (out / "results.md").write_text(table + "\n")
-    print("\n" + table + f"\n\nwritten: {out}/results.md, {out}/training.png, {out}/eval/, {out}/export/")
+    footer = (f"machine: {machine['cores']} cores ({machine['cpu']}), {machine['torch_threads']} torch threads, "
+              f"measured fp32 GEMM peak {machine['gemm_peak_gflops_fp32']:.0f} GFLOP/s")
+    (out / "results.md").write_text(f"{table}\n\n{footer}\n")
+    print(f"\n{table}\n\n{footer}\nwritten: {out}/results.md, {out}/training.png, {out}/eval/, {out}/export/")
     return 0
 
 

@@ -165,14 +165,17 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def fit(cfg: TrainConfig) -> dict:
-    """Train as configured; returns the final metrics (also in `output_dir/final/trainer_state.json`)."""
+def fit(cfg: TrainConfig, desc: str = "train") -> dict:
+    """Train as configured; returns the final metrics (also in `output_dir/final/trainer_state.json`).
+
+    `desc` labels the progress bar (the demo names its phase there).
+    """
     accelerator = build_accelerator(cfg)
     with run_folder(cfg, accelerator) as out:
-        return _fit(cfg, accelerator, out)
+        return _fit(cfg, accelerator, out, desc)
 
 
-def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path) -> dict:
+def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> dict:
     set_seed(cfg.seed)
     model, tokenizer, model_cfg = build_model(cfg)
     unwrapped = model
@@ -215,7 +218,7 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path) -> dict:
         save_checkpoint(accelerator, model, out, step=state.step, trainer_state=trainer_state(),
                         model_cfg=model_cfg, keep=cfg.keep_checkpoints)
 
-    progress = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process,
+    progress = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not accelerator.is_local_main_process,
                     dynamic_ncols=True)
     interval_start, interval_samples = time.perf_counter(), 0
     while state.step < cfg.steps:
