@@ -48,7 +48,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def run_steps(model: torch.nn.Module, tokenizer: Callable, rank: int, world: int, clip: Callable) -> dict[str, torch.Tensor]:
+def run_steps(model: torch.nn.Module, tokenizer: Callable, rank: int, world: int,
+              clip: Callable) -> dict[str, torch.Tensor]:
     """STEPS AdamW steps on this rank's share of each global batch; the global losses, norms, grads, weights."""
     accelerator = Accelerator(cpu=True)
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)

@@ -79,11 +79,28 @@ class EvalConfig:
 
 
 @dataclass
+class ParallelConfig:
+    dp_replicate: int = setting(1, "HSDP: model replicas (e.g. nodes), each sharded over dp_shard processes",
+                                minimum=1)
+    dp_shard: int = setting(0, "FSDP2: processes a replica is sharded over (dp_replicate * dp_shard = processes); "
+                               "0: DDP, no sharding (the default)", minimum=0)
+    ep: int = setting(1, "expert parallelism: processes each MoE layer's experts are split over (divides dp_shard "
+                         "and the number of experts)", minimum=1)
+    nccl_timeout_s: int = setting(600, "timeout of collective operations (init_process_group), seconds", minimum=1)
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 (+ expert parallelism) through `mmsoftmoe.parallel` instead of accelerate's DDP."""
+        return self.dp_shard > 0
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     loss: str = setting("clip", "clip (softmax, open_clip ClipLoss) | siglip (sigmoid, open_clip SigLipLoss)")
     local_loss: bool = setting(True, "open_clip: each process scores its own rows against the gathered batch")
     gather_with_grad: bool = setting(True, "open_clip: gather features with their gradient (exact distributed loss)")
@@ -253,7 +270,18 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by grad_accum_steps={cfg.grad_accum_steps}")
     if cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    _validate_parallel(cfg.parallel)
     _validate_paths(cfg)
+
+
+def _validate_parallel(par: ParallelConfig) -> None:
+    """The layout checks that need no process count (`mmsoftmoe.parallel.check_layout` does the rest at start)."""
+    if not par.sharded and (par.ep > 1 or par.dp_replicate > 1):
+        raise ValueError(f"parallel.ep={par.ep} / parallel.dp_replicate={par.dp_replicate} need parallel.dp_shard "
+                         "> 0 (FSDP2); set parallel.dp_shard to the number of processes / parallel.dp_replicate")
+    if par.sharded and par.dp_shard % par.ep:
+        raise ValueError(f"parallel.ep={par.ep} must divide parallel.dp_shard={par.dp_shard} (expert-parallel "
+                         "ranks are borrowed from the sharded data-parallel ranks)")
 
 
 def _validate_paths(cfg: TrainConfig) -> None:

@@ -43,12 +43,16 @@ def check_layout(*, world_size: int, dp_replicate: int, dp_shard: int, ep: int,
     if dp_shard % ep:
         raise ValueError(
             f"parallel.ep={ep} must divide parallel.dp_shard={dp_shard} (expert-parallel ranks are borrowed from "
-            f"the sharded data-parallel ranks); choose ep among {[d for d in range(1, dp_shard + 1) if dp_shard % d == 0]}")
+            f"the sharded data-parallel ranks); choose ep among {_divisors(dp_shard)}")
     for n in sorted(set(num_experts)):
         if n % ep:
             raise ValueError(
                 f"parallel.ep={ep} does not divide the model's {n} experts (each rank holds num_experts / ep); "
-                f"choose ep among {[d for d in range(1, n + 1) if n % d == 0 and dp_shard % d == 0]}")
+                f"choose ep among {[d for d in _divisors(n) if dp_shard % d == 0]}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def build_meshes(*, device_type: str, dp_replicate: int, dp_shard: int, ep: int) -> ParallelMeshes:
