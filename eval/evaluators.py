@@ -67,6 +67,9 @@ class ZeroShot(Evaluator):
     def rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         return [("zero-shot top-1", f"{metrics['acc1']:.3f}")]
 
+    def columns(self, metrics: dict[str, Any]) -> dict[str, float]:
+        return {"zero-shot top-1": metrics["acc1"]}
+
 
 @register
 class Retrieval(Evaluator):
@@ -87,6 +90,10 @@ class Retrieval(Evaluator):
     def rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         recalls = f"{metrics['text_retrieval_recall@1']:.3f} / {metrics['image_retrieval_recall@1']:.3f}"
         return [("image->text / text->image R@1", recalls)]
+
+    def columns(self, metrics: dict[str, Any]) -> dict[str, float]:
+        return {"image->text R@1": metrics["text_retrieval_recall@1"],
+                "text->image R@1": metrics["image_retrieval_recall@1"]}
 
 
 @register
@@ -109,6 +116,9 @@ class FewShot(Evaluator):
         return [(f"{key.removesuffix('shot')}-shot ridge top-1 (mean ± std, {seeds} seeds)",
                  f"{entry['acc1']:.3f} ± {entry['acc1_std']:.3f}")]
 
+    def columns(self, metrics: dict[str, Any]) -> dict[str, float]:
+        return {f"{key.removesuffix('shot')}-shot top-1": entry["acc1"] for key, entry in metrics.items()}
+
 
 @register
 class LinearProbe(Evaluator):
@@ -124,6 +134,9 @@ class LinearProbe(Evaluator):
 
     def rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         return [("logistic probe top-1", f"{metrics['acc1']:.3f}")]
+
+    def columns(self, metrics: dict[str, Any]) -> dict[str, float]:
+        return {"logistic probe top-1": metrics["acc1"]}
 
 
 @register
@@ -143,4 +156,7 @@ class Finetune(Evaluator):
 
     def rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         return [("fine-tuned top-1", f"{metrics['acc1']:.3f}")]
+
+    def columns(self, metrics: dict[str, Any]) -> dict[str, float]:
+        return {"fine-tuned top-1": metrics["acc1"]}
 

@@ -3,8 +3,10 @@
 The CLI loads a checkpoint (a training checkpoint folder or an exported open_clip folder, via ``load_clip``), builds the
 eval and train transforms from its ``preprocess_cfg`` and runs the chosen tasks on each dataset. ``OUT`` receives
 ``results.json`` (CLIP_benchmark's metric names, per dataset and task, plus seconds per task), ``results.md``,
-``fewshot.png`` (accuracy vs shots), for Soft MoE towers ``dispatch_<dataset>.png`` (which patches a few slots of the
-last Soft MoE layer draw from), the fine-tuned classifiers under ``finetune/<dataset>/`` and the feature cache.
+``clip_benchmark/<dataset>_<task>.json`` (one file per dataset and task in CLIP_benchmark's results envelope, with the
+checkpoint's hash), ``fewshot.png`` (accuracy vs shots), for Soft MoE towers ``dispatch_<dataset>.png`` (which patches
+a few slots of the last Soft MoE layer draw from), the fine-tuned classifiers under ``finetune/<dataset>/`` and the
+feature cache. ``--suite FILE`` runs a list of datasets instead (``eval.suite``: one table, one few-shot l2 per shot).
 
 ``run_evaluation`` is the Python entry, also for the training loop (e.g. zero-shot on ``shapes`` every N steps)::
 
@@ -16,10 +18,11 @@ and the logistic probe use the embeddings (as CLIP_benchmark), the few-shot ridg
 (big_vision's ``img/pre_logits``). Features are cached on disk only when both ``cache_dir`` and ``model_key`` are
 given (the CLI keys them by the checkpoint's hash); a training loop passes neither, as its model changes between calls.
 
-Tasks: ``zeroshot``, ``fewshot``, ``linprobe`` and ``finetune`` take the classification specs of
-``eval.datasets.build_dataset``; ``retrieval`` takes ``shapes`` (generated scenes, several captions each) or
-``pairs:PATH`` (image-text files read by ``mmsoftmoe.data.load_pairs``, one caption per image), which supports
-retrieval only. A task that does not apply to a dataset is skipped with a warning.
+Tasks are the evaluators registered in ``eval.protocol.EVALUATORS`` (``eval.evaluators``): ``zeroshot``, ``fewshot``,
+``linprobe`` and ``finetune`` need class labels (the specs of ``eval.datasets.build_dataset``), ``retrieval`` needs
+captions: ``shapes`` (generated scenes, several captions each), a ``wds:ROOT`` retrieval set (``eval.wds``) or
+``pairs:PATH`` (image-text files read by ``mmsoftmoe.data.load_pairs``, one caption per image). A task whose data a
+dataset lacks is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -236,8 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
                         help=f"training checkpoint or exported open_clip folder ({CONFIG_NAME} + weights)")
-    parser.add_argument("--dataset", required=True, nargs="+", default=argparse.SUPPRESS,
-                        help=f"dataset spec(s): {SPEC_HELP}, pairs:PATH")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--dataset", nargs="+", default=None, help=f"dataset spec(s): {SPEC_HELP}, pairs:PATH")
+    data.add_argument("--suite", default=None,
+                      help="YAML list of datasets and tasks (see eval.suite): one table, one few-shot l2 per shot")
     parser.add_argument("--classnames", default=None,
                         help="class names for every classification dataset: .txt (one per line) or .json (list, or "
                              "dataset name -> list); default: classnames.txt next to the data, else built in")
@@ -277,22 +282,28 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
 def run_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Loads the checkpoint named by ``args`` and evaluates it; writes the report under ``args.out``."""
+    from eval.suite import load_suite, run_suite
+
     tasks = parse_tasks(args.tasks)
+    entries = load_suite(args.suite, tasks) if args.suite else None
     accelerator = Accelerator(mixed_precision=args.precision)
     model, tokenizer, config = load_checkpoint(args.checkpoint, accelerator.device)
     train_preprocess, preprocess = transforms_from_preprocess_cfg(preprocess_config(model))
     out = Path(args.out)
     fingerprint = checkpoint_fingerprint(args.checkpoint)
-    return run_evaluation(
-        model, tokenizer, dataset=args.dataset, tasks=tasks, preprocess=preprocess, train_preprocess=train_preprocess,
-        batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator, shots=args.shots,
-        num_seeds=args.seeds, l2_reg=DEFAULT_L2_REG if args.l2 == "fixed" else L2_SWEEP,
+    common = dict(
+        preprocess=preprocess, train_preprocess=train_preprocess, batch_size=args.batch_size,
+        num_workers=args.num_workers, accelerator=accelerator, shots=args.shots, num_seeds=args.seeds,
         finetune_config=_finetune_config(args), captions_per_image=args.captions_per_image,
         train_split=args.train_split, test_split=args.test_split,
-        cache_dir=None if args.no_cache else Path(args.cache_dir or out / "features"),
-        model_key=fingerprint, out_dir=out, classnames_file=args.classnames, templates_file=args.templates,
+        cache_dir=None if args.no_cache else Path(args.cache_dir or out / "features"), model_key=fingerprint,
         provenance=Provenance(_model_name(config), str(Path(args.checkpoint).resolve()), fingerprint),
     )
+    if entries is not None:
+        return run_suite(model, tokenizer, entries, out, **common)
+    return run_evaluation(model, tokenizer, dataset=args.dataset, tasks=tasks, out_dir=out,
+                          l2_reg=DEFAULT_L2_REG if args.l2 == "fixed" else L2_SWEEP,
+                          classnames_file=args.classnames, templates_file=args.templates, **common)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -301,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     results = run_cli(args)  # a user error becomes one `error:` line in the `mmsoftmoe` command
     print(markdown_table(results))
+    if args.suite:
+        print((Path(args.out) / "suite.md").read_text())
     return 0
 
 

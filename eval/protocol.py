@@ -2,9 +2,10 @@
 
 An evaluator (``Evaluator``) declares its ``name`` (the ``--tasks`` name), the ``task`` name of its results file
 (CLIP_benchmark's ``zeroshot_classification``, ``zeroshot_retrieval``, ``linear_probe`` where one exists), what it
-``needs`` and how its metrics read in a summary table (``rows``); ``run(TaskInputs) -> metrics`` does the work.
-``register`` adds one to ``EVALUATORS``; ``eval.main`` iterates the registry, so a new evaluator is one new registered
-class (and an import in ``eval.evaluators``), with no edit to the runner or to the demo's table.
+``needs``, and how its metrics read in summary tables (``rows`` for the demo, ``columns`` for a suite);
+``run(TaskInputs) -> metrics`` does the work. ``register`` adds one to ``EVALUATORS``; ``eval.main`` iterates the
+registry, so a new evaluator is one new registered class (and an import in ``eval.evaluators``), with no edit to the
+runner, the suite or the demo's table.
 
 Needs:
 
@@ -192,6 +193,10 @@ class Evaluator(abc.ABC):
     @abc.abstractmethod
     def rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         """``(measure, formatted value)`` rows for a summary table such as the demo's."""
+
+    @abc.abstractmethod
+    def columns(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """Headline numbers (fractions) by column name, for the suite's per-dataset table (``eval.suite``)."""
 
     def applies_to(self, capabilities: frozenset[str]) -> bool:
         """Whether a dataset with these capabilities has the data kind this evaluator needs."""
