@@ -42,6 +42,9 @@ class ModelConfig:
     lock_text: bool = setting(False, "freeze the text tower")
     grad_checkpointing: bool = setting(False, "recompute activations in backward (less memory, more compute)")
     compile: bool = setting(False, "torch.compile the model")
+    pretrained: str | None = setting(None, "warm start from a CLIP checkpoint folder or weights file (not a resume)")
+    pretrained_towers: str = setting("both", "which towers the warm start loads: both | image | text")
+    upcycle_from: str | None = setting(None, "dense ViT/CLIP weights whose MLPs seed every expert (sparse upcycling)")
 
 
 @dataclass
@@ -126,6 +129,7 @@ CHOICES = {
     "loss": ("clip", "siglip"),
     "precision": ("no", "bf16", "fp16"),
     "optim.schedule": ("cosine", "rsqrt", "constant"),
+    "model.pretrained_towers": ("both", "image", "text"),
     "data.format": (None, "imagefolder", "parquet", "arrow", "webdataset"),
 }
 
@@ -296,6 +300,9 @@ def _validate_paths(cfg: TrainConfig) -> None:
     if cfg.model.text_model is not None and not Path(cfg.model.text_model).is_dir():
         raise ValueError(f"model.text_model={cfg.model.text_model!r} is not a folder; give a local Hugging Face "
                          "model folder (config.json, weights, tokenizer files)")
+    for key in ("model.pretrained", "model.upcycle_from"):
+        if get_value(cfg, key) is not None and not Path(get_value(cfg, key)).exists():
+            raise ValueError(f"{key}={get_value(cfg, key)!r} does not exist; give a checkpoint folder or weights file")
     if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_dir():
         raise ValueError(f"resume={cfg.resume!r} is not a folder; use 'auto', 'none' or a checkpoint folder")
 

@@ -27,6 +27,8 @@ from eval.main import run_evaluation
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config, save_clip
+from mmsoftmoe.models.pretrained import read_weights, warm_start_
+from mmsoftmoe.models.upcycle import read_state_dict, upcycle_
 from training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, config_help, config_yaml, get_value, load_config, to_dict, valid_keys
 from training.data import build_pair_dataset, build_train_loader
@@ -106,6 +108,16 @@ def build_model(cfg: TrainConfig):
                          "*-Sigmoid model config (init_logit_bias=-10, init_logit_scale=log 10) or loss=clip")
     model, tokenizer = build_clip_from_config(model_cfg)
     open_clip.set_model_preprocess_cfg(model, preprocess_config(model))
+    if cfg.model.upcycle_from:
+        report = upcycle_(model.visual.trunk, read_state_dict(cfg.model.upcycle_from))
+        logger.info("upcycled the image tower from %s: %d tensors copied, %d expert tensors from dense MLPs, %d "
+                    "fresh (routers), %d unused", cfg.model.upcycle_from, len(report.copied), len(report.upcycled),
+                    len(report.fresh), len(report.unused))
+    if cfg.model.pretrained:
+        report = warm_start_(model, read_weights(cfg.model.pretrained), cfg.model.pretrained_towers)
+        logger.info("warm start (%s) from %s: %d tensors loaded; missing %s; unexpected %s",
+                    cfg.model.pretrained_towers, cfg.model.pretrained, len(report.loaded),
+                    report.missing or "none", report.unexpected or "none")
     if cfg.model.lock_image:
         model.lock_image_tower()
     if cfg.model.lock_text:
