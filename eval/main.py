@@ -48,7 +48,7 @@ from eval.datasets import SPEC_HELP, dataset_name
 from eval.features import sha256_file
 from eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS, L2_SWEEP
 from eval.finetune import FinetuneConfig
-from eval.plots import dispatch_maps, last_soft_moe, plot_dispatch, spread_slots
+from eval.plots import dispatch_maps, last_soft_moe, num_tokens, plot_dispatch, spread_slots
 from eval.protocol import EVALUATORS, Session, TaskInputs, Transform, slug
 from eval.report import Provenance, markdown_table, plot_fewshot, write_report, write_task_files
 from eval.zero_shot import Tokenizer
@@ -106,7 +106,7 @@ def plot_dataset_dispatch(session: Session, spec: str, num_images: int = 4, num_
     slots = spread_slots(layer.num_slots, num_slots)
     maps = dispatch_maps(tower, images.to(next(tower.parameters()).device), slots)
     return plot_dispatch(_denormalize(images, session.preprocess), maps, slots,
-                         session.out_dir / f"dispatch_{slug(spec)}.png",
+                         session.out_dir / f"dispatch_{slug(spec)}.png", tokens=num_tokens(tower),
                          title=f"{dataset_name(spec)}: last Soft MoE layer")
 
 
