@@ -48,14 +48,19 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def run_steps(model: torch.nn.Module, tokenizer: Callable, rank: int, world: int,
-              clip: Callable) -> dict[str, torch.Tensor]:
-    """STEPS AdamW steps on this rank's share of each global batch; the global losses, norms, grads, weights."""
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return build_optimizer(model, lr=1e-3, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+
+
+def run_steps(model: torch.nn.Module, tokenizer: Callable, rank: int, world: int, clip: Callable,
+              optimizer: torch.optim.Optimizer | None = None, steps: range = range(STEPS)) -> dict[str, torch.Tensor]:
+    """AdamW `steps` on this rank's share of each global batch; the global losses, norms, grads, weights."""
     accelerator = Accelerator(cpu=True)
-    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = optimizer or make_optimizer(model)
     loss_fn = build_loss("clip", local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
-    out = {}
-    for step, batch in enumerate(batches(model, tokenizer)):
+    out, global_batches = {}, batches(model, tokenizer)
+    for step in steps:
+        batch = global_batches[step]
         losses = train_step(model, [rank_slice(batch, rank, world)], loss_fn, accelerator, model.visual, 1.0)
         total = sum(losses.values()).reshape(1)
         if world > 1:

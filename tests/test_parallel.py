@@ -15,8 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmsoftmoe.models.clip import load_clip
 from mmsoftmoe.parallel import check_layout
-from tests._parallel_train import MAX_NORM, MODELS, make_model, run_steps
+from mmsoftmoe.parallel.checkpoint import SHARDED_DIR, consolidate, load_sharded
+from tests._parallel_checkpoint import MODEL
+from tests._parallel_train import MAX_NORM, MODELS, make_model, make_optimizer, run_steps
 from training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +94,41 @@ def test_config_default_is_ddp():
     cfg = load_config(None, [])
     assert not cfg.parallel.sharded
     assert load_config(None, ["parallel.dp_shard=4", "parallel.ep=2"]).parallel.sharded
+
+
+def test_checkpoint_saved_by_four_processes_resumes_on_two_and_one_and_consolidates(tmp_path):
+    """Saved at FSDP2 + ep=2 on 4 processes after two steps; the third step after resuming at ep=2 on 2 processes,
+    and in one unsharded process, equals the third step of the uninterrupted run; `consolidate` gives the model."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for nproc, mode, layout in ((4, "save", "1,4,2"), (2, "resume", "1,2,2")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(ROOT / "tests" / "_parallel_checkpoint.py"), str(tmp_path), mode, layout]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    continued = load_file(str(tmp_path / "continued.safetensors"))
+    model, tokenizer = make_model(MODEL)
+    optimizer = make_optimizer(model)
+    load_sharded(tmp_path / "ckpt" / SHARDED_DIR, model, optimizer)
+    one = run_steps(model, tokenizer, 0, 1, torch.nn.utils.clip_grad_norm_, optimizer, steps=range(2, 3))
+    for resumed in (load_file(str(tmp_path / "resumed_2.safetensors")), one):
+        assert resumed.keys() == continued.keys()
+        for key, expected in continued.items():
+            torch.testing.assert_close(resumed[key], expected, atol=1e-5, rtol=1e-5, msg=key)
+
+    final = consolidate(tmp_path / "ckpt", tmp_path / "final")
+    model, _, _ = load_clip(final)
+    saved = load_file(str(tmp_path / "saved.safetensors"))
+    assert model.state_dict().keys() == saved.keys()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[key], atol=0, rtol=0, msg=key)
+    unsharded, tokenizer = make_model(MODEL)
+    run_steps(unsharded, tokenizer, 0, 1, torch.nn.utils.clip_grad_norm_, steps=range(2))
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), unsharded.eval().encode_image(images),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_consolidate_refuses_a_folder_without_a_sharded_state(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a sharded training checkpoint"):
+        consolidate(tmp_path, tmp_path / "out")

@@ -1,20 +1,33 @@
 """Scale-out of mmsoftmoe models on torch's distributed engine: device meshes, expert parallelism, FSDP2.
 
 The layers stay unaware of distribution (torchtitan's design): `parallelize(model, build_meshes(...))` rewrites
-a built model in place, and `clip_grad_norm_` clips by the global norm over parameters on different meshes.
+a built model in place, `clip_grad_norm_` clips by the global norm over parameters on different meshes, and
+`save_sharded` / `load_sharded` / `consolidate` are its checkpoints (DCP, resharded at load).
 """
 
+from mmsoftmoe.parallel.checkpoint import (
+    SHARDED_DIR,
+    consolidate,
+    full_model_state_dict,
+    load_sharded,
+    save_sharded,
+)
 from mmsoftmoe.parallel.expert_parallel import apply_expert_parallel
 from mmsoftmoe.parallel.grad_norm import clip_grad_norm_
 from mmsoftmoe.parallel.mesh import ParallelMeshes, build_meshes, check_layout
 from mmsoftmoe.parallel.parallelize import expert_layers, parallelize
 
 __all__ = [
+    "SHARDED_DIR",
     "ParallelMeshes",
     "apply_expert_parallel",
     "build_meshes",
     "check_layout",
     "clip_grad_norm_",
+    "consolidate",
     "expert_layers",
+    "full_model_state_dict",
+    "load_sharded",
     "parallelize",
+    "save_sharded",
 ]
