@@ -1,9 +1,10 @@
 """Three optimizer steps of a micro CLIP under a parallel layout; run under `torchrun --nproc_per_node N`.
 
 `python -m torch.distributed.run ... tests/_parallel_train.py OUT LAYOUT [LAYOUT ...]` with LAYOUT
-`dp_replicate,dp_shard,ep`: rank 0 saves the global loss, the gradient norm, every full gradient of every
-step and the trained weights, for each model of `MODELS` and each layout, to OUT (safetensors).
-tests/test_parallel.py runs the same steps in one process with `run_steps` and compares.
+`dp_replicate,dp_shard,ep[,micro_batches]` (gradient accumulation over micro-batches, default 1): rank 0 saves
+the global loss, the gradient norm, every full gradient of every step and the trained weights, for each model
+of `MODELS` and each layout, to OUT (safetensors). tests/test_parallel.py runs the same steps in one process
+with `run_steps` and compares.
 """
 
 import sys
@@ -18,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
 from mmsoftmoe.parallel import build_meshes, check_layout, clip_grad_norm_, expert_layers, parallelize
-from tests.training_fixtures import rank_slice
+from tests.training_fixtures import rank_slice, split
 from training.loop import build_loss, train_step
 from training.optim import build_optimizer
 
@@ -53,7 +54,8 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def run_steps(model: torch.nn.Module, tokenizer: Callable, rank: int, world: int, clip: Callable,
-              optimizer: torch.optim.Optimizer | None = None, steps: range = range(STEPS)) -> dict[str, torch.Tensor]:
+              optimizer: torch.optim.Optimizer | None = None, steps: range = range(STEPS),
+              micro_batches: int = 1) -> dict[str, torch.Tensor]:
     """AdamW `steps` on this rank's share of each global batch; the global losses, norms, grads, weights."""
     accelerator = Accelerator(cpu=True)
     optimizer = optimizer or make_optimizer(model)
@@ -61,7 +63,8 @@ def run_steps(model: torch.nn.Module, tokenizer: Callable, rank: int, world: int
     out, global_batches = {}, batches(model, tokenizer)
     for step in steps:
         batch = global_batches[step]
-        losses = train_step(model, [rank_slice(batch, rank, world)], loss_fn, accelerator, model.visual, 1.0)
+        micro = split(rank_slice(batch, rank, world), micro_batches)
+        losses = train_step(model, micro, loss_fn, accelerator, model.visual, 1.0)
         total = sum(losses.values()).reshape(1)
         if world > 1:
             dist.all_reduce(total)
@@ -82,14 +85,14 @@ def main(out_path: str, layouts: list[str]) -> None:
     results = {}
     for name in MODELS:
         for layout in layouts:
-            dp_replicate, dp_shard, ep = (int(v) for v in layout.split(","))
+            dp_replicate, dp_shard, ep, micro_batches = (int(v) for v in f"{layout},1".split(",")[:4])
             model, tokenizer = make_model(name)
             num_experts = tuple(m.num_experts for m in expert_layers(model).values())
             check_layout(world_size=world, dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep,
                          num_experts=num_experts)
             meshes = build_meshes(device_type="cpu", dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep)
             parallelize(model, meshes)
-            steps = run_steps(model, tokenizer, rank, world, clip_grad_norm_)
+            steps = run_steps(model, tokenizer, rank, world, clip_grad_norm_, micro_batches=micro_batches)
             results.update({f"{name}/{layout}/{k}": v for k, v in steps.items()})
     if rank == 0:
         save_file({k: v.contiguous() for k, v in results.items()}, out_path)

@@ -51,8 +51,11 @@ def assert_matches_one_process(sharded: dict[str, torch.Tensor], layout: str) ->
 
 
 def test_expert_parallel_two_processes_match_one_process(tmp_path):
-    """ep=2 over dp_shard=2 (dense FSDP2 over the same two ranks, experts split 8 + 8)."""
-    assert_matches_one_process(torchrun(tmp_path, 2, ["1,2,2"]), "1,2,2")
+    """ep=2 over dp_shard=2 (dense FSDP2 over the same two ranks, experts split 8 + 8), in one pass and with the
+    trainer's gradient accumulation over two micro-batches per process."""
+    sharded = torchrun(tmp_path, 2, ["1,2,2", "1,2,2,2"])
+    assert_matches_one_process(sharded, "1,2,2")
+    assert_matches_one_process(sharded, "1,2,2,2")
 
 
 @pytest.mark.parametrize("layout", ["1,4,4", "1,4,2", "2,2,2"])
