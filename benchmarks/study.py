@@ -56,6 +56,7 @@ from eval.report import write_json
 from mmsoftmoe.models.clip import count_parameters, get_clip_config, load_clip
 from mmsoftmoe.models.mmsoftmoe_vit import TOWERS, matched_slots_per_expert
 from training.config import load_config, to_dict
+from training.logger import read_metrics
 from training.main import fit
 
 TRAIN_FLOP_FACTOR = 3  # forward + backward = 3x forward
@@ -152,10 +153,6 @@ def seconds_per_step(records: list[dict], batch_size: int) -> float:
             previous = record["step"]
     timed = intervals[1:] or intervals
     return sum(t for _, t in timed) / sum(s for s, _ in timed)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def train_one(args: argparse.Namespace, clip_name: str, seed: int, run_dir: Path) -> dict:

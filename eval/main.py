@@ -62,12 +62,12 @@ FEATURE_NEEDS = frozenset({"test_features", "train_features"})
 
 
 def parse_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
-    """Task names from ``"zeroshot,fewshot"`` or a list, in the canonical order of ``TASKS``."""
+    """Task names from ``"zeroshot,fewshot"`` or a list, in registration order (``TASKS`` for the built-in ones)."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
-    unknown = [name for name in names if name not in TASKS]
+    unknown = [name for name in names if name not in EVALUATORS]
     if unknown or not names:
-        raise ValueError(f"Unknown task(s) {unknown or names}; valid tasks: {', '.join(TASKS)}.")
-    return tuple(task for task in TASKS if task in names)
+        raise ValueError(f"Unknown task(s) {unknown or names}; valid tasks: {', '.join(EVALUATORS)}.")
+    return tuple(task for task in EVALUATORS if task in names)
 
 
 def applicable_tasks(spec: str, tasks: Sequence[str], capabilities: frozenset[str]) -> tuple[str, ...]:

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from eval.main import run_evaluation
+from eval.protocol import EVALUATORS
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.export import export_checkpoint
 from mmsoftmoe.machine import describe_machine
 from mmsoftmoe.models.clip import load_clip
 from training.config import TrainConfig, load_config
+from training.logger import read_metrics
 from training.main import fit
 
 # Measured on the development machine (2 cores, fp32 GEMM peak REFERENCE["gemm_peak_gflops"]) with `mmsoftmoe demo`:
@@ -42,19 +43,9 @@ def results_table(train: dict, evals: dict, exports: dict, seconds: dict) -> str
     rows = [("training", "samples/s (median of logged intervals)", f"{train['samples_per_s']:.1f}"),
             ("training", f"loss, first -> last logged (of {train['steps']} steps)",
              f"{train['first_loss']:.3f} -> {train['last_loss']:.3f}")]
-    for dataset, result in evals.items():
-        if "zeroshot" in result:
-            rows.append((dataset, "zero-shot top-1", f"{result['zeroshot']['acc1']:.3f}"))
-        if "fewshot" in result:
-            ten = result["fewshot"]["10shot"]
-            rows.append((dataset, "10-shot ridge top-1 (mean ± std, 3 seeds)",
-                         f"{ten['acc1']:.3f} ± {ten['acc1_std']:.3f}"))
-        if "linprobe" in result:
-            rows.append((dataset, "logistic probe top-1", f"{result['linprobe']['acc1']:.3f}"))
-        if "retrieval" in result:
-            r = result["retrieval"]
-            rows.append((dataset, "image->text / text->image R@1",
-                         f"{r['text_retrieval_recall@1']:.3f} / {r['image_retrieval_recall@1']:.3f}"))
+    for dataset, result in evals.items():  # each evaluator declares its own rows
+        rows += [(dataset, measure, value) for task, evaluator in EVALUATORS.items() if task in result
+                 for measure, value in evaluator.rows(result[task])]
     for name, report in exports.items():
         rows.append(("export", f"{name}: max abs diff vs eager", f"{report['parity']['max_abs_diff']:.2g}"))
     rows += [("time", f"{k} (s)", f"{v:.0f}") for k, v in seconds.items()]
@@ -65,7 +56,7 @@ def results_table(train: dict, evals: dict, exports: dict, seconds: dict) -> str
 
 
 def training_summary(output_dir: Path, steps: int) -> dict:
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(output_dir)
     losses = [r["loss"] for r in records if "loss" in r]
     speeds = sorted(r["samples_per_s"] for r in records if "samples_per_s" in r)
     return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1], "samples_per_s": speeds[len(speeds) // 2]}

@@ -9,13 +9,24 @@ from accelerate import Accelerator
 
 from mmsoftmoe.figures import save_figure
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run's `metrics.jsonl`, one dict per logged step (none if the run logged nothing yet)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
 
 class MetricsLogger:
     """Appends one JSON object per logged step to `metrics.jsonl` and forwards it to accelerate's trackers."""
 
     def __init__(self, accelerator: Accelerator, output_dir: str | Path) -> None:
         self.accelerator = accelerator
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / METRICS_FILE
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
@@ -25,9 +36,7 @@ class MetricsLogger:
         self.accelerator.log(metrics, step=step)
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.output_dir)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (a resumed run rewrites the steps after its checkpoint)."""
