@@ -9,8 +9,10 @@ retrieval take the model; the probes take features, so a probe on cached feature
     fewshot = evaluate_fewshot(*train, *test, shots=(1, 5, 10, 25))
     linprobe = evaluate_linear_probe(*train, *test)
 
-``run_evaluation`` (``eval.main``, also behind ``mmsoftmoe eval``) composes them per dataset, with retrieval, full
-fine-tuning (``eval.finetune``) and the Soft MoE dispatch pictures (``eval.plots``).
+``run_evaluation`` (``eval.main``, also behind ``mmsoftmoe eval``) runs the evaluators registered in
+``eval.protocol.EVALUATORS`` (one protocol: ``Evaluator.run(TaskInputs) -> metrics``) per dataset, with the Soft MoE
+dispatch pictures (``eval.plots``); ``run_suite`` (``eval.suite``) runs a list of datasets into one table. Datasets
+include CLIP_benchmark's ``wds/`` layout (``eval.wds``), with class names and templates from files (``eval.prompts``).
 """
 
 from eval.datasets import (
@@ -43,11 +45,21 @@ from eval.linear_probe import WEIGHT_DECAYS, evaluate_linear_probe, fit_logistic
 from eval.main import TASKS, run_evaluation
 from eval.metrics import classification_metrics
 from eval.plots import dispatch_maps, plot_dispatch
+from eval.protocol import EVALUATORS, Evaluator, TaskInputs, register
 from eval.report import markdown_table, plot_fewshot, write_json, write_report
 from eval.retrieval import evaluate_retrieval, retrieval_metrics
+from eval.suite import load_suite, run_suite
+from eval.wds import WdsDataset
 from eval.zero_shot import evaluate_zero_shot, zero_shot_classifier, zero_shot_metrics
 
 __all__ = [
+    "EVALUATORS",
+    "Evaluator",
+    "TaskInputs",
+    "WdsDataset",
+    "load_suite",
+    "register",
+    "run_suite",
     "DEFAULT_L2_REG",
     "DEFAULT_SHOTS",
     "L2_SWEEP",

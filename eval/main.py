@@ -244,11 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--suite", default=None,
                       help="YAML list of datasets and tasks (see eval.suite): one table, one few-shot l2 per shot")
     parser.add_argument("--classnames", default=None,
-                        help="class names for every classification dataset: .txt (one per line) or .json (list, or "
-                             "dataset name -> list); default: classnames.txt next to the data, else built in")
+                        help="class names for every --dataset: .txt (one per line) or .json (list, or dataset name -> "
+                             "list); default: classnames.txt next to the data, else built in (suite entries: "
+                             "'classnames:')")
     parser.add_argument("--templates", default=None,
                         help="prompt templates ({c} or {} for the class name), same formats; default: "
-                             "zeroshot_classification_templates.txt next to the data, else built in")
+                             "zeroshot_classification_templates.txt next to the data, else built in (suite entries: "
+                             "'templates:')")
     parser.add_argument("--tasks", default="zeroshot,fewshot", help=f"comma-separated, from {','.join(TASKS)}")
     parser.add_argument("--out", default="eval_results", help="output folder")
     parser.add_argument("--shots", type=_int_list, default=DEFAULT_SHOTS, help="few-shot shots, e.g. 1,5,10,25")

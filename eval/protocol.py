@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from eval.datasets import build_dataset
 from eval.features import FeatureCacheKey, eval_mode, extract_features, make_loader, resolve_device
 from eval.finetune import FinetuneConfig
+from eval.wds import is_retrieval
 from eval.zero_shot import Tokenizer
 
 PAIRS_PREFIX = "pairs:"
@@ -126,8 +127,6 @@ class Session:
         if spec == "shapes":
             return frozenset({"labels", "captions"})
         if spec.startswith(WDS_PREFIX):
-            from eval.wds import is_retrieval
-
             return frozenset({"captions" if is_retrieval(spec.removeprefix(WDS_PREFIX)) else "labels"})
         return frozenset({"labels"})
 

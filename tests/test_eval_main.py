@@ -240,3 +240,20 @@ def test_user_errors_print_one_clear_line(case, message, checkpoint, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
     assert re.search(message, err[-1]), err[-1]
+
+
+def test_suite_cli_writes_the_table_and_clip_benchmark_files(checkpoint, results, tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("- dataset: digits\n  tasks: zeroshot\n- dataset: shapes\n  tasks: [zeroshot, retrieval]\n")
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(checkpoint), "--suite", str(suite), "--out", str(out), "--no-cache",
+            "--captions-per-image", str(CAPTIONS), "--batch-size", "128"]
+    assert main(argv) == 0
+    table = (out / "suite.csv").read_text().splitlines()
+    assert table[0] == "dataset,zero-shot top-1,image->text R@1,text->image R@1"
+    zeroshot = [results[name]["zeroshot"]["acc1"] for name in ("digits", "shapes")]
+    assert float(table[-1].split(",")[1]) == pytest.approx(sum(zeroshot) / 2, abs=1e-6)  # same numbers as --dataset
+    record = json.loads((out / "shapes" / "clip_benchmark" / "shapes_zeroshot_retrieval.json").read_text())
+    assert record["metrics"] == pytest.approx(results["shapes"]["retrieval"], abs=1e-6)
+    assert record["pretrained"] == str(checkpoint.resolve()) and record["model"] == "softmoe_vit_micro_patch4_32_e16"
+    assert record["checkpoint_hash"] and record["dataset"] == "shapes" and record["language"] == "en"
