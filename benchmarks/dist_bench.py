@@ -1,0 +1,173 @@
+"""Step time and per-process memory of DDP, FSDP2 and FSDP2 + expert parallelism at 1, 2 and 4 processes.
+
+Run as `python -m benchmarks.dist_bench [--model SoftMoE-Micro-4-32] [--procs 1,2,4] [--batch 16] [--steps 8]`.
+
+Each layout runs in its own `torchrun` launch (gloo on CPU) so that each process's peak memory is its own:
+`ddp` (accelerate's DDP, today's trainer), `fsdp2` (dp_shard = N, ep = 1) and `fsdp2+ep` (dp_shard = N,
+ep = N, and ep = 2 with FSDP2 over the other 2 at 4 processes); `single` at one process is the reference. The
+training step is the trainer's (`training.loop.train_step`, global-norm clipping, AdamW) on a fixed global
+batch split over the processes. Reported per layout: the median step time (the slowest process), the peak
+resident memory of each process above its resident memory before the model was built, and the training state
+each process holds (parameters, gradients, AdamW moments: local shards, bytes) split into experts and the rest.
+The expert state per process must be the single-process figure / (processes the experts are split over).
+Several processes on a 2-core machine share its cores: their step times measure contention, not scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
+
+from benchmarks.layer_bench import check_machine
+from benchmarks.train_bench import make_batch
+from mmsoftmoe.models.clip import build_clip
+from mmsoftmoe.parallel import build_meshes, check_layout, clip_grad_norm_, expert_layers, parallelize
+from training.loop import build_loss, train_step
+from training.optim import build_optimizer
+
+# name -> (dp_shard, ep) as functions of the process count; None: not sharded (DDP, or one plain process).
+LAYOUTS = {
+    "single": lambda n: None,
+    "ddp": lambda n: None,
+    "fsdp2": lambda n: (n, 1),
+    "fsdp2+ep": lambda n: (n, n),
+    "fsdp2+ep2": lambda n: (n, 2),
+}
+
+
+def layouts_for(procs: int) -> list[str]:
+    if procs == 1:
+        return ["single"]
+    return ["ddp", "fsdp2", "fsdp2+ep"] + (["fsdp2+ep2"] if procs > 2 else [])
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if isinstance(t, DTensor) else t
+    return t.numel() * t.element_size()
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Local bytes of parameters, gradients and optimizer state, for the experts and for the rest."""
+    expert_params = {id(p) for layer in expert_layers(model).values() for p in layer.experts.parameters()}
+    out = {"experts": 0, "rest": 0}
+    for p in model.parameters():
+        kind = "experts" if id(p) in expert_params else "rest"
+        tensors = [p, *([p.grad] if p.grad is not None else []),
+                   *(v for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.ndim)]
+        out[kind] += sum(local_bytes(t) for t in tensors)
+    return out
+
+
+def worker(model_name: str, layout: str, batch_size: int, steps: int, out_dir: Path) -> None:
+    accelerator = Accelerator(cpu=True)  # sets up the gloo process group under torchrun
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(0)
+    before = rss_bytes()
+    model, tokenizer = build_clip(model_name)
+    batch = make_batch(model, tokenizer, batch_size)
+    per = batch_size // world
+    local = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+    sharding = LAYOUTS[layout](world)
+    if sharding is not None:
+        dp_shard, ep = sharding
+        check_layout(world_size=world, dp_replicate=1, dp_shard=dp_shard, ep=ep,
+                     num_experts=tuple(m.num_experts for m in expert_layers(model).values()))
+        parallelize(model, build_meshes(device_type="cpu", dp_replicate=1, dp_shard=dp_shard, ep=ep))
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+    routed = model.visual
+    if layout == "ddp":
+        model, optimizer = accelerator.prepare(model, optimizer)
+    clip = clip_grad_norm_ if sharding is not None else torch.nn.utils.clip_grad_norm_
+    loss_fn = build_loss("clip", local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step(model, [local], loss_fn, accelerator, routed, 1.0)
+        clip(model.parameters(), 1.0)
+        optimizer.step()
+        state = state_bytes(getattr(model, "module", model), optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.barrier()
+        times.append(time.perf_counter() - start)
+    result = {"rank": rank, "step_s": statistics.median(times[2:] or times), "state_bytes": state,
+              "peak_rss_above_start_bytes": peak_rss_bytes() - before}
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    accelerator.wait_for_everyone()
+
+
+def launch(model: str, procs: int, layout: str, batch: int, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+               "-m", "benchmarks.dist_bench", "--worker", layout, "--model", model, "--batch", str(batch),
+               "--steps", str(steps), "--out", tmp]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{layout} at {procs} processes failed:\n{proc.stderr[-3000:]}")
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
+    return {"layout": layout, "processes": procs, "step_s": max(r["step_s"] for r in ranks),
+            "peak_rss_above_start_mib": [round(r["peak_rss_above_start_bytes"] / 2**20, 1) for r in ranks],
+            "expert_state_mib": ranks[0]["state_bytes"]["experts"] / 2**20,
+            "rest_state_mib": ranks[0]["state_bytes"]["rest"] / 2**20}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="SoftMoE-Micro-4-32")
+    parser.add_argument("--procs", default="1,2,4")
+    parser.add_argument("--batch", type=int, default=16, help="global batch (divisible by every process count)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="benchmarks/results/dist_bench.json")
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.model, args.worker, args.batch, args.steps, Path(args.out))
+        return {}
+    load, warning = check_machine()
+    rows = [launch(args.model, n, layout, args.batch, args.steps)
+            for n in map(int, args.procs.split(",")) for layout in layouts_for(n)]
+    single = next((r for r in rows if r["layout"] == "single"), None)
+    for r in rows:
+        dp_shard, ep = LAYOUTS[r["layout"]](r["processes"]) or (1, 1)
+        split = max(dp_shard, ep) if r["layout"] != "ddp" else 1
+        r["experts_split_over"] = split
+        if single:
+            r["expert_state_vs_single_over_split"] = r["expert_state_mib"] * split / single["expert_state_mib"]
+    result = {"model": args.model, "global_batch": args.batch, "steps": args.steps, "machine_load": load,
+              "load_warning": warning, "rows": rows}
+    print(f"{'layout':<10}{'procs':>6}{'step ms':>9}{'expert MiB':>12}{'rest MiB':>10}{'x split/1p':>11}"
+          "  peak RSS above start, MiB per process")
+    for r in rows:
+        print(f"{r['layout']:<10}{r['processes']:>6}{1e3 * r['step_s']:>9.1f}{r['expert_state_mib']:>12.2f}"
+              f"{r['rest_state_mib']:>10.2f}{r.get('expert_state_vs_single_over_split', float('nan')):>11.3f}  "
+              f"{r['peak_rss_above_start_mib']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
