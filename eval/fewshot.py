@@ -12,8 +12,10 @@ the test split. The solution comes from one eigendecomposition, reused for every
 with X of shape ``[N, D]`` (D = features + 1) and Y of shape ``[N, C]``. As in big_vision, a seed draws one random
 order per class and each shot count takes a prefix of it (the 1-shot set is inside the 5-shot set), and results are
 averaged over seeds. The l2 strength is either fixed (big_vision: 2^10) or swept over 2^-10 .. 2^19 (vmoe's grid). vmoe
-picks the sweep's winner by mean rank of *test* accuracy across datasets; here it is picked per dataset on examples
-held out from the train split, so the test split is never used for any choice.
+picks the sweep's winner by mean rank of *test* accuracy across datasets; here it is picked on examples held out from
+the train split, per seed and dataset (a sweep), or per shot count across a suite's datasets by mean rank of that
+held-out accuracy (``eval.suite``, which passes its choice back as a mapping shot -> l2), so the test split is never
+used for any choice.
 
 Differences from the JAX code, none changing the estimator: the algebra runs in float64 (the bias column of 100 makes
 ``X^T X`` badly conditioned in float32), ``X^T Y`` is accumulated per class instead of materialising the ``[N, C]``

@@ -79,6 +79,7 @@ def test_sweep_picks_the_best_l2_on_held_out_train_examples():
     test_x, test_y = torch.randn(10, 24, generator=generator), torch.arange(10) % 4
     grid = (2.0**-5, 2.0**3, 2.0**8, 2.0**14)
     result = evaluate_fewshot(train_x, train_y, test_x, test_y, shots=(5,), l2_reg=grid, holdout_per_class=15)
+    per_seed = []
     for seed in range(3):
         ranks = class_ranks(train_y, 4, torch.Generator().manual_seed(seed))
         fit, held = (ranks >= 15) & (ranks < 20), ranks < 15
@@ -91,6 +92,31 @@ def test_sweep_picks_the_best_l2_on_held_out_train_examples():
         best = max(accuracies)
         expected = max(l2 for l2, acc in zip(grid, accuracies, strict=True) if acc == best)
         assert result["5shot"]["l2_reg"][seed] == expected
+        per_seed.append(accuracies)
+    # What the suite ranks: each candidate's held-out accuracy, averaged over seeds.
+    assert result["5shot"]["holdout_acc1_per_l2"] == pytest.approx(torch.tensor(per_seed).mean(0).tolist())
+
+
+def test_per_shot_l2_fits_the_same_kshot_sets_as_the_sweep():
+    """A mapping shot -> l2 (the suite's choice) keeps the held-out examples out of the k-shot sets."""
+    generator = torch.Generator().manual_seed(5)
+    train_x, train_y, means = gaussian_classes(4, 30, 24, 4.0, generator)
+    test_y = torch.arange(4).repeat_interleave(25)
+    test_x = means[test_y] + 4.0 * torch.randn(len(test_y), 24, generator=generator)
+    result = evaluate_fewshot(train_x, train_y, test_x, test_y, shots=(2, 5), num_seeds=2,
+                              l2_reg={2: 2.0**3, 5: 2.0**-2}, holdout_per_class=10)
+    for shot, l2 in ((2, 2.0**3), (5, 2.0**-2)):
+        for seed in range(2):
+            ranks = class_ranks(train_y, 4, torch.Generator().manual_seed(seed))
+            fit = (ranks >= 10) & (ranks < 10 + shot)
+            weights = reference_weights(train_x[fit], train_y[fit], 4, l2, dual=True)
+            mean, std = train_x[fit].double().mean(0), train_x[fit].double().std(0, correction=0) + 1e-5
+            design = F.pad((test_x.double() - mean) / std, (0, 1), value=BIAS_CONSTANT)
+            accuracy = ((design @ weights).argmax(1) == test_y).double().mean().item()
+            assert result[f"{shot}shot"]["acc1_per_seed"][seed] == pytest.approx(accuracy, abs=1e-12)
+        assert result[f"{shot}shot"]["l2_reg"] == [l2, l2] and "holdout_acc1_per_l2" not in result[f"{shot}shot"]
+    with pytest.raises(ValueError, match=r"no value for shots \[5\]"):
+        evaluate_fewshot(train_x, train_y, test_x, test_y, shots=(2, 5), l2_reg={2: 1.0})
 
 
 def test_class_ranks_are_per_class_permutations():
