@@ -274,12 +274,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by grad_accum_steps={cfg.grad_accum_steps}")
     if cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    _validate_parallel(cfg.parallel)
+    _validate_parallel(cfg.parallel, cfg.precision)
     _validate_paths(cfg)
 
 
-def _validate_parallel(par: ParallelConfig) -> None:
+def _validate_parallel(par: ParallelConfig, precision: str) -> None:
     """The layout checks that need no process count (`mmsoftmoe.parallel.check_layout` does the rest at start)."""
+    if par.sharded and precision == "fp16":
+        raise ValueError("precision=fp16 needs a gradient scaler, which sharded runs (parallel.dp_shard > 0) do not "
+                         "have; use precision=bf16")
     if not par.sharded and (par.ep > 1 or par.dp_replicate > 1):
         raise ValueError(f"parallel.ep={par.ep} / parallel.dp_replicate={par.dp_replicate} need parallel.dp_shard "
                          "> 0 (FSDP2); set parallel.dp_shard to the number of processes / parallel.dp_replicate")
