@@ -52,7 +52,12 @@ class SuiteEntry:
 
 def load_suite(path: str | Path, default_tasks: str | Sequence[str]) -> list[SuiteEntry]:
     """The entries of a suite file (format in the module docstring); errors name the entry and the fix."""
-    raw = yaml.safe_load(Path(path).read_text())
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"No suite file {path}: pass a YAML list of entries like '- dataset: digits'.")
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML ({' '.join(str(error).split())}): fix the suite file.") from error
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"{path}: a suite is a non-empty YAML list of entries like '- dataset: wds:/data/cifar10'.")
     entries = []

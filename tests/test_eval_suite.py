@@ -85,8 +85,11 @@ def test_suite_chooses_l2_by_mean_held_out_rank_and_tabulates(model, tmp_path):
     ("- dataset: digits\n  task: zeroshot\n", r"entry 0 must be a mapping with 'dataset' and optionally"),
     ("- dataset: digits\n  tasks: [knn]\n", r"Unknown task\(s\) \['knn'\]"),
     ("- dataset: digits\n- dataset: digits\n", r"entry names \['digits', 'digits'\] repeat"),
+    ("- dataset: [digits\n", r"is not valid YAML .*: fix the suite file"),
 ])
 def test_suite_file_errors_name_the_fix(text, message, tmp_path):
     (tmp_path / "suite.yaml").write_text(text)
     with pytest.raises(ValueError, match=message):
         load_suite(tmp_path / "suite.yaml", default_tasks="zeroshot")
+    with pytest.raises(FileNotFoundError, match="No suite file"):
+        load_suite(tmp_path / "missing.yaml", default_tasks="zeroshot")
