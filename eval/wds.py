@@ -46,7 +46,10 @@ def shard_paths(root: str | Path, split: str) -> list[Path]:
     if not count_file.is_file():
         raise FileNotFoundError(f"No {count_file}: a wds dataset needs ROOT/<split>/nshards.txt holding the shard "
                                 "count (CLIP_benchmark's wds layout).")
-    shards = [split_dir / f"{i}.tar" for i in range(int(count_file.read_text().strip()))]
+    count = count_file.read_text().strip()
+    if not count.isdigit():
+        raise ValueError(f"{count_file} holds {count!r}, not a shard count: write the number of .tar files in it.")
+    shards = [split_dir / f"{i}.tar" for i in range(int(count))]
     missing = [str(shard) for shard in shards if not shard.is_file()]
     if missing or not shards:
         raise FileNotFoundError(f"{count_file} lists {len(shards)} shard(s) but {missing[:3] or 'none'} are missing.")
