@@ -3,7 +3,8 @@
 - ``.txt``: one entry per line, as the ``classnames.txt`` / ``zeroshot_classification_templates.txt`` of
   CLIP_benchmark's wds datasets.
 - ``.json``: a list, or a mapping from dataset name to a list, as CLIP_benchmark's ``--custom_classname_file`` /
-  ``--custom_template_file`` (``en_classnames.json``); the entry is looked up by the dataset's name.
+  ``--custom_template_file`` (``en_classnames.json``); the entry is looked up by the dataset's name (the last folder
+  of its path; for a ``wds_<name>`` folder also ``<name>``, as CLIP_benchmark's files spell it).
 
 Templates mark the class name with ``{c}`` (CLIP_benchmark) or ``{}`` (open_clip); both are accepted. Files named
 ``classnames.txt`` / ``zeroshot_classification_templates.txt`` (or ``.json``) next to the data are used when present
@@ -20,6 +21,12 @@ CLASSNAMES_STEM = "classnames"
 TEMPLATES_STEM = "zeroshot_classification_templates"
 
 
+def lookup_keys(name: str) -> tuple[str, ...]:
+    """Keys a JSON mapping may file a dataset under: its name and, for CLIP_benchmark's ``wds_<name>`` folders, the
+    name CLIP_benchmark's own files use (``wds_cifar10`` -> ``cifar10``)."""
+    return tuple(dict.fromkeys((name, name.removeprefix("wds_"))))
+
+
 def read_entries(path: str | Path, dataset: str) -> list[str]:
     """The entries of a ``.txt`` or ``.json`` file (see the module docstring); ``dataset`` picks a JSON mapping's."""
     path = Path(path)
@@ -29,10 +36,11 @@ def read_entries(path: str | Path, dataset: str) -> list[str]:
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     raw: Any = json.loads(path.read_text())
     if isinstance(raw, dict):
-        if dataset not in raw:
+        key = next((key for key in lookup_keys(dataset) if key in raw), None)
+        if key is None:
             raise ValueError(f"{path} maps dataset names to lists but has no entry {dataset!r} (it has "
                              f"{sorted(raw)[:8]}): add one, or pass a file for this dataset only.")
-        raw = raw[dataset]
+        raw = raw[key]
     if not (isinstance(raw, list) and raw and all(isinstance(entry, str) for entry in raw)):
         raise ValueError(f"{path}: expected a non-empty JSON list of strings (or a mapping of dataset -> list).")
     return raw

@@ -196,3 +196,13 @@ def test_wds_errors_name_the_problem(case, message, tmp_path):
         (root / "classnames.txt").unlink()
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         build_dataset(f"wds:{root}", "test")
+
+
+def test_clip_benchmark_template_file_keys_match_wds_folder_names(tmp_path):
+    root = tmp_path / "wds_toy"
+    write_wds(root, "test", [(_picture(0, 0), 0), (_picture(1, 1), 1)], num_shards=1)
+    (root / "classnames.txt").write_text("a\nb\n")
+    templates = tmp_path / "en_zeroshot_classification_templates.json"  # CLIP_benchmark's file: name -> list
+    templates.write_text(json.dumps({"imagenet1k": ["a photo of a {c}."], "toy": ["itap of a {c}."]}))
+    dataset = build_dataset(f"wds:{root}", "test", templates_file=templates)
+    assert dataset.templates == ["itap of a {}."] and dataset.classnames == ["a", "b"]
