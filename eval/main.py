@@ -52,8 +52,9 @@ from eval.plots import dispatch_maps, last_soft_moe, num_tokens, plot_dispatch, 
 from eval.protocol import EVALUATORS, Session, TaskInputs, Transform, slug
 from eval.report import Provenance, markdown_table, plot_fewshot, write_report, write_task_files
 from eval.zero_shot import Tokenizer
+from mmsoftmoe.checkpoint import CONFIG_NAME, model_weights
 from mmsoftmoe.data import transforms_from_preprocess_cfg
-from mmsoftmoe.models.clip import CONFIG_NAME, WEIGHTS_NAMES, image_tower, load_clip, preprocess_config
+from mmsoftmoe.models.clip import image_tower, load_clip, preprocess_config
 
 logger = logging.getLogger(__name__)
 
@@ -208,23 +209,11 @@ def run_evaluation(
     return results
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Tokenizer, dict]:
-    """``load_clip`` with CLI-grade errors: a missing folder, a file instead of a folder, weights not matching."""
-    folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"Checkpoint {folder} does not exist.")
-    if folder.is_file():
-        raise ValueError(f"--checkpoint takes the folder holding {CONFIG_NAME} and the weights, not the file "
-                         f"{folder}: pass {folder.parent}.")
-    return load_clip(folder, device=device)  # a ValueError names weights that do not match the config
-
-
 def checkpoint_fingerprint(path: str | Path) -> str:
-    """Hash of a checkpoint folder's config and weights, keying its feature cache."""
+    """Hash of the config and weights of the model a checkpoint folder exposes, keying its feature cache."""
     folder = Path(path)
-    weights = next(folder / name for name in WEIGHTS_NAMES if (folder / name).is_file())
     config = hashlib.sha256((folder / CONFIG_NAME).read_bytes()).hexdigest()[:16]
-    return f"{sha256_file(weights)[:32]}-{config}"
+    return f"{sha256_file(model_weights(folder))[:32]}-{config}"
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -289,7 +278,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     tasks = parse_tasks(args.tasks)
     entries = load_suite(args.suite, tasks) if args.suite else None
     accelerator = Accelerator(mixed_precision=args.precision)
-    model, tokenizer, config = load_checkpoint(args.checkpoint, accelerator.device)
+    model, tokenizer, config = load_clip(args.checkpoint, device=accelerator.device)  # errors name the file
     train_preprocess, preprocess = transforms_from_preprocess_cfg(preprocess_config(model))
     out = Path(args.out)
     fingerprint = checkpoint_fingerprint(args.checkpoint)

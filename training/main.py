@@ -26,12 +26,19 @@ from tqdm.auto import tqdm
 from eval.main import run_evaluation
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
-from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config, save_clip
+from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
 from mmsoftmoe.models.pretrained import read_weights, warm_start_
 from mmsoftmoe.models.upcycle import read_state_dict, upcycle_
-from training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    find_resume_checkpoint,
+    remove_unfinished_saves,
+    restore_training_state,
+    save_checkpoint,
+    save_final_model,
+)
 from training.config import TrainConfig, config_help, config_yaml, get_value, load_config, to_dict, valid_keys
 from training.data import build_pair_dataset, build_train_loader
+from training.lock import acquire_run_lock
 from training.logger import MetricsLogger, plot_training
 from training.loop import TrainState, build_loss, optimizer_step, record_step, step_metrics
 from training.optim import build_optimizer, lr_multiplier
@@ -128,10 +135,12 @@ def build_model(cfg: TrainConfig):
 
 def restore(cfg: TrainConfig, accelerator: Accelerator) -> tuple[TrainState, dict[str, float]]:
     """The state to start from: fresh, or the checkpoint `cfg.resume` names (model and optimizer restored)."""
+    if accelerator.is_main_process:
+        remove_unfinished_saves(cfg.output_dir)  # under the run lock: no other run's save is in progress
     resume_from = find_resume_checkpoint(cfg.resume, cfg.output_dir)
     if resume_from is None:
         return TrainState(), {}
-    saved = load_checkpoint(accelerator, resume_from, cfg.model.name)
+    saved = restore_training_state(accelerator, resume_from, cfg.model.name)
     state = TrainState(**saved["state"])
     logger.info("resumed from %s at step %d", resume_from, state.step)
     trained = saved.get("config", {}).get("steps")
@@ -183,7 +192,7 @@ def fit(cfg: TrainConfig, desc: str = "train") -> dict:
     `desc` labels the progress bar (the demo names its phase there).
     """
     accelerator = build_accelerator(cfg)
-    with run_folder(cfg, accelerator) as out:
+    with acquire_run_lock(cfg.output_dir, accelerator.is_main_process), run_folder(cfg, accelerator) as out:
         return _fit(cfg, accelerator, out, desc)
 
 
@@ -269,8 +278,7 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> di
     metrics_log.log(state.step, dict(last_eval))
     checkpoint()
     if accelerator.is_main_process:
-        final_dir = save_clip(unwrapped, model_cfg, out / "final")
-        (final_dir / "trainer_state.json").write_text(json.dumps(trainer_state(), indent=2))
+        save_final_model(unwrapped, model_cfg, out, trainer_state())
         plot_training(metrics_log.read(), out / "training.png")
         logger.info("finished at step %d: %s", state.step, json.dumps(last_eval))
     accelerator.end_training()

@@ -8,7 +8,7 @@ written atomically, loaded back and checked against the eager model, and gets a 
 """
 
 from mmsoftmoe.export.base import Format
-from mmsoftmoe.export.checkpoint import Checkpoint, load_checkpoint
+from mmsoftmoe.export.checkpoint import Checkpoint, open_checkpoint
 from mmsoftmoe.export.cli import main
 from mmsoftmoe.export.core import ParityError, check_parity, export_checkpoint
 from mmsoftmoe.export.formats import FORMATS, parse_formats
@@ -20,7 +20,7 @@ __all__ = [
     "ParityError",
     "check_parity",
     "export_checkpoint",
-    "load_checkpoint",
     "main",
+    "open_checkpoint",
     "parse_formats",
 ]

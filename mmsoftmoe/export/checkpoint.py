@@ -1,22 +1,21 @@
-"""A training checkpoint (or open_clip folder) opened for export: the CLIP model, its config and trainer state.
+"""A checkpoint folder opened for export: the CLIP model, its config and trainer state.
 
-The checkpoint contract: a folder with `open_clip_config.json` ({"model_cfg", "preprocess_cfg"}) and weights
-(`open_clip_model.safetensors` or `model.safetensors`), optionally `trainer_state.json` ({"step", "config",
-"metrics", "samples_seen"}). The image encoder is open_clip's `TimmModel`: `visual.trunk` (the timm ViT, pooled
-features) followed by `visual.head.proj` (the linear projection to the CLIP embedding).
+Any folder `mmsoftmoe.checkpoint` describes: a training checkpoint (`checkpoints/step_*`), `final/` or an open_clip
+folder, read by `load_clip` (damage is a `CheckpointError` naming the file), with its `trainer_state.json` when it
+has one ({"step", "config", "metrics", "samples_seen"}). The image encoder is open_clip's `TimmModel`:
+`visual.trunk` (the timm ViT, pooled features) followed by `visual.head.proj` (the linear projection to the CLIP
+embedding).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from mmsoftmoe.models.clip import CONFIG_NAME, load_clip
-
-TRAINER_STATE_NAME = "trainer_state.json"
+from mmsoftmoe.checkpoint import CONFIG_NAME, TRAINER_STATE_NAME, ConfigMismatchError, read_json
+from mmsoftmoe.models.clip import load_clip
 
 
 @dataclass
@@ -57,18 +56,14 @@ class Checkpoint:
         return self.model.visual if proj else self.trunk
 
 
-def load_checkpoint(folder: str | Path) -> Checkpoint:
-    """Open a checkpoint folder; errors name the missing file or the mismatching architecture."""
+def open_checkpoint(folder: str | Path) -> Checkpoint:
+    """Open a checkpoint folder for export; errors name the missing or damaged file or the mismatching architecture."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"checkpoint {folder} has no {CONFIG_NAME}: not an mmsoftmoe checkpoint folder")
-    tower = read_json(folder / CONFIG_NAME).get("model_cfg", {}).get("vision_cfg", {}).get("timm_model_name")
     try:
         model, tokenizer, config = load_clip(folder)
-    except (ValueError, RuntimeError) as err:
-        raise ValueError(
+    except ConfigMismatchError as err:
+        tower = config_tower(folder)
+        raise ConfigMismatchError(
             f"the weights in checkpoint {folder} do not match the architecture of its {CONFIG_NAME} "
             f"(vision tower {tower}): is it a checkpoint of another model? ({str(err).splitlines()[0]})"
         ) from err
@@ -78,12 +73,9 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     return Checkpoint(folder, model, tokenizer, config, trainer_state)
 
 
-def read_json(path: Path) -> dict:
-    """A JSON file's content; a ValueError names the file when it is not valid JSON."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+def config_tower(folder: Path) -> str | None:
+    """The timm name of the vision tower its `open_clip_config.json` declares."""
+    return read_json(folder / CONFIG_NAME).get("model_cfg", {}).get("vision_cfg", {}).get("timm_model_name")
 
 
 def _check_tower(folder: Path, model: nn.Module) -> None:

@@ -4,7 +4,8 @@ Each format gets its own folder (`out` itself for one format, `out/<format>` for
 temporary folder the export is written, loaded back the way a user would load it and run on a fixed batch:
 outputs must match the eager mmsoftmoe model (max abs diff within the format's tolerance) and each example's
 output at batch 1 must match its output in the batch. Only then are `export_report.json` (the figures) and the
-model card written and the folder renamed into place; any failure leaves nothing behind. With several formats,
+model card written and the folder renamed into place; any failure leaves nothing behind (and a killed export's
+temporary folder is removed by the next export to the same target). With several formats,
 every target is checked before anything is written; a failure stops the run, the formats done before it stay.
 """
 
@@ -22,10 +23,10 @@ import torch
 from torch import nn
 
 import mmsoftmoe
-from mmsoftmoe.export.atomic import atomic_folder, check_target
+from mmsoftmoe.export.atomic import atomic_folder, check_target, remove_stale_siblings
 from mmsoftmoe.export.base import Encoder, Format
 from mmsoftmoe.export.card import model_card
-from mmsoftmoe.export.checkpoint import Checkpoint, load_checkpoint
+from mmsoftmoe.export.checkpoint import Checkpoint, open_checkpoint
 from mmsoftmoe.export.formats import FORMATS, parse_formats
 from mmsoftmoe.export.stats import count_flops, parameter_counts
 
@@ -43,8 +44,10 @@ def export_targets(out: Path, names: Sequence[str]) -> dict[str, Path]:
 
 
 def check_targets(targets: dict[str, Path], checkpoint: Path, overwrite: bool) -> None:
-    """Every target is free (or `overwrite`) and none is, or contains, the checkpoint being exported."""
+    """Every target is free (or `overwrite`) and none is, or contains, the checkpoint being exported; what killed
+    exports to a target left beside it is cleaned up first."""
     for target in targets.values():
+        remove_stale_siblings(target)
         if target.resolve() == checkpoint.resolve() or target.resolve() in checkpoint.resolve().parents:
             raise ValueError(f"export folder {target} would replace the checkpoint {checkpoint}; choose another --out")
         check_target(target, overwrite)
@@ -83,7 +86,7 @@ def export_checkpoint(
     names = parse_formats(formats)
     targets = export_targets(Path(out), names)
     check_targets(targets, Path(checkpoint), overwrite)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = open_checkpoint(checkpoint)
     pixels = parity_batch(ckpt, batch_size)
     return {name: export_format(ckpt, FORMATS[name], target, pixels, proj=proj, overwrite=overwrite)
             for name, target in targets.items()}

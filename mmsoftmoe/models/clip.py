@@ -21,13 +21,12 @@ import open_clip
 import torch
 from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from mmsoftmoe.checkpoint import CONFIG_NAME, WEIGHTS_NAMES, ConfigMismatchError, read_model_folder
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-CONFIG_NAME = "open_clip_config.json"
-# open_clip's own weight file name first; `model.safetensors` is what accelerate writes in a training checkpoint.
-WEIGHTS_NAMES = ("open_clip_model.safetensors", "model.safetensors")
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
@@ -128,28 +127,24 @@ def save_clip(model: nn.Module, model_cfg: dict, folder: str | Path) -> Path:
 
 
 def load_clip(folder: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, object, dict]:
-    """Load a CLIP model saved by mmsoftmoe: an open_clip folder or a training checkpoint folder.
+    """Load the CLIP model a folder exposes (`mmsoftmoe.checkpoint`): an open_clip folder (`final/`, an export) or
+    a training checkpoint folder (`checkpoints/step_*`). A missing, damaged or mismatching file is a user error
+    naming it: `CheckpointError` for damage (checked against the folder's manifest when it has one),
+    `ConfigMismatchError` for weights of another architecture.
 
     Returns:
         (model in eval mode, tokenizer, the `open_clip_config.json` content).
     """
-    folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} is not an mmsoftmoe/open_clip model folder: {CONFIG_NAME} is missing")
-    config = json.loads(config_path.read_text())
-    weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
-    if weights is None:
-        raise FileNotFoundError(f"no weights in {folder}: expected one of {list(WEIGHTS_NAMES)}")
+    config, state = read_model_folder(folder)
+    config_path = Path(folder) / CONFIG_NAME
     model, tokenizer = build_clip_from_config(config["model_cfg"])
-    state = load_file(str(weights))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a tensor whose shape differs from the config's
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
-        raise ValueError(f"checkpoint {weights} does not match its config {config_path}: {detail}") from err
+        raise ConfigMismatchError(f"checkpoint {folder} does not match its config {config_path}: {detail}") from err
     if missing or unexpected:
-        raise ValueError(f"checkpoint {weights} does not match its config {config_path}: "
+        raise ConfigMismatchError(f"checkpoint {folder} does not match its config {config_path}: "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     open_clip.set_model_preprocess_cfg(model, config.get("preprocess_cfg") or preprocess_config(model))
     return model.to(device).eval(), tokenizer, config
