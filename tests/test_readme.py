@@ -85,6 +85,12 @@ TWINS: dict[str, tuple[str, str, Callable | None]] = {
     "accelerate launch --multi_gpu --num_processes 8 --no_python mmsoftmoe train --config softmoe_b16_sigmoid_256": (
         "replace", "accelerate launch --cpu --num_processes 1 --no_python mmsoftmoe train --config "
                    f"softmoe_b16_sigmoid_256 {TRAIN_TWIN} output_dir=runs/t4", _final("t4")),
+    "mmsoftmoe train --config smoke model.name=Dense-Micro-4-32 output_dir=runs/dense": (
+        "append", TRAIN_TWIN, _final("dense")),
+    "mmsoftmoe train --config smoke model.upcycle_from=runs/dense/final/open_clip_model.safetensors "
+    "output_dir=runs/up": ("append", TRAIN_TWIN, _final("up")),
+    "mmsoftmoe train --config lit_locked_image model.pretrained=runs/up/final": (
+        "append", f"{TRAIN_TWIN} output_dir=runs/lit", _final("lit")),
     "mmsoftmoe eval --checkpoint runs/demo/final --dataset shapes digits --tasks zeroshot,retrieval,fewshot,linprobe": (
         "append", "", _eval),
     "mmsoftmoe export --checkpoint runs/demo/final --format all --out exports/demo": ("append", "", _export),
@@ -104,7 +110,7 @@ def test_every_bash_line_is_declared():
     assert "$(VENV)/bin/mmsoftmoe demo\n" in (ROOT / "Makefile").read_text()
 
 
-@pytest.mark.parametrize("line", bash_lines())
+@pytest.mark.parametrize("line", bash_lines(), ids=[f"{i}:{line[:60]}" for i, line in enumerate(bash_lines())])
 def test_bash_line_runs(line, workdir):
     how, extra, check = TWINS.get(line, ("as written", "", RUN_AS_WRITTEN.get(line)))
     if how == "skip":
