@@ -46,7 +46,7 @@ class MetricsLogger:
 
 
 def plot_training(records: list[dict], path: str | Path) -> Path | None:
-    """Loss and zero-shot accuracy against step (PNG), if there is anything to plot."""
+    """Loss and zero-shot accuracy against step, and the learning rate below (PNG), if there is anything to plot."""
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     if not losses:
         return None
@@ -56,14 +56,17 @@ def plot_training(records: list[dict], path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     evals = [(r["step"], r["zeroshot/acc1"]) for r in records if "zeroshot/acc1" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1))
     ax.plot(*zip(*losses, strict=True), label="train loss", color="tab:blue")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if evals:
         ax2 = ax.twinx()
         ax2.plot(*zip(*evals, strict=True), "o-", color="tab:orange", label="zero-shot top-1")
         ax2.set_ylabel("zero-shot top-1")
         ax2.set_ylim(0, 1)
+    if lrs:
+        ax_lr.plot(*zip(*lrs, strict=True), color="tab:green")
+    ax_lr.set(xlabel="step", ylabel="learning rate")
     fig.legend(loc="upper center", ncol=2)
     return save_figure(fig, path, dpi=120)
