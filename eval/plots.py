@@ -22,12 +22,11 @@ from torch import nn
 
 from eval.features import eval_mode
 from mmsoftmoe.figures import save_figure
-from mmsoftmoe.layers import SoftMoE
 
 
-def last_soft_moe(tower: nn.Module) -> SoftMoE | None:
-    """The tower's last Soft MoE layer (the MLP of its last MoE block), or None for a tower without one."""
-    layers = [module for module in tower.modules() if isinstance(module, SoftMoE)]
+def last_soft_moe(tower: nn.Module) -> nn.Module | None:
+    """The tower's last layer that declares token-to-slot `dispatch_weights` (a Soft MoE MLP), or None."""
+    layers = [module for module in tower.modules() if callable(getattr(module, "dispatch_weights", None))]
     return layers[-1] if layers else None
 
 
@@ -55,7 +54,7 @@ def dispatch_maps(tower: nn.Module, images: torch.Tensor, slots: Sequence[int]) 
     try:
         with torch.inference_mode(), eval_mode(tower):
             tower(images)
-            dispatch_bms, _ = layer.routing_weights(captured[-1])
+            dispatch_bms = layer.dispatch_weights(captured[-1])
     finally:
         handle.remove()
     grid_h, grid_w = tower.patch_embed.grid_size

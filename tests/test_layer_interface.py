@@ -52,7 +52,7 @@ def test_stats_and_aux_loss_are_collected_without_knowing_the_type(name):
     model(torch.randn(2, 6, 16))
     stats = collect_routing_stats(model)
     assert all(k.startswith("router/0/") for k in stats)
-    expected = {"soft": "dispatch_weights_min", "tokens_choice": "dropped_fraction",
+    expected = {"soft": "dispatch_weights_min_mean", "tokens_choice": "dropped_fraction",
                 "experts_choice": "processed_fraction", "dense": None}[name]
     assert (expected is None and stats == {}) or f"router/0/{expected}" in stats
     aux = collect_aux_loss(model)

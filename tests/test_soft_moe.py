@@ -115,12 +115,6 @@ def test_capacity_factor_sets_total_slots():
     assert layer.slots_per_expert == 5 and layer.phi.shape == (8, 4, 5)  # round(10 * 2 / 4)
 
 
-def test_phi_init_is_lecun_normal_and_scale_one():
-    layer = SoftMoE(256, 16, num_experts=64, slots_per_expert=4)
-    assert layer.scale.item() == 1.0
-    assert abs(layer.phi.std().item() - 1 / math.sqrt(256)) < 0.05 / math.sqrt(256)
-
-
 def test_unnormalised_variant_uses_raw_dot_products():
     layer = SoftMoE(8, 16, num_experts=2, slots_per_expert=1, normalize=False)
     x = torch.randn(1, 3, 8)
@@ -138,16 +132,34 @@ def test_noise_only_in_training():
 
 
 def test_stats_match_vmoe_definitions():
-    layer = _layer()
+    # vmoe SoftRouter.get_metrics on (g, m, n, p) weights: dispatch_weights.min(axis=1).mean(),
+    # combine_weights.min(axis=(2, 3)).mean(), and the same with max.
+    layer = _layer(n=3, p=2)
     x = torch.randn(3, 5, 8)
     layer(x)
-    dispatch, combine = layer.routing_weights(x)
+    dispatch, combine = (w.view(3, 5, 3, 2) for w in layer.routing_weights(x))
     stats = layer.last_stats
-    torch.testing.assert_close(stats["dispatch_weights_min"], dispatch.flatten(1).min(1).values.mean())
-    torch.testing.assert_close(stats["combine_weights_max"], combine.flatten(1).max(1).values.mean())
+    torch.testing.assert_close(stats["dispatch_weights_min_mean"], dispatch.amin(dim=1).mean())
+    torch.testing.assert_close(stats["dispatch_weights_max_mean"], dispatch.amax(dim=1).mean())
+    torch.testing.assert_close(stats["combine_weights_min_mean"], combine.amin(dim=(2, 3)).mean())
+    torch.testing.assert_close(stats["combine_weights_max_mean"], combine.amax(dim=(2, 3)).mean())
+    combine = combine.flatten(2)
     entropy = -(combine * combine.log()).sum(-1).mean()
     torch.testing.assert_close(stats["combine_entropy"], entropy)
     assert stats["scale"].item() == 2.5
+
+
+def test_stats_ignore_padding():
+    # With padding, the statistics are vmoe's over the real tokens only: the padded example's stats equal those
+    # of the same example without its padding.
+    layer = _layer(n=3, p=2)
+    x = torch.randn(1, 5, 8)
+    padded = torch.cat([x, torch.randn(1, 2, 8)], dim=1)
+    layer(x)
+    reference = dict(layer.last_stats)
+    layer(padded, mask=torch.tensor([[True] * 5 + [False] * 2]))
+    for key, value in reference.items():
+        torch.testing.assert_close(layer.last_stats[key], value, msg=key)
 
 
 def test_bf16_autocast_keeps_routing_in_float32():

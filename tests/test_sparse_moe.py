@@ -1,4 +1,9 @@
-"""Tokens Choice and Experts Choice against loop references of vmoe's routing rules (SPEC section 3)."""
+"""Tokens Choice and Experts Choice against loop references of vmoe's routing rules (SPEC section 3).
+
+Capacities follow vmoe `moe.compute_capacity` (written out again in `vmoe_capacity`), the aux losses
+`vmoe/nn/routing.py`'s `NoisyTopExpertsPerItemRouter`, Experts Choice the Soft MoE paper's config
+(`vmoe/projects/soft_moe/configs/common.py`, `get_vmoe_experts_choose_config`).
+"""
 
 import math
 
@@ -7,6 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from mmsoftmoe.layers import ExpertsChoiceMoE, TokensChoiceMoE
+
+
+def vmoe_capacity(num_tokens: int, num_experts: int, capacity_factor: float, ceil_or_round: str,
+                  multiple_of: int) -> int:
+    """vmoe `compute_capacity`: ceil or round of tokens * cf / experts, then up to a multiple of `multiple_of`."""
+    exact = num_tokens * capacity_factor / num_experts
+    capacity = int(math.ceil(exact)) if ceil_or_round == "ceil" else int(round(exact))
+    return capacity + (-capacity) % multiple_of
 
 
 def expert(layer, e: int, v: torch.Tensor) -> torch.Tensor:
@@ -22,7 +35,8 @@ def naive_tokens_choice(layer: TokensChoiceMoE, x: torch.Tensor, mask=None):
     outs, dropped, real = [], 0, 0
     for g, gm in zip(groups, masks, strict=True):
         s = g.shape[0]
-        cap = math.ceil(layer.top_k * s * layer.capacity_factor / layer.num_experts)
+        cap = vmoe_capacity(layer.top_k * s, layer.num_experts, layer.capacity_factor, "ceil",
+                            layer.capacity_multiple_of)
         gates = torch.softmax(g @ layer.router.weight.T, dim=-1)
         top_g, top_e = gates.topk(layer.top_k, dim=-1)
         order = list(range(s))
@@ -51,7 +65,8 @@ def naive_experts_choice(layer: ExpertsChoiceMoE, x: torch.Tensor):
     outs, processed, total = [], 0, 0
     for g in groups:
         s = g.shape[0]
-        cap = min(s, math.ceil(s * layer.capacity_factor / layer.num_experts))
+        cap = min(s, vmoe_capacity(s, layer.num_experts, layer.capacity_factor, layer.capacity_ceil_or_round,
+                                   layer.capacity_multiple_of))
         gates = torch.softmax(g @ layer.router.weight.T, dim=-1)
         y = torch.zeros(s, layer.out_features)
         chosen = set()
@@ -76,10 +91,11 @@ def _biased(layer):
 @pytest.mark.parametrize("routing", ["example", "batch"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("batch_priority", [True, False])
-@pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
-def test_tokens_choice_matches_loop_reference(routing, top_k, batch_priority, capacity_factor):
+@pytest.mark.parametrize(("capacity_factor", "multiple_of"), [(0.5, 1), (1.0, 1), (0.5, 4)])
+def test_tokens_choice_matches_loop_reference(routing, top_k, batch_priority, capacity_factor, multiple_of):
     layer = _biased(TokensChoiceMoE(6, 12, num_experts=4, top_k=top_k, capacity_factor=capacity_factor,
-                                    batch_priority=batch_priority, routing=routing))
+                                    capacity_multiple_of=multiple_of, batch_priority=batch_priority,
+                                    routing=routing))
     x = torch.randn(3, 7, 6)
     y_ref, dropped_ref = naive_tokens_choice(layer, x)
     torch.testing.assert_close(layer(x), y_ref, atol=1e-5, rtol=1e-5)
@@ -88,7 +104,8 @@ def test_tokens_choice_matches_loop_reference(routing, top_k, batch_priority, ca
 
 def test_tokens_choice_hand_built_drop():
     # Four tokens all prefer expert 0; capacity ceil(1 * 4 * 1 / 2) = 2 per expert.
-    layer = TokensChoiceMoE(2, 4, num_experts=2, top_k=1, capacity_factor=1.0, batch_priority=True).eval()
+    layer = TokensChoiceMoE(2, 4, num_experts=2, top_k=1, capacity_factor=1.0, capacity_multiple_of=1,
+                            batch_priority=True).eval()
     with torch.no_grad():
         layer.router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # logit_0 = x[0], logit_1 = 0
     x = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [4.0, 0.0]]])
@@ -107,7 +124,8 @@ def test_tokens_choice_hand_built_drop():
 
 def test_tokens_choice_first_choices_before_second():
     # Capacity 1 per expert (ceil(2 * 2 * 0.5 / 2)); token 1's *first* choice must beat token 0's second.
-    layer = TokensChoiceMoE(2, 4, num_experts=2, top_k=2, capacity_factor=0.5, batch_priority=False).eval()
+    layer = TokensChoiceMoE(2, 4, num_experts=2, top_k=2, capacity_factor=0.5, capacity_multiple_of=1,
+                            batch_priority=False).eval()
     with torch.no_grad():
         layer.router.weight.copy_(torch.eye(2))
     x = torch.tensor([[[2.0, 0.0], [0.0, 2.0]]])  # token 0 -> expert 0 first, token 1 -> expert 1 first
@@ -119,7 +137,7 @@ def test_tokens_choice_first_choices_before_second():
 
 
 def test_tokens_choice_padding_is_never_routed():
-    layer = _biased(TokensChoiceMoE(6, 12, num_experts=4, top_k=2, capacity_factor=0.5))
+    layer = _biased(TokensChoiceMoE(6, 12, num_experts=4, top_k=2, capacity_factor=0.5, capacity_multiple_of=1))
     x = torch.randn(2, 7, 6)
     mask = torch.tensor([[True] * 5 + [False] * 2] * 2)
     y_ref, dropped_ref = naive_tokens_choice(layer, x, mask)
@@ -139,8 +157,7 @@ def test_aux_losses_match_formulas():
     torch.manual_seed(5)
     logits = x @ layer.router.weight.T
     noisy = logits + torch.randn_like(logits) * (1.0 / n)
-    gates = torch.softmax(noisy, -1)
-    imp = gates.sum(1)  # (G, n)
+    imp = torch.softmax(logits, -1).sum(1)  # (G, n): vmoe's importance loss takes the clean gates
     importance = (imp.var(-1, unbiased=False) / imp.mean(-1) ** 2).mean()
     threshold = noisy.topk(2, -1).values[..., 1:]
     normal = torch.distributions.Normal(0.0, 1.0)
@@ -164,14 +181,38 @@ def test_experts_choice_matches_loop_reference(routing, capacity_factor):
     assert layer.last_stats["dropped_fraction"].item() == pytest.approx(1 - processed_ref)
 
 
+@pytest.mark.parametrize(
+    ("make", "tokens", "expected"),
+    [  # hand-computed from vmoe's rules
+        (lambda: TokensChoiceMoE(8, 8, num_experts=128, top_k=1), 196, 4),  # ceil(196 / 128) = 2 -> 4
+        (lambda: TokensChoiceMoE(8, 8, num_experts=16, top_k=2), 64, 8),  # ceil(128 / 16) = 8
+        (lambda: TokensChoiceMoE(8, 8, num_experts=4, top_k=1, capacity_factor=1.25), 20, 8),  # 7 -> 8
+        (lambda: ExpertsChoiceMoE(8, 8, num_experts=128), 196, 2),  # round(1.53) = 2
+        (lambda: ExpertsChoiceMoE(8, 8, num_experts=32), 64, 2),
+        (lambda: ExpertsChoiceMoE(8, 8, num_experts=8, capacity_factor=1.1), 20, 3),  # round(2.75)
+        (lambda: ExpertsChoiceMoE(8, 8, num_experts=8, capacity_factor=1.0), 20, 2),  # round(2.5): half to even
+    ],
+)
+def test_capacity_follows_vmoe_defaults(make, tokens, expected):
+    assert make().capacity(tokens) == expected
+
+
+def test_experts_choice_has_vmoe_noise_in_training_only():
+    layer = ExpertsChoiceMoE(6, 12, num_experts=4)
+    assert layer.noise_std == 1.0
+    x = torch.randn(2, 7, 6)
+    assert not torch.equal(layer.train()(x), layer(x))  # noise: two training calls differ
+    assert torch.equal(layer.eval()(x), layer(x))
+
+
 def test_experts_choice_overlap_drops_tokens():
-    # Four experts of capacity 1 (ceil(4 tokens / 4)); three of them have their largest gate at the same token.
+    # Four experts of capacity 1 (round(4 tokens / 4)); three of them have their largest gate at the same token.
     layer = ExpertsChoiceMoE(2, 4, num_experts=4, capacity_factor=1.0).eval()
     with torch.no_grad():
         layer.router.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [-3.0, 0.0]]))
     x = torch.tensor([[[0.1, 0.0], [0.2, 0.0], [0.3, 0.0], [2.0, 0.0]]])
     layer(x)
-    # capacity ceil(4 / 4) = 1: experts 0-2 all pick token 3 (largest gate); expert 3 picks token 0.
+    # capacity 1: experts 0-2 all pick token 3 (largest gate); expert 3 picks token 0.
     assert layer.last_stats["processed_fraction"].item() == 0.5
     assert layer.last_stats["experts_per_token_max"].item() == 3
 

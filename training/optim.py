@@ -1,7 +1,9 @@
-"""AdamW with open_clip's weight-decay exclusions plus Soft MoE's `phi`, and the learning-rate schedules.
+"""AdamW with the weight-decay exclusions the model declares, and the learning-rate schedules.
 
 No weight decay on 0-d/1-d parameters (norm gains, biases, `logit_scale`, `logit_bias`, Soft MoE's `scale`) as in
-open_clip, nor on Soft MoE's slot parameters `phi` (the paper: "none on phi"). Schedules are pure functions of the
+open_clip, nor on what the model's modules name in `no_weight_decay()` (Soft MoE's `phi` and expert biases, the
+positional embeddings): `mmsoftmoe.models.accounting.no_weight_decay_names`, the rule fine-tuning also follows
+through timm's optimizer factory. Schedules are pure functions of the
 step, so a resumed run needs no scheduler state:
 - cosine: linear warmup, then cosine decay to `min_lr_ratio * lr` (open_clip's default);
 - rsqrt: linear warmup, reciprocal square root decay (timescale = warmup, big_vision's `rsqrt`), and a linear
@@ -16,22 +18,13 @@ import math
 import torch
 from torch import nn
 
-from mmsoftmoe.layers import SoftMoE
-
-
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameter names excluded from weight decay."""
-    names = {n for n, p in model.named_parameters() if p.ndim < 2}
-    for module_name, module in model.named_modules():
-        if isinstance(module, SoftMoE):
-            names.add(f"{module_name}.phi" if module_name else "phi")
-    return names
+from mmsoftmoe.models.accounting import no_weight_decay_names
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, in a decayed and a non-decayed group."""
-    skip = no_decay_names(model)
+    skip = no_weight_decay_names(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: both towers are locked (model.lock_image and model.lock_text)")

@@ -8,13 +8,14 @@ from string import Template
 
 from mmsoftmoe.export.base import Format
 from mmsoftmoe.export.checkpoint import Checkpoint
-from mmsoftmoe.layers import SoftMoE, routed_layers
+from mmsoftmoe.layers import routed_layers
 
 PARAMETER_DEFINITIONS = (
     "Soft MoE has no per-image sparsity: every expert processes its slots of every image, so all parameters are "
     "used for every image. Its saving is compute: each MoE layer's experts process n x p slots instead of the m "
-    "tokens a dense MLP processes. *FLOP-equivalent active parameters* counts each Soft MoE layer's expert "
-    "parameters times p / m (slots per expert / tokens per image): a dense ViT with that many parameters spends "
+    "tokens a dense MLP processes. *FLOP-equivalent active parameters* counts each MoE layer's expert "
+    "parameters times the rows each expert processes per image over the tokens per image (p / m for Soft MoE, "
+    "buffer capacity / m for sparse routing): a dense ViT with that many parameters spends "
     "about the same matmul FLOPs per image. FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` over "
     "one forward pass at batch 1 (2 FLOPs per multiply-add: matmuls, convolutions, attention)."
 )
@@ -28,7 +29,7 @@ def table(rows: list[tuple[str, object]], header: tuple[str, str] = ("", "")) ->
 def architecture_section(ckpt: Checkpoint, report: dict) -> str:
     trunk = ckpt.trunk
     moe = f"{getattr(trunk, 'moe_layer', 'none')} / {list(getattr(trunk, 'moe_block_indices', ()))}"
-    soft = [layer for layer in routed_layers(trunk).values() if isinstance(layer, SoftMoE)]
+    moe = [layer for layer in routed_layers(trunk).values() if hasattr(layer, "experts")]
     rows = [
         ("image tower (timm name)", f"`{ckpt.architecture}`"),
         ("image size / patch size", f"{'x'.join(map(str, ckpt.image_size))} / {trunk.patch_embed.patch_size[0]}"),
@@ -38,8 +39,8 @@ def architecture_section(ckpt: Checkpoint, report: dict) -> str:
         ("pooling", trunk.global_pool or "none"),
         ("output", report["output"]),
     ]
-    if soft:
-        rows.insert(5, ("experts x slots per expert", f"{soft[0].num_experts} x {soft[0].slots_per_expert}"))
+    if moe:
+        rows.insert(5, ("MoE layer settings", f"`{moe[0].extra_repr()}`"))
     if report["projection"]:
         rows.insert(-1, ("projection", f"linear {trunk.num_features} -> {ckpt.projection.out_features}"))
     text = "## Architecture\n\n" + table(rows)

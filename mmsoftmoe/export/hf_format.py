@@ -24,31 +24,25 @@ from mmsoftmoe.export.base import Format
 from mmsoftmoe.export.checkpoint import Checkpoint
 from mmsoftmoe.export.hf_remote_code.configuration_mmsoftmoe import MMSoftMoEVisionConfig
 from mmsoftmoe.export.hf_remote_code.modeling_mmsoftmoe import MMSoftMoEVisionModel
-from mmsoftmoe.layers import DenseMLP, SoftMoE
 from mmsoftmoe.models.mmsoftmoe_vit import MODEL_ARGS
 
 _MOE_ARGS = ("moe_layer", "moe_blocks", "moe_kwargs")
 
 
 def soft_moe_blocks(trunk: nn.Module) -> tuple[list[int], dict]:
-    """Indices of the Soft MoE blocks and the vendored layer's arguments (the layers are alike by construction)."""
+    """Indices of the Soft MoE blocks and the vendored layer's arguments, from each layer's `export_spec()`:
+    {} keeps timm's MLP, a dict configures the vendored Soft MoE, None means no vendored code exists for it."""
     mlps = {i: trunk.blocks[i].mlp for i in getattr(trunk, "moe_block_indices", ())}
-    unsupported = sorted({type(m).__name__ for m in mlps.values() if not isinstance(m, (SoftMoE, DenseMLP))})
+    specs = {i: getattr(m, "export_spec", lambda: None)() for i, m in mlps.items()}
+    unsupported = sorted({type(mlps[i]).__name__ for i, spec in specs.items() if spec is None})
     if unsupported:
-        raise ValueError(f"hf export vendors the Soft MoE layer only; this tower uses {unsupported}: "
-                         "export it with --format timm, open_clip, onnx or torch_export")
-    soft = {i: m for i, m in mlps.items() if isinstance(m, SoftMoE)}
+        raise ValueError(f"hf export vendors the Soft MoE layer (soft dispatch and combine, GELU experts) only; "
+                         f"this tower uses {unsupported}: export it with --format timm, open_clip, onnx or "
+                         "torch_export")
+    soft = {i: spec for i, spec in specs.items() if spec}
     if not soft:
         return [], {}
-    layer = next(iter(soft.values()))
-    ablated = sorted({f"{m.dispatch}/{m.combine}" for m in soft.values() if {m.dispatch, m.combine} != {"soft"}})
-    if ablated:
-        raise ValueError(f"hf export vendors soft dispatch and combine only; this tower uses the routing ablation(s) "
-                         f"{ablated}: export it with --format timm, open_clip, onnx or torch_export")
-    if type(layer.experts.act) is not nn.GELU or layer.experts.act.approximate != "none":
-        raise ValueError(f"hf export vendors GELU experts only; this tower's experts use {layer.experts.act}")
-    return sorted(soft), dict(num_experts=layer.num_experts, slots_per_expert=layer.slots_per_expert,
-                              normalize=layer.normalize, bias=layer.experts.b1 is not None)
+    return sorted(soft), next(iter(soft.values()))
 
 
 def hf_config(ckpt: Checkpoint, proj: bool) -> MMSoftMoEVisionConfig:

@@ -12,6 +12,8 @@ from mmsoftmoe.layers.routing_stats import RoutingStatsMixin
 class DenseMLP(RoutingStatsMixin, Mlp):
     """timm's ViT MLP, callable as `layer(x, mask=None)`; it has no routing, so its statistics are empty."""
 
+    uses_all_parameters = True
+
     def __init__(
         self,
         in_features: int,
@@ -22,7 +24,6 @@ class DenseMLP(RoutingStatsMixin, Mlp):
         drop: float = 0.0,
         *,
         norm_layer: type[nn.Module] | None = None,
-        num_tokens: int | None = None,  # accepted for a uniform constructor; unused
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -33,3 +34,16 @@ class DenseMLP(RoutingStatsMixin, Mlp):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         y = super().forward(x)
         return y if mask is None else y * mask[..., None].to(y.dtype)
+
+    def no_weight_decay(self) -> set[str]:
+        """Nothing beyond the biases, which every optimizer rule here skips as 1-d parameters."""
+        return set()
+
+    def flops_per_example(self, num_tokens: int) -> int:
+        """Forward matmul FLOPs (2 per multiply-add) for one example: fc1 and fc2 on every token."""
+        return 2 * num_tokens * (self.fc1.in_features * self.fc1.out_features
+                                 + self.fc2.in_features * self.fc2.out_features)
+
+    def export_spec(self) -> dict:
+        """timm's `Mlp` as it is: the vendored ViT keeps its own MLP here."""
+        return {}

@@ -22,14 +22,22 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.layers.activations import GELU, GELUTanh
 from torch import nn
 
-from mmsoftmoe.layers.base import ExpertLayerBase, autocast_off, check_positive
+from mmsoftmoe.layers.base import ExpertLayerBase, autocast_off, check_positive, compute_capacity
 from mmsoftmoe.layers.experts import lecun_normal_
 
 _L2N_EPS = 1e-6  # vmoe's `normalize`: x * rsqrt(sum(x**2) + 1e-6)
 # The paper's routing ablations (section 5, Table 3): learned ("soft"), uniform, or identity (slot i = token i).
 WEIGHT_MODES = ("soft", "uniform", "identity")
+
+
+def gelu_approximation(act: nn.Module) -> str | None:
+    """`F.gelu`'s `approximate` argument that `act` computes ("none" or "tanh"), or None if it is no GELU."""
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    return {GELU: "none", GELUTanh: "tanh"}.get(type(act))
 
 
 def l2_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -55,14 +63,8 @@ def resolve_slots_per_expert(
     if num_tokens is None:
         raise ValueError("capacity_factor needs num_tokens (tokens per example) to size the slots")
     check_positive(num_tokens=num_tokens)
-    slots = round(num_tokens * capacity_factor / num_experts)
-    if slots < 1:
-        raise ValueError(
-            f"capacity_factor={capacity_factor} gives {num_tokens * capacity_factor / num_experts:.3f} slots per "
-            f"expert for num_tokens={num_tokens} and num_experts={num_experts}; raise capacity_factor to at least "
-            f"{0.5 * num_experts / num_tokens:.3g} or use fewer experts"
-        )
-    return slots
+    # vmoe SoftRouter: moe.compute_capacity(group_size, num_experts, capacity_factor, 'round', multiple_of=1)
+    return compute_capacity(num_tokens, num_experts, capacity_factor, "round", 1)
 
 
 class SoftMoE(ExpertLayerBase):
@@ -81,7 +83,9 @@ class SoftMoE(ExpertLayerBase):
         noise_std: Std of Gaussian noise added to the logits in training (vmoe option, default off).
         dispatch, combine: "soft" (the layer), or the paper's ablations: "uniform" (every slot the mean of the
             tokens / every output the mean of the slots) or "identity" (slot i is token i; needs n * p = m).
-        act_layer, bias, drop: As timm's `Mlp`, per expert.
+        expert_init: "vmoe" (one shared xavier-uniform draw for every expert, as the reference) or
+            "independent" (timm's MLP init per expert); see `mmsoftmoe.layers.experts`.
+        act_layer, bias, drop: As timm's `Mlp`, per expert (the registered towers pass vmoe's tanh-GELU).
     """
 
     def __init__(
@@ -101,13 +105,14 @@ class SoftMoE(ExpertLayerBase):
         noise_std: float = 0.0,
         dispatch: str = "soft",
         combine: str = "soft",
+        expert_init: str = "vmoe",
         norm_layer: type[nn.Module] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         slots = resolve_slots_per_expert(num_experts, slots_per_expert, capacity_factor, num_tokens)
         super().__init__(in_features, hidden_features, out_features, num_experts, act_layer, bias, drop,
-                         norm_layer, device, dtype)
+                         expert_init, norm_layer, device, dtype)
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         for name, mode in (("dispatch", dispatch), ("combine", combine)):
@@ -128,8 +133,10 @@ class SoftMoE(ExpertLayerBase):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """`phi` LeCun normal (fan-in d), `scale` 1, experts as timm's MLP."""
-        lecun_normal_(self.phi, fan_in=self.in_features)
+        """`phi` as vmoe's `mu`: JAX's `lecun_normal()` on a (d, n, p) kernel, whose fan-in is
+        `shape[-2] * prod(shape[:-2])` = n * d (`jax.nn.initializers.variance_scaling`, in_axis=-2), not d;
+        `scale` 1; experts per `expert_init`."""
+        lecun_normal_(self.phi, fan_in=self.num_experts * self.in_features)
         if self.scale is not None:
             nn.init.ones_(self.scale)
         self.experts.init_weights()
@@ -197,27 +204,53 @@ class SoftMoE(ExpertLayerBase):
     def _stats(
         self, dispatch_bms: torch.Tensor, combine_bms: torch.Tensor, mask: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        """vmoe's per-layer metrics (batch mean of per-example min/max weights), entropies and `scale`."""
-        real = torch.ones_like(dispatch_bms[..., :1], dtype=torch.bool) if mask is None else mask[..., None]
-        stats = {}
-        for name, w in (("dispatch", dispatch_bms), ("combine", combine_bms)):
-            low, high = (w, w) if mask is None else (w.masked_fill(~real, math.inf), w.masked_fill(~real, -math.inf))
-            stats[f"{name}_weights_min"] = low.amin(dim=(1, 2)).mean()
-            stats[f"{name}_weights_max"] = high.amax(dim=(1, 2)).mean()
-        # Entropy of each slot's distribution over tokens, and of each real token's over slots (nats).
-        stats["dispatch_entropy"] = torch.special.entr(dispatch_bms).sum(dim=1).mean()
-        combine_entropy_bm = torch.special.entr(combine_bms).sum(dim=2)
-        real_bm = real[..., 0].to(combine_entropy_bm.dtype)
-        stats["combine_entropy"] = (combine_entropy_bm * real_bm).sum() / real_bm.sum().clamp(min=1)
+        """vmoe `SoftRouter.get_metrics`, the entropies and `scale`.
+
+        `dispatch_weights_{min,max}_mean`: each slot's min/max weight over the (real) tokens, averaged over slots
+        and examples; `combine_weights_{min,max}_mean`: each real token's min/max weight over the slots, averaged
+        over tokens and examples. Entropies in nats: each slot's over tokens, each real token's over slots.
+        """
+        real_bm1 = torch.ones_like(dispatch_bms[..., :1], dtype=torch.bool) if mask is None else mask[..., None]
+        real_bm = real_bm1[..., 0].to(combine_bms.dtype)
+        num_real = real_bm.sum().clamp(min=1)
+        stats = {
+            "dispatch_weights_min_mean": dispatch_bms.masked_fill(~real_bm1, math.inf).amin(dim=1).mean(),
+            "dispatch_weights_max_mean": dispatch_bms.masked_fill(~real_bm1, -math.inf).amax(dim=1).mean(),
+            "combine_weights_min_mean": (combine_bms.amin(dim=2) * real_bm).sum() / num_real,
+            "combine_weights_max_mean": (combine_bms.amax(dim=2) * real_bm).sum() / num_real,
+            "dispatch_entropy": torch.special.entr(dispatch_bms).sum(dim=1).mean(),
+            "combine_entropy": (torch.special.entr(combine_bms).sum(dim=2) * real_bm).sum() / num_real,
+        }
         if self.scale is not None:
             stats["scale"] = self.scale.detach().float()
         return stats
 
-    def flops_per_example(self, num_tokens: int) -> int:
-        """Forward FLOPs (2 x multiply-adds) for one example of `num_tokens` tokens."""
+    def no_weight_decay(self) -> set[str]:
+        """`phi` (vmoe decays `.*/kernel` only; `mu` is not a kernel) and the expert biases.
+
+        `scale` is 0-d, so every optimizer rule here leaves it undecayed, as vmoe's image-text recipe does
+        (`pretrain_laion.py`: weight decay on `.*/kernel` only); vmoe's JFT recipe decays it (0.03).
+        """
+        return {"phi", *super().no_weight_decay()}
+
+    def dispatch_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Token-to-slot weights (b, m, s) of input x: what dispatch plots draw."""
+        return self.routing_weights(x)[0]
+
+    def expert_rows_per_example(self, num_tokens: int) -> int:
+        return self.slots_per_expert
+
+    def router_flops_per_example(self, num_tokens: int) -> int:
         m, d, s = num_tokens, self.in_features, self.num_slots
-        router = 2 * m * d * s + 2 * m * s * d + 2 * m * s * self.out_features  # logits, slots, combine
-        return router + s * self.experts.flops_per_input()
+        return 2 * m * d * s + 2 * m * s * d + 2 * m * s * self.out_features  # logits, slots, combine
+
+    def export_spec(self) -> dict | None:
+        """The vendored Soft MoE's settings; None for the routing ablations and non-GELU experts (not vendored)."""
+        gelu = gelu_approximation(self.experts.act)
+        if self.dispatch != "soft" or self.combine != "soft" or gelu is None:
+            return None
+        return dict(num_experts=self.num_experts, slots_per_expert=self.slots_per_expert, normalize=self.normalize,
+                    bias=self.experts.b1 is not None, gelu_approximate=gelu)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "

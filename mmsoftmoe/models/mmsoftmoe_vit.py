@@ -2,7 +2,9 @@
 
 Architectures follow the paper's configs (Puigcerver et al. 2024, Table 9 / vmoe `configs/common.py`): the MoE
 replaces the MLP of the last half of the blocks, one slot per expert, expert width = the dense MLP width,
-global average pooling after the final norm, query-key normalisation in attention, no class token. `micro` and
+global average pooling after the final norm, query-key normalisation in attention, no class token, and the
+tanh-approximate GELU of every vmoe MLP (flax `nn.gelu`; `timm.create_model(name, act_layer="gelu")` for the exact
+one). Experts start from vmoe's shared init (`moe_kwargs=dict(expert_init="independent")` for timm's per-expert one). `micro` and
 `mini` are CPU-sized towers for tests, the demo and the small-scale study; `base_patch16_256` is the tower of the
 paper's image-text recipe (App. F.1).
 
@@ -41,7 +43,7 @@ STUDY_TOWERS = ("micro_patch4_32", "mini_patch8_64")
 ROUTING_ABLATIONS = (("soft", "uniform"), ("uniform", "soft"), ("uniform", "uniform"), ("identity", "identity"))
 
 # The paper's ViT recipe shared by every tower (vmoe: GAP after the encoder norm, qk-norm, no class token).
-_COMMON = dict(mlp_ratio=4.0, qk_norm=True, class_token=False, global_pool="avg", fc_norm=False)
+_COMMON = dict(mlp_ratio=4.0, qk_norm=True, class_token=False, global_pool="avg", fc_norm=False, act_layer="gelu_tanh")
 
 
 def matched_slots_per_expert(tower: str) -> int:

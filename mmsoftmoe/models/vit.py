@@ -46,10 +46,14 @@ _SET_BY_MODEL = ("in_features", "hidden_features", "out_features", "act_layer", 
                  "norm_layer", "device", "dtype")
 
 
+def layer_arguments(layer_cls: type[nn.Module]) -> set[str]:
+    """Keyword arguments `layer_cls` takes."""
+    return set(inspect.signature(layer_cls.__init__).parameters) - {"self"}
+
+
 def check_layer_kwargs(layer_cls: type[nn.Module], moe_kwargs: dict) -> None:
     """Reject `moe_kwargs` keys that `layer_cls` does not take, or that the model sets itself."""
-    params = inspect.signature(layer_cls.__init__).parameters
-    valid = sorted(k for k in params if k not in ("self", *_SET_BY_MODEL))
+    valid = sorted(layer_arguments(layer_cls) - set(_SET_BY_MODEL))
     bad = sorted(k for k in moe_kwargs if k not in valid)
     if bad:
         raise ValueError(f"moe_kwargs {bad} not accepted by {layer_cls.__name__}; valid keys: {valid}")
@@ -78,8 +82,9 @@ class MoEVisionTransformer(VisionTransformer):
         super().__init__(**kwargs)
         self.moe_layer = moe_layer
         self.moe_block_indices = resolve_moe_blocks(moe_blocks, len(self.blocks))
-        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
+        model_args = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
+        if "num_tokens" in layer_arguments(layer_cls):  # layers sized by the tokens per image (Soft MoE slots)
+            model_args["num_tokens"] = self.patch_embed.num_patches + self.num_prefix_tokens
         act_layer = get_act_layer(kwargs.get("act_layer")) or nn.GELU
         for i in self.moe_block_indices:
             dense = self.blocks[i].mlp
@@ -89,10 +94,16 @@ class MoEVisionTransformer(VisionTransformer):
                 act_layer=act_layer,
                 bias=dense.fc1.bias is not None,
                 drop=kwargs.get("proj_drop_rate", 0.0),
-                num_tokens=num_tokens,
                 **(moe_kwargs or {}),
-                **dd,
+                **model_args,
             )
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's (`pos_embed`, class/register tokens) and every MoE layer's own (`phi`, expert biases), by full name:
+        timm's optimizer factory reads this, and `mmsoftmoe.models.accounting.no_weight_decay_names` reads the same
+        layer declarations."""
+        layers = {f"{name}.{param}" for name, layer in routed_layers(self).items() for param in layer.no_weight_decay()}
+        return super().no_weight_decay() | layers
 
     def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per MoE block, the routing statistics of the last forward (detached tensors)."""

@@ -14,7 +14,8 @@ class MMSoftMoEVisionConfig(PretrainedConfig):
     Args:
         vit_kwargs: Arguments of timm's `VisionTransformer` (img_size, patch_size, embed_dim, depth, ...).
         moe_block_indices: Blocks whose MLP is a Soft MoE layer.
-        moe_kwargs: Soft MoE settings: `num_experts`, `slots_per_expert`, `normalize`, `bias`.
+        moe_kwargs: Soft MoE settings: `num_experts`, `slots_per_expert`, `normalize`, `bias`,
+            `gelu_approximate` ("none" or "tanh").
         projection_dim: Width of the linear projection after pooling (the CLIP embedding); 0 for none.
         projection_bias: Whether that projection has a bias.
         image_mean, image_std: Per-channel normalisation the encoder expects of its input pixels.

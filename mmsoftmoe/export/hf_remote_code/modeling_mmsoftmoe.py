@@ -36,15 +36,16 @@ def l2_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class StackedExperts(nn.Module):
-    """n expert MLPs d -> h -> d (GELU), stacked: w1 (n, d, h), w2 (n, h, d); input (n, k, d)."""
+    """n expert MLPs d -> h -> d (GELU, exact or tanh-approximate), stacked: w1 (n, d, h), w2 (n, h, d); input
+    (n, k, d)."""
 
-    def __init__(self, num_experts: int, width: int, hidden: int, bias: bool) -> None:
+    def __init__(self, num_experts: int, width: int, hidden: int, bias: bool, gelu_approximate: str) -> None:
         super().__init__()
         self.w1 = nn.Parameter(torch.zeros(num_experts, width, hidden))
         self.w2 = nn.Parameter(torch.zeros(num_experts, hidden, width))
         self.b1 = nn.Parameter(torch.zeros(num_experts, 1, hidden)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(num_experts, 1, width)) if bias else None
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate=gelu_approximate)
 
     @staticmethod
     def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -58,14 +59,14 @@ class SoftMoE(nn.Module):
     """Soft MoE MLP: slots are softmax-over-tokens mixes of the input, outputs softmax-over-slots mixes."""
 
     def __init__(self, width: int, hidden: int, num_experts: int, slots_per_expert: int = 1,
-                 normalize: bool = True, bias: bool = True) -> None:
+                 normalize: bool = True, bias: bool = True, gelu_approximate: str = "none") -> None:
         super().__init__()
         self.width, self.num_experts, self.slots_per_expert = width, num_experts, slots_per_expert
         self.num_slots = num_experts * slots_per_expert
         self.normalize = normalize
         self.phi = nn.Parameter(torch.zeros(width, num_experts, slots_per_expert))
         self.scale = nn.Parameter(torch.ones(())) if normalize else None
-        self.experts = StackedExperts(num_experts, width, hidden, bias)
+        self.experts = StackedExperts(num_experts, width, hidden, bias, gelu_approximate)
 
     def router_logits(self, x_bmd: torch.Tensor) -> torch.Tensor:
         """Token-slot logits (b, m, s) in float32 (float64 for float64 input)."""
