@@ -300,4 +300,4 @@ def test_user_errors(tmp_path, cache):
         load_pairs(str(tmp_path / "p.parquet"), image_column="img", cache_dir=cache)
     with pytest.raises(ValueError, match="rank"):
         load_pairs(str(tmp_path / "p.parquet"), streaming=True, rank=2, world_size=2)
-    assert set(FORMATS) == {"imagefolder", "parquet", "arrow", "webdataset"}
+    assert set(FORMATS) == {"imagefolder", "parquet", "arrow", "webdataset", "csv"}

@@ -50,10 +50,20 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = setting("shapes", "'shapes' (built-in generated pairs) or a path / glob / comma list of pair files")
-    format: str | None = setting(None, "imagefolder | parquet | arrow | webdataset (inferred when None)")
-    image_column: str | None = setting(None, "image column (';' separates alternatives); None: inferred")
-    caption_column: str | None = setting(None, "caption column; None: inferred (caption, text, txt)")
-    streaming: bool = setting(False, "read the files lazily instead of preparing an Arrow cache")
+    format: str | None = setting(None, "imagefolder | parquet | arrow | webdataset | csv (inferred when None)")
+    image_column: str | None = setting(None, "image column (';' separates alternatives); None: inferred (csv: "
+                                             "filepath, paths relative to the csv file)")
+    caption_column: str | None = setting(None, "caption column; None: inferred (caption, text, txt; csv: title)")
+    csv_separator: str | None = setting(None, "csv column separator; None: a tab for .tsv files, else a comma")
+    streaming: bool = setting(False, "stream WebDataset .tar shards (endless, shuffled, exactly resumable) instead "
+                                     "of preparing an Arrow cache")
+    resampled: bool = setting(False, "streaming: draw shards with replacement (a run is steps, not epochs)")
+    shuffle_buffer: int = setting(1000, "streaming: samples per shuffled window of each reader (0: shard order)",
+                                  minimum=0)
+    max_image_pixels: int = setting(40_000_000, "larger images are decoded reduced (JPEG) or skipped and counted",
+                                    minimum=1)
+    allow_repeats_in_batch: bool = setting(False, "accept batch_size > dataset size (batches then hold pairs "
+                                                  "twice, which the contrastive loss counts as negatives)")
     num_samples: int = setting(100_000, "size of the built-in dataset", minimum=1)
     image_seed: int = setting(0, "seed of the built-in dataset")
     num_workers: int = setting(2, "DataLoader worker processes per training process", minimum=0)
@@ -130,7 +140,7 @@ CHOICES = {
     "precision": ("no", "bf16", "fp16"),
     "optim.schedule": ("cosine", "rsqrt", "constant"),
     "model.pretrained_towers": ("both", "image", "text"),
-    "data.format": (None, "imagefolder", "parquet", "arrow", "webdataset"),
+    "data.format": (None, "imagefolder", "parquet", "arrow", "webdataset", "csv"),
 }
 
 

@@ -24,9 +24,12 @@ raises a ValueError naming the source. The built-in `ShapesCaptions` goes throug
 
 from __future__ import annotations
 
+import csv
 import glob
 import io
+import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from datasets.data_files import EmptyDatasetError
 from datasets.distributed import split_dataset_by_node
@@ -43,23 +47,63 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-FORMATS: tuple[str, ...] = ("imagefolder", "parquet", "arrow", "webdataset")
-_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
+FORMATS: tuple[str, ...] = ("imagefolder", "parquet", "arrow", "webdataset", "csv")
+_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset", ".csv": "csv", ".tsv": "csv"}
+_CSV_COLUMNS = ("filepath", "title")  # open_clip's --csv-img-key and --csv-caption-key defaults
 _METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 _WEBDATASET_IMAGE = "jpg;jpeg;png;webp"
 _IMAGE_CANDIDATES = ("image", "img", "jpg", "png")
 _CAPTION_CANDIDATES = ("caption", "text", "txt")
 _LOGGED_SKIPS = 5  # bad samples logged one by one per process; after that, only at counts 10, 100, 1000, ...
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+MAX_IMAGE_PIXELS = 40_000_000  # 40 MP: larger JPEGs decode at a reduced scale, other formats are skipped
+SKIP_LOG_NAME = "skipped_samples.jsonl"
 
 Tokenizer = Callable[[str], torch.Tensor]
 
 
-def decode_image(value: Any) -> Image.Image:
-    """Decode an image given as a PIL image, encoded bytes, a path, or a {"bytes", "path"} dict, to RGB.
+def _bounded(image: Image.Image, max_pixels: int) -> None:
+    """Refuse an image of more than `max_pixels` pixels before its pixels are decoded; a JPEG is instead decoded at
+    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL `draft`), which costs a fraction of a full decode."""
+    pixels = image.width * image.height
+    if pixels <= max_pixels:
+        return
+    if image.format == "JPEG":
+        factor = 2 ** math.ceil(math.log2(math.sqrt(pixels / max_pixels)))
+        image.draft("RGB", (math.ceil(image.width / factor), math.ceil(image.height / factor)))
+        if image.width * image.height <= max_pixels:
+            return
+    raise ValueError(f"{image.width}x{image.height} = {pixels} pixels is more than max_pixels={max_pixels} "
+                     "(data.max_image_pixels); resize the file or raise the limit")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's `convert("RGB")` clips 16-bit greyscale at 255; scale it (65535 -> 255) instead, and scale
+    float images holding [0, 1]."""
+    if image.mode.startswith("I"):  # "I;16", "I;16B", ... (16-bit PNG, TIFF) and "I" (32-bit integers)
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{image.mode} image with values in [{values.min():g}, {values.max():g}], beyond 16 "
+                             "bits; convert it to 8 or 16-bit")
+        return Image.fromarray(np.round(values / 257).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise ValueError(f"float image with values in [{values.min():g}, {values.max():g}], not [0, 1]; "
+                             "convert it to 8 or 16-bit")
+        return Image.fromarray(np.round(values * 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(value: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image given as a PIL image, encoded bytes, a path, or a {"bytes", "path"} dict, to 8-bit RGB.
+
+    High-bit-depth images are scaled to 8 bits, not clipped (`_to_rgb`); an image over `max_pixels` is decoded
+    reduced (JPEG) or refused (other formats) before its pixels are read (`_bounded`).
 
     Raises:
-        OSError, ValueError, SyntaxError, EOFError: the data is not a readable image (PIL's errors).
+        OSError, ValueError, SyntaxError, EOFError, DecompressionBombError (`DECODE_ERRORS`): the data is not a
+            readable image, is truncated, or is too large.
     """
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
@@ -69,8 +113,19 @@ def decode_image(value: Any) -> Image.Image:
         value = Image.open(value)
     if not isinstance(value, Image.Image):
         raise ValueError(f"cannot read an image from a value of type {type(value).__name__}")
+    _bounded(value, max_pixels)
     value.load()
-    return value.convert("RGB")
+    return _to_rgb(value)
+
+
+def count_skipped(skip_log: str | os.PathLike) -> int:
+    """Distinct bad samples recorded in a skip log (`SKIP_LOG_NAME` in a run folder), whichever process wrote them
+    and however often each was met; 0 if there is no log."""
+    path = Path(skip_log)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    return len({(entry["source"], entry["key"]) for entry in map(json.loads, filter(None, lines))})
 
 
 def _is_power_of_ten(count: int) -> bool:
@@ -86,7 +141,10 @@ def _process_tag() -> str:
 class _PairConverter:
     """Turns one raw example into {"image", "text"}, or None (counted and logged) when it is unusable.
 
-    The base of both pair datasets: it holds their skip counters.
+    The base of the pair datasets: it holds their skip counters. A bad sample is counted once per process however
+    often it is met (a map-style replacement search meets a bad neighbour again); with `skip_log` set, each process
+    appends it as one JSON line {"source", "key", "reason"} to that file, so `count_skipped(skip_log)` gives the
+    distinct count over every DataLoader worker, process and resumed run.
     """
 
     def __init__(
@@ -96,21 +154,32 @@ class _PairConverter:
         transform: Callable | None,
         tokenizer: Tokenizer | None,
         name: str,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        skip_log: str | os.PathLike | None = None,
     ) -> None:
         self.image_columns = image_column.split(";")
         self.caption_column = caption_column
         self.transform = transform
         self.tokenizer = tokenizer
         self.name = name
+        self.max_pixels = max_pixels
+        self.skip_log = skip_log
         self.num_bad_images = 0
         self.num_empty_captions = 0
         self.skipped_examples: list[tuple[Any, str]] = []  # the first few (key, reason), for the log and for tests
+        self._skipped_keys: set[tuple[str, str]] = set()
 
     @property
     def num_skipped(self) -> int:
         return self.num_bad_images + self.num_empty_captions
 
-    def _skip(self, key: Any, reason: str, bad_image: bool) -> None:
+    def _skip(self, source: str, key: Any, reason: str, bad_image: bool) -> None:
+        if (source, str(key)) in self._skipped_keys:
+            return
+        self._skipped_keys.add((source, str(key)))
+        if self.skip_log is not None:
+            with open(self.skip_log, "a") as log:  # one short write per line: appends from processes do not mix
+                log.write(json.dumps({"source": source, "key": str(key), "reason": reason[:300]}) + "\n")
         if bad_image:
             self.num_bad_images += 1
         else:
@@ -128,23 +197,27 @@ class _PairConverter:
     def _image_value(self, example: dict[str, Any]) -> Any:
         return next((example[c] for c in self.image_columns if example.get(c) is not None), None)
 
-    def convert(self, example: dict[str, Any], default_key: Any) -> dict[str, Any] | None:
-        """The transformed image and the (tokenized) caption of `example`, or None if either is unusable."""
+    def convert(self, example: dict[str, Any], default_key: Any, source: str | None = None) -> dict[str, Any] | None:
+        """The transformed image and the (tokenized) caption of `example`, or None if either is unusable.
+
+        `source` (default: the dataset's name) and the key identify a skipped sample in the log.
+        """
         value = self._image_value(example)
         key = example.get("__key__") or (value.get("path") if isinstance(value, dict) else None) or default_key
+        source = source or self.name
         caption = example.get(self.caption_column)
         if not isinstance(caption, str) or not caption.strip():
-            self._skip(key, f"empty caption {caption!r}", bad_image=False)
+            self._skip(source, key, f"empty caption {caption!r}", bad_image=False)
             return None
         if value is None:
-            self._skip(key, f"no image in column {';'.join(self.image_columns)!r}", bad_image=True)
+            self._skip(source, key, f"no image in column {';'.join(self.image_columns)!r}", bad_image=True)
             return None
         try:
-            image = decode_image(value)
-        except _DECODE_ERRORS as err:
+            image = decode_image(value, self.max_pixels)
+        except DECODE_ERRORS as err:
             # PIL names in-memory data by its repr ("<_io.BytesIO object at 0x...>"): say "bytes" instead.
             message = re.sub(r"<_io\.BytesIO object at \w+>", "bytes", str(err))
-            self._skip(key, f"unreadable image: {message}", bad_image=True)
+            self._skip(source, key, f"unreadable image: {message}", bad_image=True)
             return None
         return {"image": self.transform(image) if self.transform else image, "text": self._text(caption.strip())}
 
@@ -168,6 +241,8 @@ class PairDataset(_PairConverter, torch.utils.data.Dataset):
         transform: applied to the RGB PIL image, e.g. `train_transform(...)`.
         tokenizer: str -> LongTensor (e.g. `open_clip.get_tokenizer(...)`); None keeps captions as strings.
         name: names the data in logs and errors (e.g. the source path).
+        max_pixels: larger images are decoded reduced (JPEG) or skipped (`decode_image`).
+        skip_log: a JSON-lines file each skipped sample is appended to (see `count_skipped`).
     """
 
     def __init__(
@@ -178,8 +253,11 @@ class PairDataset(_PairConverter, torch.utils.data.Dataset):
         transform: Callable | None = None,
         tokenizer: Tokenizer | None = None,
         name: str | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        skip_log: str | os.PathLike | None = None,
     ) -> None:
-        super().__init__(image_column, caption_column, transform, tokenizer, name or type(data).__name__)
+        super().__init__(image_column, caption_column, transform, tokenizer, name or type(data).__name__,
+                         max_pixels, skip_log)
         self.data = data
         if len(data) == 0:
             raise ValueError(f"{self.name}: the dataset is empty; point the source at image-text pairs")
@@ -213,6 +291,8 @@ class IterablePairDataset(_PairConverter, torch.utils.data.IterableDataset):
         transform: applied to the RGB PIL image.
         tokenizer: str -> LongTensor; None keeps captions as strings.
         name: names the data in logs and errors.
+        max_pixels: larger images are decoded reduced (JPEG) or skipped (`decode_image`).
+        skip_log: a JSON-lines file each skipped sample is appended to (see `count_skipped`).
     """
 
     def __init__(
@@ -223,8 +303,11 @@ class IterablePairDataset(_PairConverter, torch.utils.data.IterableDataset):
         transform: Callable | None = None,
         tokenizer: Tokenizer | None = None,
         name: str | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        skip_log: str | os.PathLike | None = None,
     ) -> None:
-        super().__init__(image_column, caption_column, transform, tokenizer, name or type(data).__name__)
+        super().__init__(image_column, caption_column, transform, tokenizer, name or type(data).__name__,
+                         max_pixels, skip_log)
         self.data = data
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -243,7 +326,7 @@ class IterablePairDataset(_PairConverter, torch.utils.data.IterableDataset):
             )
 
 
-def _expand_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def expand_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """Paths named by `source`: paths or glob patterns, one or a list; raises FileNotFoundError for a missing one."""
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
@@ -277,11 +360,32 @@ def _infer_format(paths: list[Path], name: str) -> str:
 
 def _data_files(paths: list[Path], fmt: str) -> list[str]:
     """The files of format `fmt` among `paths`, folders expanded to their matching files."""
-    suffix = next(s for s, f in _EXTENSIONS.items() if f == fmt)
+    suffixes = [s for s, f in _EXTENSIONS.items() if f == fmt]
     files = []
     for path in paths:
-        files.extend(sorted(map(str, path.glob(f"*{suffix}"))) if path.is_dir() else [str(path)])
+        found = [str(p) for p in path.iterdir() if p.suffix.lower() in suffixes] if path.is_dir() else [str(path)]
+        files.extend(sorted(found))
     return files
+
+
+def _load_csv(paths: list[Path], image_column: str, separator: str | None, **kwargs: Any) -> Any:
+    """CSV/TSV files (open_clip's `--csv-*` layout), one per row: image paths relative to the file's folder are
+    made absolute. `separator` None: a tab for .tsv files, else a comma."""
+    parts = []
+    for file in map(Path, _data_files(paths, "csv")):
+        sep = separator or ("\t" if file.suffix.lower() == ".tsv" else ",")
+        with open(file, newline="") as handle:
+            columns = next(csv.reader(handle, delimiter=sep), [])
+        if image_column not in columns:
+            raise ValueError(f"{file} has no image column {image_column!r}; its columns are {columns} (separator "
+                             f"{sep!r}); pass image_column=<one of them> (data.image_column), or data.csv_separator")
+        features = datasets.Features({c: datasets.Value("string") for c in columns})  # paths and captions as text
+        part = _load_hf([file], "csv", str(file), sep=sep, features=features, **kwargs)
+        folder = str(file.parent)
+        part = part.map(lambda batch: {image_column: [p if p is None else os.path.join(folder, p)
+                                                      for p in batch[image_column]]}, batched=True)
+        parts.append(part)
+    return datasets.concatenate_datasets(parts)
 
 
 def _webdataset_features(image_column: str, caption_column: str) -> datasets.Features:
@@ -355,6 +459,9 @@ def load_pairs(
     transform: Callable | None = None,
     tokenizer: Tokenizer | None = None,
     cache_dir: str | os.PathLike | None = None,
+    csv_separator: str | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    skip_log: str | os.PathLike | None = None,
 ) -> PairDataset | IterablePairDataset:
     """Read image-text pairs from files through Hugging Face `datasets`.
 
@@ -362,8 +469,9 @@ def load_pairs(
         source: a folder, a file, a glob pattern, or a list of them.
         format: one of `FORMATS`; None infers it (a folder with a metadata file is an imagefolder, else the extension).
         image_column: image column; ";" separates alternatives. None: the first `Image` column, else "image", ...
-            ("jpg;jpeg;png;webp" for webdataset).
-        caption_column: caption column. None: the first of "caption", "text", "txt" ("txt" for webdataset).
+            ("jpg;jpeg;png;webp" for webdataset, "filepath" for csv).
+        caption_column: caption column. None: the first of "caption", "text", "txt" ("txt" for webdataset,
+            "title" for csv).
         streaming: iterate lazily (data larger than disk or memory) instead of preparing an Arrow cache.
         rank: this process's rank; used only when streaming (a map-style dataset is sharded by its sampler).
         world_size: number of processes; used only when streaming.
@@ -371,6 +479,9 @@ def load_pairs(
         transform: applied to each RGB PIL image.
         tokenizer: str -> LongTensor; None keeps captions as strings.
         cache_dir: where `datasets` writes its Arrow cache (non-streaming); None uses its default.
+        csv_separator: the column separator of csv files; None: a tab for .tsv, else a comma.
+        max_pixels: larger images are decoded reduced (JPEG) or skipped (`decode_image`).
+        skip_log: a JSON-lines file each skipped sample is appended to (see `count_skipped`).
 
     Returns:
         A `PairDataset`, or an `IterablePairDataset` (this rank's part of the data) when streaming.
@@ -379,16 +490,22 @@ def load_pairs(
         raise ValueError(f"unknown pair format {format!r}; valid formats are {FORMATS} (or None to infer it)")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    paths = _expand_source(source)
+    paths = expand_source(source)
     name = str(paths[0]) + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else "")
     fmt = format or _infer_format(paths, name)
     features = None
     if fmt == "webdataset":
         image_column, caption_column = image_column or _WEBDATASET_IMAGE, caption_column or "txt"
         features = _webdataset_features(image_column, caption_column)
-    data = _load_hf(paths, fmt, name, split=split, streaming=streaming, cache_dir=cache_dir, features=features)
+    load = dict(split=split, streaming=streaming, cache_dir=cache_dir)
+    if fmt == "csv":
+        image_column, caption_column = image_column or _CSV_COLUMNS[0], caption_column or _CSV_COLUMNS[1]
+        data = _load_csv(paths, image_column, csv_separator, **load)
+    else:
+        data = _load_hf(paths, fmt, name, features=features, **load)
     data, image_column, caption_column = _select_pair_columns(data, image_column, caption_column, name)
-    kwargs = dict(image_column=image_column, caption_column=caption_column, transform=transform, tokenizer=tokenizer)
+    kwargs = dict(image_column=image_column, caption_column=caption_column, transform=transform, tokenizer=tokenizer,
+                  max_pixels=max_pixels, skip_log=skip_log)
     if not streaming:
         return PairDataset(data, name=name, **kwargs)
     if world_size > 1:
