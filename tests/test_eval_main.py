@@ -216,7 +216,7 @@ def _empty_class(tmp_path):
     ("too_many_shots", r"500 shots need 500 training examples per class, but '\w+' has only \d+"),
     ("other_tower", r"does not match its config .*missing \['visual.trunk.blocks.2.mlp.fc1"),
     ("other_width", r"does not match its config .*open_clip_config.json: size mismatch for text_projection"),
-    ("missing_checkpoint", r"Checkpoint .*nothing does not exist"),
+    ("missing_checkpoint", r"[Cc]heckpoint .*nothing does not exist"),
 ])
 def test_user_errors_print_one_clear_line(case, message, checkpoint, tmp_path, capsys):
     ckpt, dataset, extra = checkpoint, "digits", ["--tasks", "zeroshot"]
