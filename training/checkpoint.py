@@ -146,7 +146,7 @@ def _publish(tmp: Path, target: Path) -> None:
     tmp.rename(target)
     fsync_dir(target.parent)
     if replaced.exists():
-        _discard(replaced)
+        shutil.rmtree(replaced)  # already hidden; with `target` in place, the cleanup deletes what a kill leaves
 
 
 def _state_bytes(model: nn.Module) -> int:
