@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,7 @@ import torch
 import mmsoftmoe_cli
 from mmsoftmoe.export import ParityError, check_parity, export_checkpoint, timm_format
 from mmsoftmoe.export import core as export_core
-from mmsoftmoe.export.atomic import atomic_folder
+from mmsoftmoe.export.atomic import atomic_folder, remove_stale_siblings
 from mmsoftmoe.export.hf_format import soft_moe_blocks
 from mmsoftmoe.models.clip import build_clip, load_clip, resolve_clip_config, save_clip, write_clip_config
 from tests.test_export import write_checkpoint
@@ -83,7 +88,7 @@ def test_export_never_replaces_its_checkpoint(checkpoint):
 
 def test_atomic_folder_renames_only_on_success(tmp_path):
     with atomic_folder(tmp_path / "a") as tmp:
-        assert tmp.parent == tmp_path and tmp.name.startswith(".a.tmp-")
+        assert tmp.parent == tmp_path and tmp.name.startswith(f".a.tmp-{socket.gethostname()}-{os.getpid()}-")
         (tmp / "f").write_text("x")
         assert not (tmp_path / "a").exists()
     assert listing(tmp_path / "a") == {"f": b"x"}
@@ -166,3 +171,31 @@ def test_hf_export_refuses_routing_ablations():
     trunk = timm.create_model("softmoe_vit_micro_patch4_32_e16_s4_duniform_csoft")
     with pytest.raises(ValueError, match="routing ablation"):
         soft_moe_blocks(trunk)
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def test_next_export_removes_what_killed_exports_left(tmp_path, caplog):
+    host, dead = socket.gethostname(), _dead_pid()
+    names = {"killed": f".out.tmp-{host}-{dead}-aaaa", "running": f".out.tmp-{host}-{os.getpid()}-bbbb",
+             "other_host": f".out.tmp-elsewhere-{dead}-cccc", "other_target": f".out2.tmp-{host}-{dead}-dddd"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"copy")
+    with caplog.at_level(logging.WARNING, logger="mmsoftmoe.export"), pytest.raises(FileNotFoundError):
+        export_checkpoint(tmp_path / "no_checkpoint", "timm", tmp_path / "out")  # cleans before it opens
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(v for k, v in names.items() if k != "killed")
+    assert f"removed {tmp_path / names['killed']}, left by a killed export to {tmp_path / 'out'}" in caplog.text
+
+
+def test_previous_export_moved_aside_by_a_killed_export_is_put_back(tmp_path):
+    aside = tmp_path / f".out.old-{socket.gethostname()}-{_dead_pid()}-aaaa"
+    (aside / "out").mkdir(parents=True)
+    (aside / "out" / "model.safetensors").write_bytes(b"previous export")
+    assert remove_stale_siblings(tmp_path / "out") == [aside]
+    assert listing(tmp_path / "out") == {"model.safetensors": b"previous export"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
