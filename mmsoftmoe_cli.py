@@ -1,4 +1,4 @@
-"""The `mmsoftmoe` command: `mmsoftmoe {train,eval,export,demo} ...`, and its one error contract.
+"""The `mmsoftmoe` command: `mmsoftmoe {train,eval,export,demo,consolidate} ...`, and its one error contract.
 
 It lives outside the library so that `mmsoftmoe/` imports neither `training/` nor `eval/`; each subcommand's
 module is imported only when that subcommand runs. Every documented entry point goes through this command
@@ -21,6 +21,7 @@ COMMANDS = {
     "eval": ("eval.main", "zero-shot, retrieval, few-shot, linear probe and fine-tuning evaluation"),
     "export": ("mmsoftmoe.export", "export the image encoder (timm, open_clip, hf, onnx, torchscript)"),
     "demo": ("training.demo", "pretrain on built-in data, evaluate, export, print a results table"),
+    "consolidate": ("mmsoftmoe.parallel.checkpoint", "a sharded (FSDP2/EP) checkpoint -> the single-file model"),
 }
 
 # What a user can cause: bad values and arguments, missing or unreadable files, training that diverged.
@@ -29,8 +30,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 
 def _usage(argv: list[str]) -> int:
-    lines = [f"  {name:<8}{help_}" for name, (_, help_) in COMMANDS.items()]
-    print("usage: mmsoftmoe {train,eval,export,demo} [args]\n\ncommands:\n" + "\n".join(lines)
+    width = max(map(len, COMMANDS)) + 2
+    lines = [f"  {name:<{width}}{help_}" for name, (_, help_) in COMMANDS.items()]
+    print(f"usage: mmsoftmoe {{{','.join(COMMANDS)}}} [args]\n\ncommands:\n" + "\n".join(lines)
           + "\n\n`mmsoftmoe COMMAND --help` describes a command.")
     bad = bool(argv) and argv[0] not in ("-h", "--help")
     if bad:

@@ -126,7 +126,8 @@ def launch(model: str, procs: int, layout: str, batch: int, steps: int) -> dict:
                "--steps", str(steps), "--out", tmp]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"{layout} at {procs} processes failed:\n{proc.stderr[-3000:]}")
+            errors = [line for line in proc.stderr.splitlines() if "Error" in line]
+            raise RuntimeError(f"{layout} at {procs} processes failed:\n" + "\n".join(errors[-10:]))
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
     return {"layout": layout, "processes": procs, "step_s": max(r["step_s"] for r in ranks),
             "peak_rss_above_start_mib": [round(r["peak_rss_above_start_bytes"] / 2**20, 1) for r in ranks],

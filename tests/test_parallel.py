@@ -119,8 +119,11 @@ def test_checkpoint_saved_by_four_processes_resumes_on_two_and_one_and_consolida
         for key, expected in continued.items():
             torch.testing.assert_close(resumed[key], expected, atol=1e-5, rtol=1e-5, msg=key)
 
-    final = consolidate(tmp_path / "ckpt", tmp_path / "final")
-    model, _, _ = load_clip(final)
+    command = [str(Path(sys.executable).parent / "mmsoftmoe"), "consolidate", str(tmp_path / "ckpt"),
+               str(tmp_path / "final")]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, _, _ = load_clip(tmp_path / "final")
     saved = load_file(str(tmp_path / "saved.safetensors"))
     assert model.state_dict().keys() == saved.keys()
     for key, value in model.state_dict().items():
@@ -136,3 +139,9 @@ def test_checkpoint_saved_by_four_processes_resumes_on_two_and_one_and_consolida
 def test_consolidate_refuses_a_folder_without_a_sharded_state(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a sharded training checkpoint"):
         consolidate(tmp_path, tmp_path / "out")
+    command = [str(Path(sys.executable).parent / "mmsoftmoe"), "consolidate", str(tmp_path), str(tmp_path / "out")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path} is not a sharded training checkpoint: it needs "
+                                                "open_clip_config.json and sharded/.metadata; give a folder under "
+                                                "<output_dir>/checkpoints/"]

@@ -64,7 +64,7 @@ def parallelize(model: nn.Module, meshes: ParallelMeshes, *, mp_policy: MixedPre
     """Shard `model` in place: experts over `meshes.ep` (+ FSDP2 over `meshes.experts_dp`), the rest FSDP2 over
     `meshes.dense`. Build the optimizer afterwards, from `model.named_parameters()` (names are unchanged)."""
     scalars = [p for p in model.parameters() if p.ndim == 0]
-    _average_grads_of(scalars, meshes.world)
+    _average_grads_of([p for p in scalars if p.requires_grad], meshes.world)
     fsdp = {"mp_policy": mp_policy or MixedPrecisionPolicy(), "reshard_after_forward": reshard_after_forward,
             "ignored_params": set(scalars)}
     for layer in expert_layers(model).values():
