@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from mmsoftmoe.export.checkpoint import Checkpoint
 MODEL_NAME = "model.onnx"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_embeds"
+BATCH_DIM = "batch"  # the name of the symbolic batch dimension of the input and output
 
 
 def require_extras() -> None:
@@ -31,11 +33,23 @@ def require_extras() -> None:
         raise ImportError(f"the onnx format needs {missing}: pip install 'mmsoftmoe[export]'")
 
 
+def rename_symbolic_dim(graph: Any, old: str, new: str) -> None:
+    """Give a symbolic dimension a readable name (the exporter calls the batch `s77` or so) on every value."""
+    ir = importlib.import_module("onnx_ir")
+    values = [*graph.inputs, *graph.outputs, *(v for node in graph for v in node.outputs)]
+    for value in values:
+        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value == old for d in value.shape):
+            value.shape = ir.Shape([new if isinstance(d, ir.SymbolicDim) and d.value == old else d
+                                    for d in value.shape])
+
+
 def write(ckpt: Checkpoint, folder: Path, proj: bool) -> dict:
     require_extras()
     program = export_program(ckpt.image_encoder(proj), ckpt.image_size)
-    onnx_program = torch.onnx.export(program, f=str(folder / MODEL_NAME), dynamo=True, input_names=[INPUT_NAME],
-                                     output_names=[OUTPUT_NAME])
+    onnx_program = torch.onnx.export(program, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    graph = onnx_program.model.graph
+    rename_symbolic_dim(graph, graph.inputs[0].shape[0].value, BATCH_DIM)
+    onnx_program.save(str(folder / MODEL_NAME))
     return {"exporter": "torch.onnx.export(dynamo=True) of a torch.export program",
             "opset": onnx_program.model.opset_imports[""], "input": f"{INPUT_NAME} (batch, 3, "
             f"{ckpt.image_size[0]}, {ckpt.image_size[1]}) float32", "output": OUTPUT_NAME,
