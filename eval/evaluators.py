@@ -38,7 +38,8 @@ def retrieval_data(spec: str, session: Session) -> tuple[Dataset, list[list[str]
     """Images and their captions: ``shapes`` (test-split seed), ``wds:ROOT`` (scored split) or ``pairs:PATH``.
 
     For ``pairs:PATH`` an unreadable image is replaced by the next row's (``PairDataset``'s rule), so it would pair
-    with the wrong caption: clean such data first (``PairDataset.num_bad_images`` counts them).
+    with the wrong caption: clean such data first (``PairDataset.num_bad_images`` counts them). For ``wds:ROOT`` it
+    becomes a black placeholder (logged), which keeps every caption paired with its own image.
     """
     if spec == "shapes":
         num_samples, seed = SHAPES_SPLITS["test"]
