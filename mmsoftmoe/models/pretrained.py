@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmsoftmoe.checkpoint import read_model_folder
 from mmsoftmoe.models.upcycle import read_state_dict
 
 TOWERS = ("both", "image", "text")
-# Weight files a checkpoint folder may hold: mmsoftmoe's final/ and open_clip's local-dir, then a training step.
-WEIGHT_FILES = ("open_clip_model.safetensors", "model.safetensors")
 
 
 @dataclass
@@ -31,12 +30,7 @@ class WarmStartReport:
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The CLIP state dict of a checkpoint folder (final/, open_clip local-dir, checkpoints/step_*) or file."""
     path = Path(path)
-    if path.is_dir():
-        found = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
-        if found is None:
-            raise FileNotFoundError(f"{path} holds none of {WEIGHT_FILES}; give a checkpoint folder or a weights file")
-        path = found
-    return read_state_dict(path)
+    return read_model_folder(path)[1] if path.is_dir() else read_state_dict(path)
 
 
 def in_tower(key: str, towers: str) -> bool:
