@@ -1,9 +1,9 @@
-"""The tower benchmark's bookkeeping (families, ratios) and the GPU script's skip on CPU-only machines."""
+"""The tower benchmark's bookkeeping (families, ratios) and the GPU suite's skip on CPU-only machines."""
 
 import pytest
 import torch
 
-from benchmarks import gpu_bench, model_bench
+from benchmarks import gpu_suite, model_bench
 
 
 def test_families_are_the_registered_twins():
@@ -26,6 +26,6 @@ def test_micro_run_ratios_are_relative_to_dense(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
-def test_gpu_bench_skips_clearly_without_a_gpu(capsys):
-    assert gpu_bench.main([]) is None
+def test_gpu_suite_skips_clearly_without_a_gpu(capsys):
+    assert gpu_suite.main([]) is None
     assert "no CUDA GPU" in capsys.readouterr().err
