@@ -11,15 +11,14 @@ The layout (CLIP_benchmark 1.6.2, ``clip_benchmark/datasets/builder.py``, ``buil
                                                   first present in that order) and ``.cls`` (an integer label) or
                                                   ``.txt`` (captions, one per line)
 
-A sample is the set of tar members sharing a key (webdataset's rule: the path up to the first dot of the file name).
-``WdsDataset`` indexes the shards once with ``tarfile`` (no ``webdataset`` dependency) and reads each image by its
+A sample is the run of tar members sharing a key (webdataset's rule: the path up to the first dot of the file name).
+``WdsDataset`` indexes the shards once with the library's ``mmsoftmoe.data.shards.index_shard`` (``tarfile``, no
+``webdataset`` dependency; a cut shard keeps the samples before the break, with a warning) and reads each image by its
 byte offset, so it is a map-style dataset: the evaluators' loaders, caches and fine-tuning take it like any other.
 """
 
 from __future__ import annotations
 
-import re
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,10 @@ import torch
 
 from eval.datasets import DEFAULT_TEMPLATES, Transform, _open_rgb, _sample
 from eval.prompts import read_entries
+from mmsoftmoe.data.shards import index_shard
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 TYPE_FILE = "dataset_type.txt"
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
 
 
 def is_retrieval(root: str | Path) -> bool:
@@ -47,30 +46,20 @@ def shard_paths(root: str | Path, split: str) -> list[Path]:
         raise FileNotFoundError(f"No {count_file}: a wds dataset needs ROOT/<split>/nshards.txt holding the shard "
                                 "count (CLIP_benchmark's wds layout).")
     count = count_file.read_text().strip()
-    if not count.isdigit():
+    if not count.isdigit() or int(count) < 1:
         raise ValueError(f"{count_file} holds {count!r}, not a shard count: write the number of .tar files in it.")
     shards = [split_dir / f"{i}.tar" for i in range(int(count))]
     missing = [str(shard) for shard in shards if not shard.is_file()]
-    if missing or not shards:
-        raise FileNotFoundError(f"{count_file} lists {len(shards)} shard(s) but {missing[:3] or 'none'} are missing.")
+    if missing:
+        raise FileNotFoundError(f"{count_file} lists {len(shards)} shard(s) but {missing[:3]} are missing.")
     return shards
 
 
-def _index_shard(shard: Path) -> list[dict[str, Any]]:
-    """The samples of one shard: key -> {extension: TarInfo}, in tar order."""
-    samples: dict[str, dict[str, Any]] = {}
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            match = _KEY_EXT.match(member.name)
-            if member.isfile() and match:
-                samples.setdefault(match.group(1), {})[match.group(2).lower()] = member
-    return [{"key": key, **members} for key, members in samples.items()]
-
-
-def _read(shard: Path, member: tarfile.TarInfo) -> bytes:
+def _read(shard: Path, span: tuple[int, int]) -> bytes:
+    """The bytes of one tar member from its ``(offset, size)`` (``index_shard``'s record)."""
     with shard.open("rb") as file:
-        file.seek(member.offset_data)
-        return file.read(member.size)
+        file.seek(span[0])
+        return file.read(span[1])
 
 
 class WdsDataset(torch.utils.data.Dataset):
@@ -86,16 +75,16 @@ class WdsDataset(torch.utils.data.Dataset):
         self.root, self.transform = Path(root), transform
         self.retrieval = is_retrieval(root)
         target = "txt" if self.retrieval else "cls"
-        self.items: list[tuple[Path, tarfile.TarInfo]] = []
+        self.items: list[tuple[Path, tuple[int, int]]] = []  # (shard, image member's (offset, size))
         targets: list[bytes] = []
         for shard in shard_paths(root, split):
-            for sample in _index_shard(shard):
-                image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-                if image is None or target not in sample:
-                    raise ValueError(f"{shard}: sample {sample['key']!r} lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) "
+            for key, members in index_shard(str(shard)):
+                image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+                if image is None or target not in members:
+                    raise ValueError(f"{shard}: sample {key!r} lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) "
                                      f"or its .{target}; every sample needs both.")
                 self.items.append((shard, image))
-                targets.append(_read(shard, sample[target]))
+                targets.append(_read(shard, members[target]))
         self.captions = [text.decode().splitlines() for text in targets] if self.retrieval else None
         self.labels = None if self.retrieval else [int(text.decode().strip()) for text in targets]
         self.classnames = self.templates = None
