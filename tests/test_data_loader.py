@@ -1,0 +1,79 @@
+"""Map-style training batches (`StepSampler` through `build_train_loader`): the split across processes, no pair twice
+in a batch, a batch larger than the dataset refused, and skipped samples counted once each across worker processes
+and resumed runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmsoftmoe.data import PairDataset, count_skipped, eval_transform
+from training.data import StepSampler, build_train_loader
+
+
+def global_rows(sampler_args: dict, world: int, step: int) -> list[tuple[int, int]]:
+    """The global batch of `step` as `world` processes see it: their micro-batches, rank by rank, concatenated."""
+    rows = []
+    for rank in range(world):
+        sampler = StepSampler(**sampler_args, rank=rank, world_size=world, start_step=step, total_steps=step + 1)
+        rows.extend(row for micro in sampler for row in micro)
+    return rows
+
+
+@pytest.mark.parametrize("world,accum", [(2, 1), (4, 3), (3, 2)])
+def test_processes_slices_concatenated_equal_the_one_process_batch(world, accum):
+    args = dict(num_samples=50, global_batch=12, grad_accum_steps=accum, seed=4)
+    for step in (0, 3, 4, 9):  # 4 steps per epoch: steps in epochs 0, 1 and 2
+        assert global_rows(args, world, step) == global_rows(args, 1, step), step
+
+
+def test_a_global_batch_never_holds_a_pair_twice():
+    sampler = StepSampler(10, 4, 1, rank=0, world_size=1, seed=1, start_step=0, total_steps=10)
+    for step in range(10):  # 2 steps per epoch; the last 2 samples of each permutation are left out
+        epoch, first = divmod(step, 2)
+        expected = np.random.default_rng([1, epoch]).permutation(10)[4 * first:4 * first + 4]
+        assert sampler.step_indices(step) == [(int(i), epoch) for i in expected]
+
+
+def test_a_batch_larger_than_the_dataset_is_refused_unless_allowed():
+    with pytest.raises(ValueError, match=r"batch_size=8 is larger than the dataset \(6 samples\).*"
+                                         r"data.allow_repeats_in_batch=true"):
+        StepSampler(6, 8, 1, rank=0, world_size=1, seed=0, start_step=0, total_steps=1)
+    sampler = StepSampler(6, 8, 1, rank=0, world_size=1, seed=0, start_step=0, total_steps=1, allow_repeats=True)
+    indices = [i for i, _ in sampler.step_indices(0)]
+    assert sorted(set(indices)) == list(range(6)) and len(indices) == 8
+
+
+def encoded(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (value, 0, 0)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def rows_with_bad_samples() -> list[dict]:
+    """12 rows; rows 4 and 5 (neighbours: a replacement search meets 5 again) hold broken images, row 9 no caption."""
+    rows = [{"image": encoded(10 * i), "caption": f"sample {i}", "__key__": f"k{i}"} for i in range(12)]
+    rows[4]["image"] = rows[5]["image"] = b"broken"
+    rows[9]["caption"] = " "
+    return rows
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skips_are_counted_once_each_across_workers_and_resumes(tmp_path, workers):
+    log = tmp_path / "skipped_samples.jsonl"
+    data = PairDataset(rows_with_bad_samples(), transform=eval_transform(8), skip_log=log)
+    run = dict(global_batch=4, grad_accum_steps=1, rank=0, world_size=1, seed=0, total_steps=6,
+               num_workers=workers, pin_memory=False)
+    batches = list(build_train_loader(data, start_step=0, **run))  # two epochs: each bad sample met twice or more
+    assert len(batches) == 6 and all(b["image"].shape[0] == 4 for b in batches)
+    assert count_skipped(log) == 3
+    assert {json.loads(line)["key"] for line in log.read_text().splitlines()} == {"k4", "k5", "k9"}
+    list(build_train_loader(data, start_step=3, **run))  # a resumed run appends to the same log
+    assert count_skipped(log) == 3
+    if workers == 0:
+        assert (data.num_bad_images, data.num_empty_captions) == (2, 1)
