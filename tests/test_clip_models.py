@@ -102,12 +102,17 @@ def test_hf_text_encoder_from_a_local_folder(tmp_path, monkeypatch):
     assert out["text_features"].shape == (2, 64)
     out["text_features"].sum().backward()
     assert model.text.transformer.embeddings.word_embeddings.weight.grad is not None
-    # The saved config names the encoder folder, so the checkpoint loads back with the same text tower.
+    # The checkpoint carries the encoder's config and tokenizer (its weights are in the CLIP weights) under a
+    # relative name, so it loads offline after both folders moved: no absolute path to the original encoder.
     save_clip(model, resolve_clip_config("SoftMoE-Micro-4-32", tmp_path / "bert"), tmp_path / "ckpt")
     cfg = json.loads((tmp_path / "ckpt" / "open_clip_config.json").read_text())
-    assert cfg["model_cfg"]["text_cfg"]["hf_model_name"] == str(tmp_path / "bert")
-    loaded, _, _ = load_clip(tmp_path / "ckpt")
+    assert cfg["model_cfg"]["text_cfg"]["hf_model_name"] == "hf_text" and str(tmp_path) not in json.dumps(cfg)
+    assert not list((tmp_path / "ckpt" / "hf_text").glob("*.safetensors"))
+    (tmp_path / "bert").rename(tmp_path / "bert_gone")
+    (tmp_path / "ckpt").rename(tmp_path / "moved")
+    loaded, loaded_tokenizer, _ = load_clip(tmp_path / "moved")
     model.eval()
+    assert torch.equal(loaded_tokenizer(CAPTIONS), tokens)
     torch.testing.assert_close(loaded.encode_text(tokens), model.encode_text(tokens))
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
         build_clip("SoftMoE-Micro-4-32", text_model=tmp_path / "nope")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import open_clip
@@ -27,6 +28,8 @@ from torch import nn
 from mmsoftmoe.checkpoint import CONFIG_NAME, WEIGHTS_NAMES, ConfigMismatchError, read_model_folder
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+HF_TEXT_DIR = "hf_text"  # a model folder's copy of its Hugging Face text tower's config and tokenizer files
+HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")  # not copied there
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
@@ -65,10 +68,13 @@ def resolve_clip_config(model_name: str, text_model: str | Path | None = None) -
 
 
 def build_clip_from_config(
-    model_cfg: dict, *, output_dict: bool = True, device: torch.device | str = "cpu"
+    model_cfg: dict, *, output_dict: bool = True, device: torch.device | str = "cpu", folder: str | Path | None = None
 ) -> tuple[nn.Module, object]:
-    """(model, tokenizer) from a complete open_clip model config (what `open_clip_config.json` stores)."""
-    cfg = copy.deepcopy(model_cfg)
+    """(model, tokenizer) from a complete open_clip model config (what `open_clip_config.json` stores).
+
+    `folder`: the model folder the config came from, where an HF text tower's files live (`portable_text_cfg`).
+    """
+    cfg = copy.deepcopy(model_cfg if folder is None else local_text_cfg(model_cfg, folder))
     text_cfg = cfg["text_cfg"]
     is_hf = "hf_model_name" in text_cfg
     model_cls = open_clip.CustomTextCLIP if (cfg.pop("custom_text", False) or is_hf) else open_clip.CLIP
@@ -109,10 +115,39 @@ def preprocess_config(model: nn.Module) -> dict:
     return cfg
 
 
+def portable_text_cfg(model_cfg: dict, folder: str | Path) -> dict:
+    """`model_cfg` with a local Hugging Face text tower made part of `folder`: its config and tokenizer files are
+    copied to `folder/hf_text/` and named relatively, so the folder loads offline wherever it is moved (the
+    encoder's weights are in the CLIP weights). Configs without a local HF tower come back unchanged."""
+    source = model_cfg.get("text_cfg", {}).get("hf_model_name")
+    if source is None or source == HF_TEXT_DIR or not Path(source).is_dir():
+        return model_cfg
+    target = Path(folder) / HF_TEXT_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for path in Path(source).iterdir():
+        if path.is_file() and path.suffix not in HF_WEIGHT_SUFFIXES:
+            shutil.copy2(path, target / path.name)
+    cfg = copy.deepcopy(model_cfg)
+    cfg["text_cfg"].update(hf_model_name=HF_TEXT_DIR, hf_tokenizer_name=HF_TEXT_DIR, hf_model_pretrained=False)
+    return cfg
+
+
+def local_text_cfg(model_cfg: dict, folder: str | Path) -> dict:
+    """`model_cfg` with the relative HF text tower name of `portable_text_cfg` resolved against `folder`."""
+    if model_cfg.get("text_cfg", {}).get("hf_model_name") != HF_TEXT_DIR:
+        return model_cfg
+    cfg = copy.deepcopy(model_cfg)
+    local = str(Path(folder) / HF_TEXT_DIR)
+    cfg["text_cfg"].update(hf_model_name=local, hf_tokenizer_name=local)
+    return cfg
+
+
 def write_clip_config(model: nn.Module, model_cfg: dict, folder: str | Path) -> Path:
-    """Write `open_clip_config.json` ({"model_cfg", "preprocess_cfg"}) into `folder`."""
+    """Write `open_clip_config.json` ({"model_cfg", "preprocess_cfg"}) into `folder` (an HF text tower's files
+    with it, see `portable_text_cfg`)."""
     path = Path(folder) / CONFIG_NAME
-    path.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_config(model)}, indent=2))
+    config = {"model_cfg": portable_text_cfg(model_cfg, folder), "preprocess_cfg": preprocess_config(model)}
+    path.write_text(json.dumps(config, indent=2))
     return path
 
 
@@ -137,7 +172,7 @@ def load_clip(folder: str | Path, *, device: torch.device | str = "cpu") -> tupl
     """
     config, state = read_model_folder(folder)
     config_path = Path(folder) / CONFIG_NAME
-    model, tokenizer = build_clip_from_config(config["model_cfg"])
+    model, tokenizer = build_clip_from_config(config["model_cfg"], folder=folder)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a tensor whose shape differs from the config's

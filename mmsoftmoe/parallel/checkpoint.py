@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from mmsoftmoe.models.clip import CONFIG_NAME, build_clip_from_config, save_clip
+from mmsoftmoe.models.clip import CONFIG_NAME, build_clip_from_config, local_text_cfg, save_clip
 
 SHARDED_DIR = "sharded"  # the DCP folder inside a training checkpoint folder
 
@@ -67,12 +67,13 @@ def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
         raise FileNotFoundError(f"{checkpoint} is not a sharded training checkpoint: it needs {CONFIG_NAME} and "
                                 f"{SHARDED_DIR}/.metadata; give a folder under <output_dir>/checkpoints/")
     config = json.loads(config_path.read_text())
-    model, _ = build_clip_from_config(config["model_cfg"])
+    model_cfg = local_text_cfg(config["model_cfg"], checkpoint)  # an HF text tower's files travel to `out` too
+    model, _ = build_clip_from_config(model_cfg)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(sharded), no_dist=True)
     model.load_state_dict(state["model"])
     open_clip.set_model_preprocess_cfg(model, config["preprocess_cfg"])
-    return save_clip(model, config["model_cfg"], out)
+    return save_clip(model, model_cfg, out)
 
 
 def main(argv: list[str] | None = None) -> int:
