@@ -20,7 +20,8 @@ memory and torch.compile's caches start clean, and a part that overruns its budg
   parameters; the paper's Figure 6 is about the network).
 - `layer`: the Soft MoE layer at the S/16 and B/16 settings (batch 256 / 128) against the dense MLP and
   soft-moe-pytorch (`benchmarks.layer_bench` specs and FLOP formulas), forward+backward under bf16 autocast.
-Every part measures its rows eager first, then compiled (`torch.compile`, default mode), most important rows first.
+Every part measures its rows eager and compiled (`torch.compile`, default mode, as `fit` with `model.compile=true`),
+the rows the targets need first.
 
 Timing: a row's first call is reported on its own (`first_call_s`: compilation for compiled rows), then the median
 of `steps` calls after `warmup` more, each followed by a device synchronisation. FLOPs are counted with
@@ -129,7 +130,7 @@ GPU = Sizes(
     layer_settings=(replace(SETTINGS["s16"], batch=256), Setting("b16", d=768, m=196, n=128, p=1, h=3072, batch=128)),
     steps=10, warmup=3, compile_backend="inductor", compile_only=None,
     estimates={"peak": (5, 5), "towers": (12, 75), "clip": (25, 120), "sweep": (12, 75), "layer": (5, 40)},
-    budgets={"peak": 20, "towers": 140, "clip": 150, "sweep": 70, "layer": 60}, total_budget_s=450, cpu=False,
+    budgets={"peak": 20, "towers": 140, "clip": 170, "sweep": 60, "layer": 60}, total_budget_s=450, cpu=False,
 )
 SMOKE = Sizes(
     name="cpu-smoke", peak_size=256, peak_tries=2,
@@ -163,6 +164,10 @@ class Recorder:
         self.data["skipped"]["/".join(key)] = reason
         self.save()
 
+    def estimate(self, mode: str, default_s: float) -> float:
+        """Seconds the next row of `mode` needs: the last such row's, or the default before the first."""
+        return self.data.get("last_wall_s", {}).get(mode, default_s)
+
     def run(self, key: tuple[str, ...], estimate_s: float, fn: Callable[[], dict]) -> None:
         """Measure one row (key ends with the mode) unless its estimated cost overruns the part's deadline."""
         left = self.deadline - time.time()
@@ -176,6 +181,7 @@ class Recorder:
         start = time.perf_counter()
         try:
             row = fn() | {"wall_s": time.perf_counter() - start}
+            self.data.setdefault("last_wall_s", {})[key[-1]] = row["wall_s"]
             node = self.data["rows"]
             for k in key[:-1]:
                 node = node.setdefault(k, {})
@@ -209,23 +215,19 @@ class Part:
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def modes(self, key: tuple[str, ...]) -> list[str]:
-        """eager, and compiled unless this run compiles only some rows."""
-        only = self.sizes.compile_only
-        name = "/".join((self.recorder.part, *key))
-        if only is None or name in only:
-            return list(MODES)
-        self.recorder.skip((*key, "compiled"), f"{self.sizes.name}: compiled only {', '.join(only)}")
-        return ["eager"]
-
-    def measure(self, rows: list[tuple[tuple[str, ...], Callable[[str], dict]]]) -> None:
-        """Every row eager first, then every row compiled (in the given order: the most important first)."""
-        eager_s, compiled_s = self.sizes.estimates[self.recorder.part]
-        modes = {key: self.modes(key) for key, _ in rows}
-        for mode, estimate in (("eager", eager_s), ("compiled", compiled_s)):
-            for key, fn in rows:
-                if mode in modes[key]:
-                    self.recorder.run((*key, mode), estimate, lambda fn=fn, mode=mode: fn(mode))
+    def measure(self, rows: dict[tuple[str, ...], Callable[[str], dict]],
+                order: list[tuple[tuple[str, ...], str]] | None = None) -> None:
+        """Measure rows in `order`, (key, mode) pairs, the most important first (default: every row eager, then
+        every row compiled). A row starts only if the time it needs (the last row of its mode's wall time, an
+        estimate before the first) is left; compiled rows this run leaves out are listed as skipped."""
+        only, defaults = self.sizes.compile_only, dict(zip(MODES, self.sizes.estimates[self.recorder.part],
+                                                           strict=True))
+        for key, mode in order or [(key, mode) for mode in MODES for key in rows]:
+            if mode == "compiled" and only is not None and "/".join((self.recorder.part, *key)) not in only:
+                self.recorder.skip((*key, mode), f"{self.sizes.name}: compiled only {', '.join(only)}")
+                continue
+            self.recorder.run((*key, mode), self.recorder.estimate(mode, defaults[mode]),
+                              lambda key=key, mode=mode: rows[key](mode))
 
     def compile(self, module: nn.Module, mode: str) -> nn.Module:
         return torch.compile(module, backend=self.sizes.compile_backend) if mode == "compiled" else module
@@ -310,14 +312,16 @@ def tower_row(part: Part, name: str, batch: int, mode: str, measures: tuple[str,
 
 
 def run_towers(part: Part) -> None:
-    towers = part.sizes.towers
-    rows = []
-    for size, batch in reversed(towers):  # the target's size first
-        for family, name in family_names(size).items():
-            rows.append(((size, family), lambda mode, name=name, batch=batch: tower_row(
-                part, name, batch, mode, ("infer",))))
-    rows.sort(key=lambda row: row[0][1] not in ("dense", "soft_moe"))  # stable: twins first, then sparse
-    part.measure(rows)
+    """Order: the twins eager, the target size's twins compiled, the sparse families eager, the rest compiled."""
+    rows = {(size, family): lambda mode, name=name, batch=batch: tower_row(part, name, batch, mode, ("infer",))
+            for size, batch in reversed(part.sizes.towers) for family, name in family_names(size).items()}
+    target = part.sizes.towers[-1][0]
+    twins = [key for key in rows if key[1] in ("dense", "soft_moe")]
+    sparse = [key for key in rows if key not in twins]
+    order = ([(key, "eager") for key in twins] + [(key, "compiled") for key in twins if key[0] == target]
+             + [(key, "eager") for key in sparse] + [(key, "compiled") for key in twins if key[0] != target]
+             + [(key, "compiled") for key in sparse])
+    part.measure(rows, order)
 
 
 def run_sweep(part: Part) -> None:
@@ -326,9 +330,9 @@ def run_sweep(part: Part) -> None:
     experts = list(s.sweep_experts)
     order = [experts[0], experts[-1], *experts[1:-1]]  # the two ends first: they make the sweep's figure
     part.recorder.data["tower"] = name
-    part.measure([((f"e{n}",), lambda mode, n=n: tower_row(
-        part, name, s.sweep_batch, mode, ("fwd_bwd",), moe_kwargs=dict(num_experts=n, slots_per_expert=1)))
-        for n in order])
+    part.measure({(f"e{n}",): lambda mode, n=n: tower_row(
+        part, name, s.sweep_batch, mode, ("fwd_bwd",), moe_kwargs=dict(num_experts=n, slots_per_expert=1))
+        for n in order})
 
 
 # Part: clip.
@@ -418,12 +422,16 @@ def clip_row(part: Part, role: str, kind: str, mode: str, flops_cache: dict) -> 
 
 
 def run_clip(part: Part) -> None:
+    """Order: dense eager (ours, open_clip's), Soft MoE eager, ours compiled, then the rest."""
     flops_cache = part.recorder.data.setdefault("step_flops", {})
-    rows = [((role, "mmsoftmoe"), lambda mode, role=role: clip_row(part, role, "mmsoftmoe", mode, flops_cache))
-            for role in part.sizes.clip_configs]
-    rows += [((role, "open_clip"), lambda mode, role=role: clip_row(part, role, "open_clip", mode, flops_cache))
-             for role in part.sizes.open_clip_roles]
-    part.measure(rows)
+    kinds = [(role, "mmsoftmoe") for role in part.sizes.clip_configs]
+    kinds += [(role, "open_clip") for role in part.sizes.open_clip_roles]
+    rows = {key: lambda mode, key=key: clip_row(part, *key, mode, flops_cache) for key in kinds}
+    first = [(("dense", "mmsoftmoe"), "eager"), (("dense", "open_clip"), "eager"), (("soft_moe", "mmsoftmoe"), "eager"),
+             (("dense", "mmsoftmoe"), "compiled"), (("soft_moe", "mmsoftmoe"), "compiled"),
+             (("dense", "open_clip"), "compiled")]
+    order = [(key, mode) for key, mode in first if key in rows]
+    part.measure(rows, order + [(key, mode) for mode in MODES for key in rows if (key, mode) not in order])
 
 
 # Part: layer.
@@ -455,8 +463,8 @@ def run_layer(part: Part) -> None:
     specs = [spec for spec in layer_specs(lucidrains_available()) if spec.name in wanted]
     if LUCIDRAINS not in {spec.name for spec in specs}:
         part.recorder.data["notes"] = ["soft-moe-pytorch not installed (pip install -e '.[bench]'): not measured"]
-    part.measure([((s.name, spec.name), lambda mode, spec=spec, s=s: layer_row(part, spec, s, mode))
-                  for spec in specs for s in reversed(part.sizes.layer_settings)])
+    part.measure({(s.name, spec.name): lambda mode, spec=spec, s=s: layer_row(part, spec, s, mode)
+                  for spec in specs for s in reversed(part.sizes.layer_settings)})
 
 
 PARTS: dict[str, Callable[[Part], None]] = {
