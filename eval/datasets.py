@@ -24,7 +24,6 @@ Unreadable images are not fatal: such a sample yields a black placeholder labell
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -40,6 +39,7 @@ from torchvision.datasets import ImageFolder
 
 from eval.features import UNREADABLE_LABEL
 from eval.prompts import apply_text_files
+from mmsoftmoe.data import DECODE_ERRORS, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,11 @@ class ClassificationDataset(Protocol):
 
 
 def _open_rgb(source: str | Path | bytes) -> Image.Image | None:
-    """The image as RGB, or None (with a warning) when it cannot be decoded."""
+    """The image as RGB (`mmsoftmoe.data.decode_image`, as in training), or None (with a warning) when it cannot be
+    decoded: unreadable, truncated, or too large."""
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as error:
+        return decode_image(source)
+    except DECODE_ERRORS as error:
         logger.warning("Skipping unreadable image %s: %s", "<bytes>" if isinstance(source, bytes) else source, error)
         return None
 

@@ -28,6 +28,7 @@ from mmsoftmoe.data import (
     PairDataset,
     ShapesCaptions,
     collate,
+    decode_image,
     eval_transform,
     load_pairs,
 )
@@ -301,3 +302,82 @@ def test_user_errors(tmp_path, cache):
     with pytest.raises(ValueError, match="rank"):
         load_pairs(str(tmp_path / "p.parquet"), streaming=True, rank=2, world_size=2)
     assert set(FORMATS) == {"imagefolder", "parquet", "arrow", "webdataset", "csv"}
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped():
+    values = np.array([[0, 257, 1000, 32768, 65535]], dtype=np.uint16)
+    png = encode(Image.fromarray(values), "PNG")
+    assert Image.open(io.BytesIO(png)).mode == "I;16"
+    # By hand: v * 255 / 65535 = v / 257, rounded: 0, 1, 3.89 -> 4, 127.5 -> 128 (half to even), 255.
+    expected = [0, 1, 4, 128, 255]
+    rgb = np.asarray(decode_image(png))
+    assert rgb.shape == (1, 5, 3) and rgb[0, :, 0].tolist() == expected and (rgb[..., 0] == rgb[..., 2]).all()
+    tiff32 = encode(Image.fromarray(values.astype(np.int32)), "TIFF")  # mode "I": 32-bit integers
+    assert np.asarray(decode_image(tiff32))[0, :, 1].tolist() == expected
+    with pytest.raises(ValueError, match="beyond 16 bits"):
+        decode_image(Image.fromarray(np.array([[70000]], dtype=np.int32)))
+
+
+def test_float_images_in_0_1_are_scaled_others_refused():
+    floats = np.array([[0.0, 0.5, 0.2, 1.0]], dtype=np.float32)
+    tiff = encode(Image.fromarray(floats), "TIFF")
+    assert np.asarray(decode_image(tiff))[0, :, 0].tolist() == [0, 128, 51, 255]  # round(255 v): 127.5 -> 128
+    with pytest.raises(ValueError, match=r"float image with values in \[0, 3\], not \[0, 1\]"):
+        decode_image(encode(Image.fromarray(floats * 3), "TIFF"))
+
+
+def test_very_large_images_are_bounded(tmp_path, cache):
+    big = Image.new("RGB", (2400, 1600), (200, 40, 40))
+    jpeg = decode_image(encode(big, "JPEG"), max_pixels=300_000)  # 3.84 MP: decoded at 1/4 scale, 0.24 MP
+    assert jpeg.size == (600, 400) and np.abs(np.asarray(jpeg).astype(int) - (200, 40, 40)).max() < 4
+    with pytest.raises(ValueError, match="2400x1600 = 3840000 pixels is more than max_pixels=300000"):
+        decode_image(encode(big, "PNG"), max_pixels=300_000)  # no reduced decode for PNG: refused before decoding
+    rows = [{"image": encode(big, "PNG"), "caption": "big"}, {"image": image_bytes(1), "caption": "sample 1"}]
+    data = PairDataset(rows, max_pixels=300_000)
+    assert data[0]["text"] == "sample 1" and data.num_bad_images == 1  # skipped and counted
+
+
+def test_eval_reads_images_with_the_same_decoder(tmp_path, monkeypatch):
+    from eval.datasets import _open_rgb
+
+    png16 = encode(Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16)), "PNG")
+    assert np.array_equal(np.asarray(_open_rgb(png16)), np.asarray(decode_image(png16)))
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    jpeg = encode(Image.fromarray(noise), "JPEG")
+    assert _open_rgb(jpeg[:len(jpeg) // 2]) is None  # truncated file: skipped, not raised
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 100x100 image is now past twice PIL's bomb limit
+    assert _open_rgb(encode(Image.new("L", (100, 100)), "PNG")) is None
+
+
+def write_csv(folder, name: str, sep: str, columns: tuple[str, str], indices: range) -> None:
+    """open_clip's CSV layout: a header, one image path (relative to the file's folder) and caption per row."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    lines = [sep.join(columns)]
+    for i in indices:
+        (folder / "img" / f"{i}.png").write_bytes(image_bytes(i))
+        lines.append(sep.join([f"img/{i}.png", f"sample {i}, with a comma"]))
+    (folder / name).write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_csv_and_tsv_in_the_open_clip_layout(tmp_path, cache, monkeypatch, streaming):
+    write_csv(tmp_path / "a", "pairs.tsv", "\t", ("filepath", "title"), range(0, 3))
+    write_csv(tmp_path / "b", "more.tsv", "\t", ("filepath", "title"), range(3, 5))
+    write_csv(tmp_path / "c", "pairs.csv", ";", ("path", "alt"), range(5, 6))
+    monkeypatch.chdir(tmp_path / "c")  # paths resolve against each file's folder, not the working directory
+    tsvs = [str(tmp_path / "a" / "pairs.tsv"), str(tmp_path / "b" / "more.tsv")]
+    samples = read_all(load_pairs(tsvs, cache_dir=cache, streaming=streaming))  # csv, tab, filepath/title: inferred
+    check_pairs([{**s, "text": s["text"].replace(",", "")} for s in samples])
+    assert sorted(s["text"] for s in samples) == [f"sample {i}, with a comma" for i in range(5)]
+    data = load_pairs(str(tmp_path / "c" / "pairs.csv"), image_column="path", caption_column="alt",
+                      csv_separator=";", cache_dir=cache, streaming=streaming)
+    assert [s["text"] for s in read_all(data)] == ["sample 5, with a comma"]
+    with pytest.raises(ValueError, match=r"pairs.csv has no image column 'filepath'; its columns are \['path;alt'\] "
+                                         r"\(separator ','\).*csv_separator"):
+        load_pairs(str(tmp_path / "c" / "pairs.csv"), cache_dir=cache)

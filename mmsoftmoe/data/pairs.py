@@ -368,6 +368,10 @@ def _data_files(paths: list[Path], fmt: str) -> list[str]:
     return files
 
 
+def _absolute_paths(batch: dict[str, list], column: str, folder: str) -> dict[str, list]:
+    return {column: [p if p is None else os.path.join(folder, p) for p in batch[column]]}
+
+
 def _load_csv(paths: list[Path], image_column: str, separator: str | None, **kwargs: Any) -> Any:
     """CSV/TSV files (open_clip's `--csv-*` layout), one per row: image paths relative to the file's folder are
     made absolute. `separator` None: a tab for .tsv files, else a comma."""
@@ -381,10 +385,8 @@ def _load_csv(paths: list[Path], image_column: str, separator: str | None, **kwa
                              f"{sep!r}); pass image_column=<one of them> (data.image_column), or data.csv_separator")
         features = datasets.Features({c: datasets.Value("string") for c in columns})  # paths and captions as text
         part = _load_hf([file], "csv", str(file), sep=sep, features=features, **kwargs)
-        folder = str(file.parent)
-        part = part.map(lambda batch: {image_column: [p if p is None else os.path.join(folder, p)
-                                                      for p in batch[image_column]]}, batched=True)
-        parts.append(part)
+        parts.append(part.map(_absolute_paths, batched=True, fn_kwargs={"column": image_column,
+                                                                        "folder": str(file.parent)}))
     return datasets.concatenate_datasets(parts)
 
 
