@@ -127,3 +127,14 @@ def test_python_block_runs_as_written(block, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.Size([2, 16, 64])" in proc.stdout and "torch.Size([1, " in proc.stdout
+
+
+@pytest.mark.parametrize("block", readme_blocks("yaml"))
+def test_yaml_block_is_a_valid_suite_file(block, tmp_path):
+    """The suite example is read by the suite loader (its paths need not exist to be parsed)."""
+    from eval.suite import load_suite
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(block)
+    entries = load_suite(path, "zeroshot")
+    assert [e.dataset for e in entries] == [item["dataset"] for item in yaml.safe_load(block)]
