@@ -529,15 +529,17 @@ def run_parts(names: list[str], sizes: Sizes, out: Path, total_s: float, overrid
     """Every asked part within the total budget: its share, plus what earlier parts left unused."""
     parts_dir = out / "parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
+    for stale in parts_dir.glob("*.json"):  # an earlier run's parts never mix with this one's
+        stale.unlink()
     end, carry, parts = time.perf_counter() + total_s, 0.0, {}
     for name in names:
         share = overrides.get(name, sizes.budgets[name]) + carry
         timeout = min(share, end - time.perf_counter())
         if timeout < MIN_PART_S:
-            (parts_dir / f"{name}.json").unlink(missing_ok=True)
             parts[name] = {"rows": {}, "skipped": {}, "errors": {},
                            "not_run": f"budget: {max(timeout, 0):.0f} s of the {total_s:.0f} s total left"}
             continue
+        print(f"[gpu_suite] part {name}: at most {timeout:.0f} s", file=sys.stderr, flush=True)
         parts[name] = run_part(name, sizes, parts_dir / f"{name}.json", timeout)
         carry = max(0.0, share - parts[name]["elapsed_s"])
     return parts
