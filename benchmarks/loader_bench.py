@@ -1,0 +1,154 @@
+"""Data loading throughput against the training step's demand: can the loader keep the step fed?
+
+Run as `python -m benchmarks.loader_bench [--model SoftMoE-Mini-8-64] [--batch 64] [--workers 1,2,4]
+[--samples 768] [--shards 8] [--image-px 256] [--batches 12] [--step-samples-per-s X]
+[--out benchmarks/results/loader_bench.json]`.
+
+- Data, generated (no downloads): `--samples` JPEG photos-like images of `--image-px` (smooth colour fields with
+  noise) and captions, written both as WebDataset shards (`--shards` tars) and as an image folder with
+  `metadata.jsonl`, in a temporary folder.
+- Loader: `training.data.build_train_loader`, as `fit` builds it, for the streaming path (`ShardStream`,
+  shuffle window 256) and the map-style path (`load_pairs` image folder, `StepSampler`), with the model's train
+  transform and tokenizer, at 1, 2 and 4 DataLoader workers: samples/s over `--batches` batches of `--batch` after
+  the first batch (whose latency, worker start-up included, is reported apart).
+- Demand: samples/s of the training step `fit` runs (`benchmarks.train_bench.ours_step`) for `--model` at the same
+  batch, median of a few steps, or `--step-samples-per-s` when given. A loader row below 1.0x starves the step.
+- Machine state: load average and CPU busy fraction before, load after. Workers share the cores with the step in a
+  real run; on a 2-core machine the 4-worker row measures oversubscription, not extra capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+from benchmarks.layer_bench import check_machine, machine_load
+from benchmarks.train_bench import make_batch, ours_step
+from mmsoftmoe.data import ShardStream, list_shards, load_pairs, transforms_from_preprocess_cfg
+from mmsoftmoe.models.clip import build_clip, preprocess_config
+from training.data import build_train_loader
+from training.loop import build_loss
+from training.optim import build_optimizer
+
+SHUFFLE_BUFFER = 256
+
+
+def photo_like(rng: np.random.Generator, side: int) -> bytes:
+    """A JPEG of a smooth random colour field with noise: it compresses (and decodes) like a photo, not like noise."""
+    coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    field = np.asarray(Image.fromarray(coarse).resize((side, side), Image.BICUBIC), dtype=np.int16)
+    pixels = np.clip(field + rng.integers(-12, 13, field.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_data(folder: Path, samples: int, shards: int, side: int) -> tuple[list[str], Path]:
+    """The same pairs as WebDataset shards (sample i in shard i % shards) and as an image folder."""
+    rng = np.random.default_rng(0)
+    images = folder / "images"
+    images.mkdir(parents=True)
+    tars = [tarfile.open(folder / f"shard-{s:04d}.tar", "w") for s in range(shards)]
+    rows = []
+    for i in range(samples):
+        jpeg, caption = photo_like(rng, side), f"a photo of a random colour field, number {i}"
+        (images / f"{i:06d}.jpg").write_bytes(jpeg)
+        rows.append(json.dumps({"file_name": f"{i:06d}.jpg", "text": caption}))
+        for name, data in ((f"{i:06d}.jpg", jpeg), (f"{i:06d}.txt", caption.encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tars[i % shards].addfile(info, io.BytesIO(data))
+    for tar in tars:
+        tar.close()
+    (images / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return list_shards(str(folder / "*.tar")), images
+
+
+def loader_rate(dataset, workers: int, batch: int, batches: int) -> dict:
+    """Samples/s of the training loader over `batches` batches after its first one (timed apart)."""
+    start = time.perf_counter()
+    loader = build_train_loader(dataset, global_batch=batch, grad_accum_steps=1, rank=0, world_size=1, seed=0,
+                                start_step=0, total_steps=batches + 1, num_workers=workers, pin_memory=False)
+    next(loader)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return {"first_batch_s": first, "samples_per_s": batches * batch / (time.perf_counter() - start)}
+
+
+def step_rate(model_name: str, batch: int, steps: int = 5, warmup: int = 2) -> float:
+    """Samples/s of `fit`'s optimizer step for `model_name` on one fixed batch (median step time)."""
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model, tokenizer = build_clip(model_name)
+    optimizer = build_optimizer(model, lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss_fn = build_loss("clip", local_loss=True, gather_with_grad=True, rank=0, world_size=1)
+    data = make_batch(model, tokenizer, batch)
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        ours_step(accelerator, model, optimizer, loss_fn, data, step, grad_clip=1.0)
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times[warmup:])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="SoftMoE-Mini-8-64", help="the demo's model (configs/demo.yaml)")
+    parser.add_argument("--batch", type=int, default=64, help="the demo's batch")
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--samples", type=int, default=768)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--image-px", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the training step")
+    parser.add_argument("--step-samples-per-s", type=float, default=None, help="the demand, instead of measuring")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/loader_bench.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load, _ = check_machine()
+    model, tokenizer = build_clip(args.model)
+    train_tf, _ = transforms_from_preprocess_cfg(preprocess_config(model))
+    demand = args.step_samples_per_s or step_rate(args.model, args.batch)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shards, folder = write_data(Path(tmp), args.samples, args.shards, args.image_px)
+        paths = {"webdataset stream": ShardStream(shards, transform=train_tf, tokenizer=tokenizer,
+                                                  shuffle_buffer=SHUFFLE_BUFFER),
+                 "image folder": load_pairs(str(folder), transform=train_tf, tokenizer=tokenizer,
+                                            cache_dir=str(Path(tmp) / "cache"))}
+        for path, dataset in paths.items():
+            for workers in map(int, args.workers.split(",")):
+                rate = loader_rate(dataset, workers, args.batch, args.batches)
+                rows.append({"path": path, "workers": workers, **rate, "vs_step": rate["samples_per_s"] / demand})
+    result = {"model": args.model, "batch": args.batch, "image_px": args.image_px, "samples": args.samples,
+              "shards": args.shards, "step_samples_per_s": demand, "step_measured": args.step_samples_per_s is None,
+              "load_before": load, "load_after": machine_load(measure_busy=False), "threads": args.threads,
+              "open_clip": open_clip.__version__, "torch": torch.__version__, "rows": rows}
+    print(f"training step ({args.model}, batch {args.batch}): {demand:.1f} samples/s")
+    print(f"{'path':<20}{'workers':>8}{'samples/s':>11}{'x step':>8}{'first batch s':>15}")
+    for r in rows:
+        print(f"{r['path']:<20}{r['workers']:>8}{r['samples_per_s']:>11.1f}{r['vs_step']:>8.2f}"
+              f"{r['first_batch_s']:>15.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
