@@ -19,15 +19,16 @@ memory and torch.compile's caches start clean, and a part that overruns its budg
   images/s, and forward+backward images/s without the AdamW update (the optimizer's cost grows with the experts'
   parameters; the paper's Figure 6 is about the network).
 - `layer`: the Soft MoE layer at the S/16 and B/16 settings (batch 256 / 128) against the dense MLP and
-  soft-moe-pytorch (`benchmarks.layer_bench` specs and FLOP formulas), forward+backward under bf16 autocast.
+  soft-moe-pytorch (`benchmarks.layer_bench` specs), forward+backward under bf16 autocast.
 Every part measures its rows eager and compiled (`torch.compile`, default mode, as `fit` with `model.compile=true`),
 the rows the targets need first.
 
 Timing: a row's first call is reported on its own (`first_call_s`: compilation for compiled rows), then the median
-of `steps` calls after `warmup` more, each followed by a device synchronisation. FLOPs are counted with
-`FlopCounterMode` (math attention so attention is counted): towers 3x the forward count of one image, the CLIP
-step its forward and backward at the batch, layers 3x the layer_bench formula. Peak memory: CUDA
-`max_memory_allocated` over a step (on CPU: not measured).
+of `steps` calls after `warmup` more, each followed by a device synchronisation. FLOPs are counted by
+`mmsoftmoe.models.accounting` (`FlopCounterMode`, math attention so attention is counted): towers 3x the forward
+count of one image, the CLIP step its forward and backward at the batch, layers 3x the forward FLOPs the layer
+declares (`benchmarks.layer_bench` specs). Peak memory: CUDA `max_memory_allocated` over a step (on CPU: not
+measured).
 
 Budget: the suite stops at `--budget-s` (450 s). Each part gets its share plus what earlier parts left unused;
 inside a part a row starts only if its estimated cost still fits (else it is listed as skipped, with the reason),
@@ -63,8 +64,6 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import mmsoftmoe  # noqa: E402, F401  (registers the towers and CLIP configs)
 from benchmarks.layer_bench import (  # noqa: E402
@@ -79,10 +78,10 @@ from benchmarks.layer_bench import (  # noqa: E402
     machine_load,
 )
 from benchmarks.model_bench import family_names, median_seconds, synchronize  # noqa: E402
-from mmsoftmoe.export.stats import count_flops  # noqa: E402
 from mmsoftmoe.layers import set_record_stats  # noqa: E402
 from mmsoftmoe.machine import cpu_name, gemm_peak_gflops  # noqa: E402
-from mmsoftmoe.models.clip import build_clip, count_parameters, preprocess_config  # noqa: E402
+from mmsoftmoe.models.accounting import count_flops, count_parameters, image_flops  # noqa: E402
+from mmsoftmoe.models.clip import build_clip, preprocess_config  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.loop import build_loss, loss_terms, optimizer_step  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
@@ -280,7 +279,7 @@ def tower_row(part: Part, name: str, batch: int, mode: str, measures: tuple[str,
         model = timm.create_model(name, num_classes=0, **kwargs)
     set_record_stats(model, False)  # as a non-logging training step
     size = model.patch_embed.img_size
-    flops, params = count_flops(model, size), count_parameters(model)
+    flops, params = image_flops(model, size), count_parameters(model)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     model, optimizer = acc.prepare(model, optimizer)
     model = part.compile(model, mode)
@@ -343,12 +342,14 @@ def clip_batch(model: nn.Module, tokenizer, batch: int, device: torch.device) ->
 
 def count_step_flops(model: nn.Module, loss_fn: nn.Module, batch: dict, part: Part) -> int:
     """FLOPs of one forward and backward of the whole CLIP model and its loss (math attention: counted)."""
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    def step() -> None:
         with part.accelerator.autocast():
             losses = loss_terms(loss_fn, model(batch["image"], batch["text"]), None)
         sum(losses.values()).backward()
+
+    flops = count_flops(step)
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return flops
 
 
 class OneBatchLoader:
