@@ -1,27 +1,36 @@
-"""Image-text pairs from files, read through Hugging Face `datasets`, and the batch collate function.
+"""Image-text pairs from files, read through Hugging Face `datasets`; the one image decoder; the batch collate.
 
 Formats (`FORMATS`), each loaded with the `datasets` builder of the same name:
 - "imagefolder": a folder of images with a `metadata.jsonl` or `metadata.csv` holding `file_name` and a caption column;
 - "parquet" / "arrow": files with an image column (an HF `Image`, raw bytes, or a {"bytes", "path"} struct) and a
   caption column;
 - "webdataset": tar shards holding `<key>.jpg` / `<key>.png` ... and `<key>.txt`. Image columns accept alternatives
-  separated by ";" as in webdataset ("jpg;png": the first present field wins), so shards may mix image types.
+  separated by ";" as in webdataset ("jpg;png": the first present field wins), so shards may mix image types;
+- "csv": open_clip's CSV/TSV layout (`--csv-img-key filepath --csv-caption-key title --csv-separator`): a header
+  row, an image path column (default "filepath"; a relative path is relative to the CSV file's folder) and a caption
+  column (default "title"); the separator is a tab for .tsv files and a comma otherwise unless given.
 
 `load_pairs` returns a `PairDataset` (map-style, random access; shard it with the DataLoader sampler, which
-`accelerator.prepare` does) or, with `streaming=True`, an `IterablePairDataset` already split across processes with
-`datasets.distributed.split_dataset_by_node` (by shards when their number divides by the world size, else by
-examples) and across DataLoader workers by `datasets` itself (by shards: workers beyond the shard count stay idle).
-Iterate a streaming dataset with a DataLoader that `accelerator.prepare` has not seen: prepare would split it again
-(or, with its default `dispatch_batches=True`, send rank 0's part to every rank).
+`accelerator.prepare` does) or, with `streaming=True`, an `IterablePairDataset`: one pass over the data, split
+across processes with `datasets.distributed.split_dataset_by_node` (by shards when their number divides by the world
+size, else by examples) and across DataLoader workers by `datasets` itself (by shards: workers beyond the shard
+count stay idle). Training streams WebDataset shards through `mmsoftmoe.data.shards.ShardStream` instead: endless,
+shuffled and exactly resumable.
 
-Bad samples never stop a run: an image that cannot be decoded, or a missing or whitespace-only caption, is counted
-(`num_bad_images`, `num_empty_captions`, per process: each DataLoader worker counts its own) and logged with its key.
-A map-style dataset serves the next readable sample in its place, so batches keep their size (distributed losses
-gather equal-sized batches); a streaming dataset moves on to the next example. Data that yields nothing at all
-raises a ValueError naming the source. The built-in `ShapesCaptions` goes through the same wrapper:
+Images are decoded by `decode_image` everywhere (training, evaluation): 16-bit and 32-bit integer greyscale is
+scaled to 8 bits (PIL's `convert("RGB")` would clip it at 255), float images holding [0, 1] are scaled and other
+float images refused, and an image over `max_pixels` (default `MAX_IMAGE_PIXELS`) is decoded at a reduced scale
+(JPEG) or refused before its pixels are read.
+
+Bad samples never stop a run: an image that cannot be decoded (corrupt, truncated, too large, out of range), or a
+missing or whitespace-only caption, is counted once per process (`num_bad_images`, `num_empty_captions`) and logged
+with its key; with `skip_log` set, every process appends it to that JSON-lines file, and `count_skipped` reads the
+number of distinct bad samples across DataLoader workers, processes and resumed runs. A map-style dataset serves the
+next readable sample in its place, so batches keep their size (distributed losses gather equal-sized batches); a
+streaming dataset moves on to the next example. Data that yields nothing at all raises a ValueError naming the
+source. The built-in `ShapesCaptions` goes through the same wrapper:
 `PairDataset(ShapesCaptions(n), transform=..., tokenizer=...)`.
 """
-
 from __future__ import annotations
 
 import csv
