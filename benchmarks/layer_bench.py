@@ -11,10 +11,11 @@ What is measured, per setting (`s16`: the paper's S/16 MoE layer; `tiny`: a seco
   the optimizer default), so every step allocates fresh gradients: the case SPEC section 6 warns about.
   Both are medians of `--repeats` calls timed with `time.perf_counter`, after `--warmup` untimed calls; the
   JSON adds the min and the minor page faults per call (fresh memory is what the CPU pays for, not only FLOPs).
-- GFLOP/s from explicit FLOP counts: 2 per multiply-add, matmuls only (biases, GELU, softmax ignored).
-  Dense 4bmdh; Soft MoE b(6mds + 4sdh) with s = n*p slots (logits, dispatch, combine, experts);
-  sparse 2bmdn for the router plus 4dh per expert-buffer row actually processed (b groups x n experts x capacity C,
-  empty buffer positions included: they are computed). Backward counts as 2x forward.
+- GFLOP/s from the FLOP counts the layers declare (`flops_per_example`, tested against `FlopCounterMode`): 2 per
+  multiply-add, matmuls only (biases, GELU, softmax ignored). Dense 4bmdh; Soft MoE b(6mds + 4sdh) with s = n*p
+  slots (logits, dispatch, combine, experts); sparse 2bmdn for the router plus 4dh per expert-buffer row
+  processed (b groups x n experts x capacity C, vmoe's capacity rounding, empty buffer positions included: they are
+  computed). Backward counts as 2x forward.
 - % of peak: against the best-of-5 fp32 `torch.mm` of two `--peak-size` squares, measured in the same run with
   the same threads (a `torch.bmm` of the expert shape is reported beside it).
 - Peak memory of one forward (no grad; and with grad, output and autograd graph alive): the peak of bytes live
@@ -40,7 +41,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import resource
 import statistics
@@ -90,30 +90,15 @@ SETTINGS = {
 }
 
 
-# FLOP counts (forward, 2 per multiply-add, matmuls only).
-def dense_flops(b: int, m: int, d: int, h: int) -> int:
-    """fc1 (d -> h) and fc2 (h -> d) on every token."""
-    return 4 * b * m * d * h
+def declared_flops(build: Callable[[Setting], nn.Module]) -> Callable[[Setting], int]:
+    """Forward FLOPs at a setting as the layer declares them (`flops_per_example`: 2 per multiply-add, matmuls
+    only), read from a copy built on the meta device (no memory)."""
+    def flops(s: Setting) -> int:
+        with torch.device("meta"):
+            layer = build(s)
+        return s.batch * layer.flops_per_example(s.m)
 
-
-def soft_moe_flops(b: int, m: int, d: int, h: int, s: int) -> int:
-    """Logits (m x d x s), slots (s x m x d), combine (m x s x d) and s expert MLPs, per example."""
-    return b * (3 * 2 * m * d * s + s * 4 * d * h)
-
-
-def tokens_choice_capacity(m: int, n: int, top_k: int, capacity_factor: float) -> int:
-    """Buffer positions per expert and group of m tokens: ceil(k m cf / n) (SPEC section 3)."""
-    return max(1, math.ceil(top_k * m * capacity_factor / n))
-
-
-def experts_choice_capacity(m: int, n: int, capacity_factor: float) -> int:
-    """Tokens each expert takes per group of m tokens: ceil(m cf / n), at most m."""
-    return min(m, max(1, math.ceil(m * capacity_factor / n)))
-
-
-def sparse_moe_flops(b: int, m: int, d: int, h: int, n: int, capacity: int) -> int:
-    """Router (d -> n per token) and the n * capacity buffer rows of each of the b per-example groups."""
-    return 2 * b * m * d * n + b * n * capacity * 4 * d * h
+    return flops
 
 
 @dataclass(frozen=True)
@@ -137,19 +122,21 @@ def build_lucidrains(s: Setting) -> nn.Module:
                              offload_unused_experts_to_cpu=False)
 
 
+def _soft_moe(s: Setting) -> nn.Module:
+    return SoftMoE(s.d, s.h, num_experts=s.n, slots_per_expert=s.p)
+
+
 def layer_specs(with_lucidrains: bool) -> list[LayerSpec]:
     """Soft MoE (ours), dense MLP, Tokens Choice (k 1, cf 1), Experts Choice (cf 1), soft-moe-pytorch."""
-    specs = [
-        LayerSpec("soft_moe", lambda s: SoftMoE(s.d, s.h, num_experts=s.n, slots_per_expert=s.p),
-                  lambda s: soft_moe_flops(s.batch, s.m, s.d, s.h, s.slots)),
-        LayerSpec("dense", lambda s: DenseMLP(s.d, s.h), lambda s: dense_flops(s.batch, s.m, s.d, s.h)),
-        LayerSpec("tokens_choice", lambda s: TokensChoiceMoE(s.d, s.h, num_experts=s.n, top_k=1, capacity_factor=1.0),
-                  lambda s: sparse_moe_flops(s.batch, s.m, s.d, s.h, s.n, tokens_choice_capacity(s.m, s.n, 1, 1.0))),
-        LayerSpec("experts_choice", lambda s: ExpertsChoiceMoE(s.d, s.h, num_experts=s.n, capacity_factor=1.0),
-                  lambda s: sparse_moe_flops(s.batch, s.m, s.d, s.h, s.n, experts_choice_capacity(s.m, s.n, 1.0))),
-    ]
-    if with_lucidrains:
-        specs.append(LayerSpec(LUCIDRAINS, build_lucidrains, lambda s: soft_moe_flops(s.batch, s.m, s.d, s.h, s.slots)))
+    builds = {
+        "soft_moe": _soft_moe,
+        "dense": lambda s: DenseMLP(s.d, s.h),
+        "tokens_choice": lambda s: TokensChoiceMoE(s.d, s.h, num_experts=s.n, top_k=1, capacity_factor=1.0),
+        "experts_choice": lambda s: ExpertsChoiceMoE(s.d, s.h, num_experts=s.n, capacity_factor=1.0),
+    }
+    specs = [LayerSpec(name, build, declared_flops(build)) for name, build in builds.items()]
+    if with_lucidrains:  # the same computation as ours, so our count
+        specs.append(LayerSpec(LUCIDRAINS, build_lucidrains, declared_flops(_soft_moe)))
     return specs
 
 

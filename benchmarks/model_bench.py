@@ -30,8 +30,8 @@ from accelerate import Accelerator
 
 import mmsoftmoe  # noqa: F401  (registers the towers)
 from benchmarks.layer_bench import check_machine, machine_load, peak_alloc_bytes
-from mmsoftmoe.export.stats import count_flops, parameter_counts
 from mmsoftmoe.machine import gemm_peak_gflops
+from mmsoftmoe.models.accounting import image_flops, parameter_counts
 from mmsoftmoe.models.mmsoftmoe_vit import SPARSE_TWINS, TOWERS
 
 
@@ -67,7 +67,7 @@ def bench_tower(name: str, accelerator: Accelerator, batch: int, steps: int, war
     model = timm.create_model(name, num_classes=0)
     size = model.patch_embed.img_size
     counts = parameter_counts(model, model)
-    flops = count_flops(model, size)
+    flops = image_flops(model, size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device

@@ -131,6 +131,15 @@ def load_classifier(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
+def build_finetune_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    """timm's AdamW with layer-wise lr decay; no weight decay on 1-d parameters and on what the model's
+    ``no_weight_decay()`` names (for mmsoftmoe towers: ``pos_embed``, Soft MoE's ``phi`` and the expert biases, the
+    same declaration pretraining reads through ``mmsoftmoe.models.accounting.no_weight_decay_names``)."""
+    layer_decay = config.layer_decay if config.layer_decay != 1.0 else None
+    return create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay,
+                               layer_decay=layer_decay)
+
+
 def _loss_and_mixup(config: FinetuneConfig, num_classes: int) -> tuple[nn.Module, Mixup | None]:
     """The criterion and, when mixup or cutmix is on, the batch mixer (which then applies the label smoothing)."""
     if config.mixup > 0 or config.cutmix > 0:
@@ -268,9 +277,7 @@ def finetune(
     set_seed(config.seed)
     num_classes = len(train_set.classnames)
     model, arch = build_classifier(tower, num_classes, config.drop_path_rate)
-    layer_decay = config.layer_decay if config.layer_decay != 1.0 else None
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay,
-                                    layer_decay=layer_decay)
+    optimizer = build_finetune_optimizer(model, config)
     loader = _train_loader(train_set, config, num_workers)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config.ema_decay) if config.ema_decay > 0 else None

@@ -8,48 +8,41 @@ import pytest
 import torch
 
 from benchmarks import layer_bench as lb
-from mmsoftmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 
 # A hand-sized config: b 2 examples, m 8 tokens, d 4, h 16, n 4 experts, p 2 slots each (s 8).
 B, M, D, H, N, P = 2, 8, 4, 16, 4, 2
 
 
+def _flops(name: str, s: lb.Setting) -> int:
+    return next(spec for spec in lb.layer_specs(False) if spec.name == name).flops(s)
+
+
+HAND = lb.Setting("hand", d=D, m=M, n=N, p=P, h=H, batch=B)
+
+
 def test_dense_flops_by_hand():
     # fc1: 2*8 tokens x 4 x 16 multiply-adds, fc2 the same; 2 FLOPs each: 2 * 2 * 256 * 4 = 4096.
-    assert lb.dense_flops(B, M, D, H) == 4096
+    assert _flops("dense", HAND) == 4096
 
 
 def test_soft_moe_flops_by_hand():
     # Per example: logits 8x4x8, slots 8x8x4, combine 8x8x4 multiply-adds = 3 * 256 -> 1536 FLOPs;
     # experts: 8 slots x (4x16 + 16x4) multiply-adds = 1024 -> 2048 FLOPs. Two examples: 2 * 3584.
-    assert lb.soft_moe_flops(B, M, D, H, N * P) == 7168
-    layer = SoftMoE(D, H, num_experts=N, slots_per_expert=P)
-    assert B * layer.flops_per_example(M) == 7168  # the library's own count agrees
-
-
-def test_capacities_by_hand_and_against_layers():
-    assert lb.tokens_choice_capacity(M, N, top_k=1, capacity_factor=1.0) == 2
-    assert lb.tokens_choice_capacity(M, N, top_k=2, capacity_factor=1.25) == 5  # ceil(2 * 8 * 1.25 / 4)
-    assert lb.tokens_choice_capacity(196, 128, top_k=1, capacity_factor=1.0) == 2  # S/16: 256 buffer rows > 196
-    assert lb.experts_choice_capacity(M, N, capacity_factor=1.0) == 2
-    assert lb.experts_choice_capacity(M, N, capacity_factor=10.0) == M  # an expert takes at most every token
-    for m, n, cf in ((8, 4, 1.0), (196, 128, 1.0), (64, 8, 1.5)):
-        assert lb.tokens_choice_capacity(m, n, 1, cf) == TokensChoiceMoE(D, H, num_experts=n,
-                                                                          capacity_factor=cf).capacity(m)
-        assert lb.experts_choice_capacity(m, n, cf) == ExpertsChoiceMoE(D, H, num_experts=n,
-                                                                        capacity_factor=cf).capacity(m)
+    assert _flops("soft_moe", HAND) == 7168
 
 
 def test_sparse_flops_by_hand():
-    # Router: 2*8 tokens x 4 x 4 multiply-adds = 256 -> 512 FLOPs; experts: 2 groups x 4 experts x 2 rows,
-    # each (4x16 + 16x4) multiply-adds = 16 x 128 = 2048 -> 4096 FLOPs.
-    assert lb.sparse_moe_flops(B, M, D, H, N, capacity=2) == 4608
+    # Router: 2*8 tokens x 4 x 4 multiply-adds = 256 -> 512 FLOPs. Tokens Choice: capacity ceil(8 / 4) = 2, rounded up
+    # to vmoe's multiple of 4 -> 4 rows; 2 groups x 4 experts x 4 rows, each (4x16 + 16x4) multiply-adds -> 8192.
+    assert _flops("tokens_choice", HAND) == 512 + 8192
+    # Experts Choice: capacity round(8 / 4) = 2 rows -> 4096 FLOPs.
+    assert _flops("experts_choice", HAND) == 512 + 4096
 
 
 def test_s16_flops():
     s = lb.SETTINGS["s16"]
-    assert lb.dense_flops(s.batch, s.m, s.d, s.h) == 14_797_504_512
-    assert lb.soft_moe_flops(s.batch, s.m, s.d, s.h, s.slots) == 11_513_364_480
+    assert _flops("dense", s) == 14_797_504_512
+    assert _flops("soft_moe", s) == 11_513_364_480
 
 
 def test_peak_alloc_bytes_counts_live_tensors():
@@ -78,8 +71,7 @@ def test_main_report_is_consistent_with_its_own_measurements(tmp_path):
     peak = result["peak"]["mm_gflops"]
     layers = result["layers"]
     assert {"soft_moe", "dense", "tokens_choice", "experts_choice"} <= layers.keys()
-    for name, flops in (("soft_moe", lb.soft_moe_flops(s.batch, s.m, s.d, s.h, s.slots)),
-                        ("dense", lb.dense_flops(s.batch, s.m, s.d, s.h))):
+    for name, flops in (("soft_moe", _flops("soft_moe", s)), ("dense", _flops("dense", s))):
         r = layers[name]
         assert r["forward_gflop"] == pytest.approx(flops / 1e9)
         for key, factor in (("forward", 1), ("forward_backward", lb.FWD_BWD_FLOP_FACTOR)):

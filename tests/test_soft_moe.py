@@ -1,7 +1,5 @@
 """Soft MoE against the paper's formulas written as explicit loops (Puigcerver et al. 2024, Algorithm 1)."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,7 @@
 """The training loop: a loss that falls, step-exact resume, distributed and accumulated steps equal to one big step."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,9 +15,11 @@ from safetensors.torch import load_file
 
 import training.loop
 import training.main as train_main
+from mmsoftmoe.layers import collect_aux_loss, routed_layers
+from mmsoftmoe.models.clip import build_clip_from_config, resolve_clip_config
 from tests.training_fixtures import global_batch, grads, make_model, split
 from training.config import load_config
-from training.loop import build_loss, train_step
+from training.loop import build_loss, loss_terms, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -86,6 +89,67 @@ def test_accumulated_step_equals_full_batch_step():
         assert g.keys() == results[0][1].keys()
         for name in g:
             torch.testing.assert_close(g[name], results[0][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _stochastic_model(name: str, loss: str, drop_path: float):
+    cfg = resolve_clip_config(name)
+    cfg["vision_cfg"]["timm_drop_path"] = drop_path
+    if loss == "siglip":
+        cfg.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    return build_clip_from_config(cfg)
+
+
+def _whole_batch_gradient(model, micro_batches, loss_fn, aux_weight: float) -> tuple[float, dict]:
+    """Reference without the cache-and-merge trick: every micro-batch forwarded with grad in one graph, in the order
+    (and so with the noise) of train_step's cached passes, the whole batch's loss, one backward."""
+    outs, auxes = [], []
+    for b in micro_batches:
+        outs.append(model(b["image"], b["text"]))
+        auxes.append(collect_aux_loss(model.visual))
+    merged = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
+    merged.update({k: v for k, v in outs[0].items() if k in ("logit_scale", "logit_bias")})
+    aux = None if auxes[0] is None else aux_weight * torch.stack(auxes).mean()
+    losses = loss_terms(loss_fn, merged, aux)
+    sum(losses.values()).backward()
+    return float(sum(v.detach() for k, v in losses.items() if k != "router_aux_loss")), grads(model)
+
+
+@pytest.mark.parametrize(("name", "loss", "drop_path"), [
+    ("TokensChoiceK1-Micro-4-32", "siglip", 0.0),  # router noise (std 1/n) and the aux losses
+    ("SoftMoE-Micro-4-32", "clip", 0.2),  # drop-path
+])
+@pytest.mark.parametrize("parts", [2, 4])
+def test_accumulation_is_exact_with_router_noise_and_drop_path(name, loss, drop_path, parts):
+    accelerator = Accelerator(cpu=True)
+    loss_fn = build_loss(loss, local_loss=True, gather_with_grad=True, rank=0, world_size=1)
+    runs = []
+    for seed, accumulate in ((0, True), (0, False), (1, False)):
+        set_seed(0)
+        model, tokenizer = _stochastic_model(name, loss, drop_path)
+        micro = split(global_batch(tokenizer, 8), parts)
+        set_seed(seed)
+        if accumulate:
+            losses = train_step(model, micro, loss_fn, accelerator, model.visual, 1.0)
+            runs.append((sum(float(v) for k, v in losses.items() if k != "router_aux_loss"), grads(model)))
+        else:
+            runs.append(_whole_batch_gradient(model, micro, loss_fn, 1.0))
+    (loss_acc, g_acc), (loss_ref, g_ref), (_, g_other_noise) = runs
+    assert loss_acc == pytest.approx(loss_ref, abs=1e-5)
+    assert g_acc.keys() == g_ref.keys()
+    for key in g_ref:
+        torch.testing.assert_close(g_acc[key], g_ref[key], atol=1e-5, rtol=1e-4, msg=key)
+    # The forward is stochastic: other noise gives another gradient, so the equality above is not vacuous.
+    assert any(not torch.allclose(g_other_noise[k], g_ref[k], atol=1e-4) for k in g_ref)
+
+
+def test_accumulation_refuses_routing_over_the_whole_batch():
+    model, tokenizer = _stochastic_model("TokensChoiceK1-Micro-4-32", "clip", 0.0)
+    for layer in routed_layers(model.visual).values():
+        layer.routing = "batch"
+    loss_fn = build_loss("clip", local_loss=True, gather_with_grad=True, rank=0, world_size=1)
+    micro = split(global_batch(tokenizer, 4), 2)
+    with pytest.raises(ValueError, match=r"routing='batch'.*grad_accum_steps=1"):
+        train_step(model, micro, loss_fn, Accelerator(cpu=True), model.visual, 1.0)
 
 
 def test_two_processes_match_one_process(tmp_path):

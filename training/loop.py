@@ -3,8 +3,12 @@
 Gradient accumulation follows open_clip's `accum_freq`: a contrastive loss over micro-batches is not the loss
 over the whole batch (negatives would come from the micro-batch only), so the step first computes all
 micro-batches' features without grad, then recomputes each micro-batch with grad and backpropagates the loss of
-the *whole* batch with that micro-batch's features live. The gradient equals the full-batch gradient; the shared
-`logit_scale`/`logit_bias` take their gradient from one pass only (open_clip would count it once per pass).
+the *whole* batch with that micro-batch's features live. The shared `logit_scale`/`logit_bias` take their gradient
+from one pass only (open_clip would count it once per pass). The live pass of a micro-batch restarts from the random
+state its cached pass started from, so router noise, dropout and drop-path draw the same values in both passes: the
+gradient is exactly that of the whole-batch loss under the noise the cached passes drew (for deterministic forwards:
+the full-batch gradient). Layers whose routing spans the batch (`routes_across_examples`, e.g. `routing="batch"`)
+would route a micro-batch differently from the full batch, so accumulation refuses them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from accelerate import Accelerator
 from open_clip.loss import SigLipLoss
 from torch import nn
 
-from mmsoftmoe.layers import collect_aux_loss, collect_routing_stats
+from mmsoftmoe.layers import collect_aux_loss, collect_routing_stats, routed_layers
 from training.optim import set_lr
 
 logger = logging.getLogger("mmsoftmoe.train")
@@ -82,8 +86,14 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: nn.Modu
         accelerator.backward(sum(losses.values()))
         return {k: v.detach() for k, v in losses.items()}
 
+    _check_accumulable(routed_model, len(micro_batches))
+    device = accelerator.device
+    cached, rng_states = [], []
     with torch.no_grad(), accelerator.autocast():
-        cached = [model(b["image"], b["text"]) for b in micro_batches]
+        for b in micro_batches:
+            rng_states.append(_rng_state(device))
+            cached.append(model(b["image"], b["text"]))
+    after_cached = _rng_state(device)
     n = len(micro_batches)
     aux_total, contrastive = None, {}
     for j, batch in enumerate(micro_batches):
@@ -91,6 +101,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: nn.Modu
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
+                _set_rng_state(rng_states[j], device)  # the noise of micro-batch j's cached pass
                 live = model(batch["image"], batch["text"])
                 aux = _aux(routed_model, aux_weight / n)
                 losses = loss_terms(loss_fn, _merge(cached, live, j, last), aux)
@@ -98,7 +109,32 @@ def train_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: nn.Modu
         if aux is not None:
             aux_total = aux.detach() if aux_total is None else aux_total + aux.detach()
         contrastive = {k: v.detach() for k, v in losses.items() if k != "router_aux_loss"}
+    _set_rng_state(after_cached, device)
     return contrastive if aux_total is None else {**contrastive, "router_aux_loss": aux_total}
+
+
+def _check_accumulable(routed_model: nn.Module, num_micro_batches: int) -> None:
+    """Refuse gradient accumulation over layers that route across examples: it could not equal the full batch."""
+    spanning = [name for name, layer in routed_layers(routed_model).items() if layer.routes_across_examples]
+    if spanning:
+        raise ValueError(
+            f"grad_accum_steps={num_micro_batches} cannot reproduce the full batch's gradient: MoE layer(s) "
+            f"{spanning[:3]} route over the whole batch (routing='batch'), so a micro-batch is routed differently "
+            "from the full batch. Set grad_accum_steps=1, or use routing='example' (vmoe's per-image groups)")
+
+
+def _rng_state(device: torch.device) -> list[torch.Tensor]:
+    """The CPU random state and, on an accelerator, that device's (what noise, dropout and drop-path draw from)."""
+    states = [torch.get_rng_state()]
+    if device.type != "cpu":
+        states.append(torch.get_device_module(device).get_rng_state(device))
+    return states
+
+
+def _set_rng_state(states: list[torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if device.type != "cpu":
+        torch.get_device_module(device).set_rng_state(states[1], device)
 
 
 def all_finite(accelerator: Accelerator, total: torch.Tensor) -> bool:

@@ -25,6 +25,7 @@ class RoutingStatsMixin:
     last_stats: dict[str, torch.Tensor]
     aux_loss: torch.Tensor | None
     record_stats: bool
+    routes_across_examples = False  # True when an example's output depends on the rest of the batch
 
     def _init_routing_stats(self) -> None:
         self.last_stats = {}

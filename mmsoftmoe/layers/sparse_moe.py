@@ -86,6 +86,10 @@ class SparseMoEBase(ExpertLayerBase):
         lecun_normal_(self.router.weight, fan_in=self.in_features)
         self.experts.init_weights()
 
+    @property
+    def routes_across_examples(self) -> bool:
+        return self.routing == "batch"
+
     def assignments_per_group(self, group_size: int) -> int:
         """Token-expert assignments a group of `group_size` tokens asks for (k * s for Tokens Choice)."""
         return group_size

@@ -4,9 +4,9 @@ Architectures follow the paper's configs (Puigcerver et al. 2024, Table 9 / vmoe
 replaces the MLP of the last half of the blocks, one slot per expert, expert width = the dense MLP width,
 global average pooling after the final norm, query-key normalisation in attention, no class token, and the
 tanh-approximate GELU of every vmoe MLP (flax `nn.gelu`; `timm.create_model(name, act_layer="gelu")` for the exact
-one). Experts start from vmoe's shared init (`moe_kwargs=dict(expert_init="independent")` for timm's per-expert one). `micro` and
-`mini` are CPU-sized towers for tests, the demo and the small-scale study; `base_patch16_256` is the tower of the
-paper's image-text recipe (App. F.1).
+one). Experts start from vmoe's shared init (`moe_kwargs=dict(expert_init="independent")` for timm's per-expert
+one). `micro` and `mini` are CPU-sized towers for tests, the demo and the small-scale study; `base_patch16_256` is
+the tower of the paper's image-text recipe (App. F.1).
 
 Names say what differs: `softmoe_vit_small_patch16_224_e128` (128 experts), `dense_vit_small_patch16_224`,
 `tokenschoice_vit_small_patch16_224_e128_k2` (top-2), `expertschoice_vit_small_patch16_224_e128`,
