@@ -381,3 +381,7 @@ def test_csv_and_tsv_in_the_open_clip_layout(tmp_path, cache, monkeypatch, strea
     with pytest.raises(ValueError, match=r"pairs.csv has no image column 'filepath'; its columns are \['path;alt'\] "
                                          r"\(separator ','\).*csv_separator"):
         load_pairs(str(tmp_path / "c" / "pairs.csv"), cache_dir=cache)
+    typed = load_pairs(tsvs[1], csv_separator="\\t", cache_dir=cache)  # "\t" as typed on a command line
+    assert len(read_all(typed)) == 2
+    with pytest.raises(ValueError, match="csv_separator must be one character"):
+        load_pairs(tsvs[1], csv_separator="::", cache_dir=cache)

@@ -147,6 +147,13 @@ def test_bad_samples_are_replaced_by_look_ahead_and_counted_once(tmp_path):
     assert count_skipped(log) == 2  # met in two epochs and in look-ahead, counted once each
 
 
+def test_stream_skips_are_counted_once_across_workers(tmp_path):
+    shards = write_shards(tmp_path, 2, bad=(1, 2, 6))
+    log = tmp_path / "skipped.jsonl"
+    take(loader(shards, batch=2, steps=8, workers=2, skip_log=log), 8)  # each worker reads its shard twice
+    assert count_skipped(log) == 3
+
+
 @pytest.mark.parametrize("workers,accum,batch,start_step", [
     (0, 1, 4, 2),  # resumes at stream position 8: a shard boundary, inside a shuffle window
     (0, 1, 2, 3),  # position 6: mid-shard, a window boundary

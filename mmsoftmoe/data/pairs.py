@@ -33,6 +33,7 @@ source. The built-in `ShapesCaptions` goes through the same wrapper:
 """
 from __future__ import annotations
 
+import collections
 import csv
 import glob
 import io
@@ -63,6 +64,7 @@ _METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 _WEBDATASET_IMAGE = "jpg;jpeg;png;webp"
 _IMAGE_CANDIDATES = ("image", "img", "jpg", "png")
 _CAPTION_CANDIDATES = ("caption", "text", "txt")
+_RECENT_SKIPS = 100_000  # bad samples each process remembers, so that meeting one again does not count it again
 _LOGGED_SKIPS = 5  # bad samples logged one by one per process; after that, only at counts 10, 100, 1000, ...
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 MAX_IMAGE_PIXELS = 40_000_000  # 40 MP: larger JPEGs decode at a reduced scale, other formats are skipped
@@ -151,7 +153,8 @@ class _PairConverter:
     """Turns one raw example into {"image", "text"}, or None (counted and logged) when it is unusable.
 
     The base of the pair datasets: it holds their skip counters. A bad sample is counted once per process however
-    often it is met (a map-style replacement search meets a bad neighbour again); with `skip_log` set, each process
+    often it is met (a map-style replacement search meets a bad neighbour again; each process remembers the last
+    `_RECENT_SKIPS`, so memory stays bounded at any scale); with `skip_log` set, each process
     appends it as one JSON line {"source", "key", "reason"} to that file, so `count_skipped(skip_log)` gives the
     distinct count over every DataLoader worker, process and resumed run.
     """
@@ -176,16 +179,20 @@ class _PairConverter:
         self.num_bad_images = 0
         self.num_empty_captions = 0
         self.skipped_examples: list[tuple[Any, str]] = []  # the first few (key, reason), for the log and for tests
-        self._skipped_keys: set[tuple[str, str]] = set()
+        self._recent_skips: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
     @property
     def num_skipped(self) -> int:
         return self.num_bad_images + self.num_empty_captions
 
     def _skip(self, source: str, key: Any, reason: str, bad_image: bool) -> None:
-        if (source, str(key)) in self._skipped_keys:
+        ident = (source, str(key))
+        if ident in self._recent_skips:  # met again: a replacement search, a look-ahead, a later epoch
+            self._recent_skips.move_to_end(ident)
             return
-        self._skipped_keys.add((source, str(key)))
+        self._recent_skips[ident] = None
+        if len(self._recent_skips) > _RECENT_SKIPS:
+            self._recent_skips.popitem(last=False)
         if self.skip_log is not None:
             with open(self.skip_log, "a") as log:  # one short write per line: appends from processes do not mix
                 log.write(json.dumps({"source": source, "key": str(key), "reason": reason[:300]}) + "\n")
@@ -385,8 +392,10 @@ def _load_csv(paths: list[Path], image_column: str, separator: str | None, **kwa
     """CSV/TSV files (open_clip's `--csv-*` layout), one per row: image paths relative to the file's folder are
     made absolute. `separator` None: a tab for .tsv files, else a comma."""
     parts = []
+    if separator is not None and len(separator.replace("\\t", "\t")) != 1:
+        raise ValueError(f"csv_separator must be one character (\\t for a tab), got {separator!r}")
     for file in map(Path, _data_files(paths, "csv")):
-        sep = separator or ("\t" if file.suffix.lower() == ".tsv" else ",")
+        sep = separator.replace("\\t", "\t") if separator else "\t" if file.suffix.lower() == ".tsv" else ","
         with open(file, newline="") as handle:
             columns = next(csv.reader(handle, delimiter=sep), [])
         if image_column not in columns:
