@@ -77,3 +77,23 @@ def test_skips_are_counted_once_each_across_workers_and_resumes(tmp_path, worker
     assert count_skipped(log) == 3
     if workers == 0:
         assert (data.num_bad_images, data.num_empty_captions) == (2, 1)
+
+
+def test_run_config_reaches_the_readers(tmp_path):
+    from training.config import DataConfig
+    from training.data import build_pair_dataset
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "pairs.csv").write_text("path|alt\nimg/a.png|a black square\n")
+    preprocess = {"size": 8, "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
+                  "resize_mode": "shortest"}
+    cfg = DataConfig(source=str(tmp_path / "pairs.csv"), image_column="path", caption_column="alt", csv_separator="|")
+    data = build_pair_dataset(cfg, preprocess, tokenizer=None, rank=0, world_size=1)
+    assert len(data) == 1 and data[0]["text"] == "a black square" and data[0]["image"].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="streaming=true reads WebDataset shards, not data.format='csv'"):
+        build_pair_dataset(DataConfig(source=str(tmp_path / "pairs.csv"), format="csv", streaming=True), preprocess,
+                           tokenizer=None, rank=0, world_size=1)
+    with pytest.raises(ValueError, match=r"uncompressed WebDataset .tar shards.*pairs.csv.*data.streaming=false"):
+        build_pair_dataset(DataConfig(source=str(tmp_path / "pairs.csv"), streaming=True), preprocess,
+                           tokenizer=None, rank=0, world_size=1)
