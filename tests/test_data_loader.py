@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +98,30 @@ def test_run_config_reaches_the_readers(tmp_path):
     with pytest.raises(ValueError, match=r"uncompressed WebDataset .tar shards.*pairs.csv.*data.streaming=false"):
         build_pair_dataset(DataConfig(source=str(tmp_path / "pairs.csv"), streaming=True), preprocess,
                            tokenizer=None, rank=0, world_size=1)
+
+
+def test_trainer_state_counts_distinct_skips_with_workers_and_resume(tmp_path):
+    import training.main as train_main
+    from mmsoftmoe.data import ShapesCaptions
+    from training.config import load_config
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rows = []
+    for i, sample in enumerate(ShapesCaptions(14, image_size=32, seed=5)):
+        sample["image"].save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": sample["caption"]})
+    for name in ("bad1.jpg", "bad2.jpg"):  # neighbours: the replacement search meets the second one twice
+        (folder / name).write_bytes(b"not a jpeg")
+        rows.insert(3, {"file_name": name, "text": "a broken file"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def run(steps: int) -> dict:
+        cfg = load_config(Path(train_main.__file__).parents[1] / "configs" / "smoke.yaml", [
+            f"output_dir={tmp_path / 'run'}", f"data.source={folder}", "data.caption_column=text",
+            "data.num_workers=2", "eval.dataset=none", "batch_size=8", f"steps={steps}", "checkpoint_every=2"])
+        train_main.fit(cfg)
+        return json.loads((tmp_path / "run/final/trainer_state.json").read_text())
+
+    assert run(4)["data_skipped"] == 2  # 2 epochs of 16: each bad image met twice or more, in two workers
+    assert run(6)["data_skipped"] == 2  # resumed at step 4: the count carries over, not restarted
