@@ -37,8 +37,13 @@ def torchrun(tmp_path: Path, nproc: int, layouts: list[str]) -> dict[str, torch.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(ROOT / "tests" / "_parallel_train.py"), str(out), *layouts]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc.stderr)
     return load_file(str(out))
+
+
+def failure(stderr: str) -> str:
+    """The error lines of every rank (torchrun's own summary only names the failing rank)."""
+    return "\n".join(line for line in stderr.splitlines() if "Error" in line or "error" in line)[-4000:]
 
 
 def assert_matches_one_process(sharded: dict[str, torch.Tensor], layout: str) -> None:
@@ -108,7 +113,7 @@ def test_checkpoint_saved_by_four_processes_resumes_on_two_and_one_and_consolida
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(ROOT / "tests" / "_parallel_checkpoint.py"), str(tmp_path), mode, layout]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, failure(proc.stderr)
     continued = load_file(str(tmp_path / "continued.safetensors"))
     model, tokenizer = make_model(MODEL)
     optimizer = make_optimizer(model)
