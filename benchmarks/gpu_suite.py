@@ -695,21 +695,25 @@ def table(header: list[str], lines: list[list[str]]) -> list[str]:
                                                                               for x in lines]
 
 
-def markdown(report: dict) -> str:
-    meta, parts, derived = report["meta"], report["parts"], report["derived"]
-    speedup = derived["compile_speedup"]
+def compiled_speedup(report: dict, part: str, key: str, mode: str, what: str) -> float | None:
+    """A compiled row's speed-up over its eager twin (None on eager rows)."""
+    return report["derived"]["compile_speedup"][part].get(key, {}).get(what) if mode == "compiled" else None
+
+
+def targets_section(report: dict) -> list[str]:
+    meta = report["meta"]
     out = [f"# gpu_suite ({meta['sizes']}): {meta['device_name'] or '?'}, {meta['date']}", "",
            f"torch {meta['torch']}, CUDA {meta.get('cuda')}, commit {meta['commit']}; bf16 GEMM peak "
            f"{fmt(report['peak_tflops'], '.1f')} TFLOP/s (measured in this run); {meta['elapsed_s']:.0f} s of the "
            f"{meta['budget_s']:.0f} s budget. MFU: achieved (counted) FLOP/s over that peak.", "", "## Targets", ""]
-    out += table(["target", "value", "mode", "met"], [
+    return out + table(["target", "value", "mode", "met"], [
         [t["description"], fmt(t["value"], ".3f"), t["mode"] or "-",
          {True: "yes", False: "NO", None: "unmeasured"}[t["met"]]] for t in report["targets"].values()])
 
-    rows = parts.get("towers", {}).get("rows", {})
-    ratios = derived["towers"]
-    lines = []
-    for size, families in rows.items():
+
+def towers_section(report: dict) -> list[str]:
+    ratios, lines = report["derived"]["towers"], []
+    for size, families in report["parts"].get("towers", {}).get("rows", {}).items():
         for family, modes in families.items():
             for mode, r in modes.items():
                 ratio = ratios[size][family][mode]
@@ -717,51 +721,63 @@ def markdown(report: dict) -> str:
                               fmt(r["train"]["mfu"], ".1f", 100), fmt(ratio.get("train"), ".3f"),
                               fmt(r.get("infer", {}).get("samples_per_s"), ".0f"), fmt(ratio.get("infer"), ".3f"),
                               fmt(r["peak_bytes"], ".2f", 2**-30), fmt(r["params"], ".1f", 1e-6),
-                              fmt(speedup["towers"].get(f"{size}/{family}", {}).get("train") if mode == "compiled"
-                                  else None), fmt(r["train"]["first_call_s"], ".1f")])
-    out += ["", "## Towers: training step (forward, backward, AdamW), bf16 autocast", ""]
-    out += table(["tower", "family", "mode", "train img/s", "MFU %", "time/img vs dense", "infer img/s",
-                  "infer vs dense", "peak GiB", "params M", "compile speed-up", "first call s"], lines)
+                              fmt(compiled_speedup(report, "towers", f"{size}/{family}", mode, "train")),
+                              fmt(r["train"]["first_call_s"], ".1f")])
+    return ["", "## Towers: training step (forward, backward, AdamW), bf16 autocast", ""] + table(
+        ["tower", "family", "mode", "train img/s", "MFU %", "time/img vs dense", "infer img/s", "infer vs dense",
+         "peak GiB", "params M", "compile speed-up", "first call s"], lines)
 
-    rows = parts.get("clip", {}).get("rows", {})
+
+def clip_section(report: dict) -> list[str]:
+    vs_open_clip = report["derived"]["clip_vs_open_clip"]
     lines = [[r["model"], kind, mode, fmt(r["step"]["samples_per_s"], ".1f"), fmt(r["step"]["mfu"], ".1f", 100),
-              fmt(derived["clip_vs_open_clip"].get(role, {}).get(mode) if kind == "mmsoftmoe" else None, ".3f"),
+              fmt(vs_open_clip.get(role, {}).get(mode) if kind == "mmsoftmoe" else None, ".3f"),
               fmt(r["peak_bytes"], ".2f", 2**-30),
-              fmt(speedup["clip"].get(f"{role}/{kind}", {}).get("step") if mode == "compiled" else None),
+              fmt(compiled_speedup(report, "clip", f"{role}/{kind}", mode, "step")),
               fmt(r["step"]["first_call_s"], ".1f")]
-             for role, kinds in rows.items() for kind, modes in kinds.items() for mode, r in modes.items()]
-    out += ["", "## CLIP training step (image + text towers, loss, AdamW), samples/s per GPU", ""]
-    out += table(["model", "step", "mode", "samples/s", "MFU %", "time vs open_clip", "peak GiB",
-                  "compile speed-up", "first call s"], lines)
+             for role, kinds in report["parts"].get("clip", {}).get("rows", {}).items()
+             for kind, modes in kinds.items() for mode, r in modes.items()]
+    return ["", "## CLIP training step (image + text towers, loss, AdamW), samples/s per GPU", ""] + table(
+        ["model", "step", "mode", "samples/s", "MFU %", "time vs open_clip", "peak GiB", "compile speed-up",
+         "first call s"], lines)
 
-    rows = parts.get("sweep", {}).get("rows", {})
+
+def sweep_section(report: dict) -> list[str]:
+    sweep = report["parts"].get("sweep", {})
     lines = [[k.removeprefix("e"), mode, fmt(r["train"]["samples_per_s"], ".0f"), fmt(r["train"]["mfu"], ".1f", 100),
-              fmt(r["fwd_bwd"]["samples_per_s"], ".0f"), fmt(r["params"], ".0f", 1e-6),
+              fmt(r["fwd_bwd"]["samples_per_s"], ".0f"), fmt(r["params"], ".1f", 1e-6),
               fmt(r["peak_bytes"], ".2f", 2**-30)]
-             for k, modes in sorted(rows.items(), key=lambda kv: int(kv[0][1:])) for mode, r in modes.items()]
-    losses = [f"{mode}: train {fmt(f['train']['loss'], '.1%', 1) if 'train' in f else '-'}, forward+backward "
-              f"{fmt(f['fwd_bwd']['loss'], '.1%', 1) if 'fwd_bwd' in f else '-'}"
-              for mode, f in derived["sweep"].items()]
-    out += ["", f"## Expert sweep: {parts.get('sweep', {}).get('tower', '-')}, one slot per expert", ""]
-    out += table(["experts", "mode", "train img/s", "MFU %", "fwd+bwd img/s", "params M", "peak GiB"], lines)
-    out += ["", "Loss from the fewest to the most experts: " + ("; ".join(losses) or "-")]
+             for k, modes in sorted(sweep.get("rows", {}).items(), key=lambda kv: int(kv[0][1:]))
+             for mode, r in modes.items()]
+    losses = [f"{mode}: " + ", ".join(f"{what} {f[what]['loss']:.1%}" for what in ("train", "fwd_bwd") if what in f)
+              for mode, f in report["derived"]["sweep"].items()]
+    return (["", f"## Expert sweep: {sweep.get('tower', '-')}, one slot per expert", ""]
+            + table(["experts", "mode", "train img/s", "MFU %", "fwd+bwd img/s", "params M", "peak GiB"], lines)
+            + ["", "Loss from the fewest to the most experts: " + ("; ".join(losses) or "-")])
 
-    rows = parts.get("layer", {}).get("rows", {})
+
+def layer_section(report: dict) -> list[str]:
     lines = []
-    for setting, layers in rows.items():
+    for setting, layers in report["parts"].get("layer", {}).get("rows", {}).items():
         for layer, modes in layers.items():
             for mode, r in modes.items():
-                ratio = {k.split("/")[1]: v.get(mode) for k, v in derived["layer"][setting].items()}
+                ratio = {k.split("/")[1]: v.get(mode) for k, v in report["derived"]["layer"][setting].items()}
+                ours = layer == "soft_moe"
                 lines.append([f"{setting} (b={r['setting']['batch']})", layer, mode,
                               fmt(r["fwd_bwd"]["seconds"], ".2f", 1e3), fmt(r["fwd_bwd"]["mfu"], ".1f", 100),
-                              fmt(ratio.get("dense") if layer == "soft_moe" else None, ".3f"),
-                              fmt(ratio.get(LUCIDRAINS) if layer == "soft_moe" else None, ".3f"),
-                              fmt(speedup["layer"].get(f"{setting}/{layer}", {}).get("fwd_bwd")
-                                  if mode == "compiled" else None), fmt(r["fwd_bwd"]["first_call_s"], ".1f")])
-    out += ["", "## Soft MoE layer: forward + backward, bf16 autocast", ""]
-    out += table(["setting", "layer", "mode", "ms", "MFU %", "time vs dense", "time vs soft-moe-pytorch",
-                  "compile speed-up", "first call s"], lines)
-    out += ["", "## Notes", ""] + [f"- {n}" for n in notes(parts)]
+                              fmt(ratio.get("dense") if ours else None, ".3f"),
+                              fmt(ratio.get(LUCIDRAINS) if ours else None, ".3f"),
+                              fmt(compiled_speedup(report, "layer", f"{setting}/{layer}", mode, "fwd_bwd")),
+                              fmt(r["fwd_bwd"]["first_call_s"], ".1f")])
+    return ["", "## Soft MoE layer: forward + backward, bf16 autocast", ""] + table(
+        ["setting", "layer", "mode", "ms", "MFU %", "time vs dense", "time vs soft-moe-pytorch", "compile speed-up",
+         "first call s"], lines)
+
+
+def markdown(report: dict) -> str:
+    sections = (targets_section, towers_section, clip_section, sweep_section, layer_section)
+    out = [line for section in sections for line in section(report)]
+    out += ["", "## Notes", ""] + [f"- {n}" for n in notes(report["parts"])]
     return "\n".join(out) + "\n"
 
 
