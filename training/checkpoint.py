@@ -19,7 +19,8 @@ lock) deletes them, putting back a `.replaced_<name>` whose successor never arri
 temporary folder itself; a full disk becomes one `DiskFullError` saying how much space the checkpoint needs.
 
 `find_resume_checkpoint` verifies sizes and hashes: `resume=auto` takes the newest checkpoint that verifies and
-logs each one it skips and why; an explicit `resume=PATH` that fails is an error.
+logs each one it skips and why; an explicit `resume=PATH` that fails is an error. A run calls it through
+`choose_resume_checkpoint`: the main process cleans up, verifies and chooses, the others follow its choice.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from mmsoftmoe.checkpoint import (
@@ -221,6 +223,17 @@ def find_resume_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
                               "verifies (see the warnings above); pass resume=PATH to one of them, or resume=none "
                               "with a new output_dir to start over")
     return None
+
+
+def choose_resume_checkpoint(accelerator: Accelerator, resume: str, output_dir: str | Path) -> Path | None:
+    """`find_resume_checkpoint` on the main process, after `remove_unfinished_saves`, its choice sent to every
+    process (call on every process, while the main one holds the run lock): the checkpoint is read and hashed
+    once, and all processes resume from the same one."""
+    choice = [None]
+    if accelerator.is_main_process:
+        remove_unfinished_saves(output_dir)
+        choice = [find_resume_checkpoint(resume, output_dir)]
+    return broadcast_object_list(choice)[0]
 
 
 def _explicit_checkpoint(path: Path) -> Path:

@@ -56,6 +56,11 @@ def acquire_run_lock(output_dir: str | Path, main_process: bool = True) -> Itera
             f.seek(0)
             raise RunLockedError(f"output_dir {output_dir} is in use by another run, {_holder(f.read())}: wait for "
                                  "it to finish, stop it, or choose another output_dir") from None
+        except OSError as err:  # a file system without locks (some network mounts): run, but say what is lost
+            logger.warning("output_dir %s: cannot take the run lock (%s); a second run on this folder would not be "
+                           "refused", output_dir, err)
+            yield
+            return
         f.seek(0)
         stale = f.read()
         if stale.strip():

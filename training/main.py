@@ -24,18 +24,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from eval.main import run_evaluation
-from mmsoftmoe.data import transforms_from_preprocess_cfg
+from mmsoftmoe.data import SKIP_LOG_NAME, count_skipped, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
 from mmsoftmoe.models.pretrained import read_weights, warm_start_
 from mmsoftmoe.models.upcycle import read_state_dict, upcycle_
-from training.checkpoint import (
-    find_resume_checkpoint,
-    remove_unfinished_saves,
-    restore_training_state,
-    save_checkpoint,
-    save_final_model,
-)
+from training.checkpoint import choose_resume_checkpoint, restore_training_state, save_checkpoint, save_final_model
 from training.config import TrainConfig, config_help, config_yaml, get_value, load_config, to_dict, valid_keys
 from training.data import build_pair_dataset, build_train_loader
 from training.lock import acquire_run_lock
@@ -135,9 +129,7 @@ def build_model(cfg: TrainConfig):
 
 def restore(cfg: TrainConfig, accelerator: Accelerator) -> tuple[TrainState, dict[str, float]]:
     """The state to start from: fresh, or the checkpoint `cfg.resume` names (model and optimizer restored)."""
-    if accelerator.is_main_process:
-        remove_unfinished_saves(cfg.output_dir)  # under the run lock: no other run's save is in progress
-    resume_from = find_resume_checkpoint(cfg.resume, cfg.output_dir)
+    resume_from = choose_resume_checkpoint(accelerator, cfg.resume, cfg.output_dir)
     if resume_from is None:
         return TrainState(), {}
     saved = restore_training_state(accelerator, resume_from, cfg.model.name)
@@ -212,12 +204,13 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> di
     preprocess = preprocess_config(unwrapped)
     _, eval_tf = transforms_from_preprocess_cfg(preprocess)
     dataset = build_pair_dataset(cfg.data, preprocess, tokenizer, accelerator.process_index,
-                                 accelerator.num_processes)
+                                 accelerator.num_processes, skip_log=out / SKIP_LOG_NAME)
     micro_batch = cfg.batch_size // (accelerator.num_processes * cfg.grad_accum_steps)
     loader = build_train_loader(dataset, global_batch=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
                                 rank=accelerator.process_index, world_size=accelerator.num_processes,
                                 seed=cfg.seed, start_step=state.step, total_steps=cfg.steps,
-                                num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+                                num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+                                allow_repeats=cfg.data.allow_repeats_in_batch)
     loss_fn = build_loss(cfg.loss, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                          rank=accelerator.process_index, world_size=accelerator.num_processes)
     log_summary(cfg, accelerator, unwrapped, dataset, state)
@@ -233,7 +226,7 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> di
     def trainer_state() -> dict:
         """What `trainer_state.json` records, in every checkpoint and in `final/`."""
         return {"state": state.to_dict(), "step": state.step, "samples_seen": state.samples_seen,
-                "config": to_dict(cfg), "metrics": last_eval, "data_skipped": getattr(dataset, "num_skipped", 0)}
+                "config": to_dict(cfg), "metrics": last_eval, "data_skipped": count_skipped(out / SKIP_LOG_NAME)}
 
     def checkpoint() -> None:
         save_checkpoint(accelerator, model, out, step=state.step, trainer_state=trainer_state(),
