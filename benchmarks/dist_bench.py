@@ -8,7 +8,8 @@ ep = N, and ep = 2 with FSDP2 over the other 2 at 4 processes); `single` at one 
 training step is the trainer's (`training.loop.train_step`, global-norm clipping, AdamW) on a fixed global
 batch split over the processes. Reported per layout: the median step time (the slowest process), the peak
 resident memory of each process above its resident memory before the model was built, and the training state
-each process holds (parameters, gradients, AdamW moments: local shards, bytes) split into experts and the rest.
+each process holds (parameters, gradients, AdamW moments: local shards, bytes) split into experts and the rest,
+and the payload of the collectives of one traced step by kind (all-gather, reduce-scatter, all-to-all, ...).
 The expert state per process must be the single-process figure / (processes the experts are split over).
 Several processes on a 2-core machine share its cores: their step times measure contention, not scaling.
 """
@@ -24,12 +25,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from benchmarks.layer_bench import check_machine
 from benchmarks.train_bench import make_batch
@@ -80,6 +84,29 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
     return out
 
 
+COLLECTIVE_KINDS = {"allgather": "all_gather", "all_gather": "all_gather", "reduce_scatter": "reduce_scatter",
+                    "all_to_all": "all_to_all", "allreduce": "all_reduce", "all_reduce": "all_reduce",
+                    "broadcast": "broadcast"}
+
+
+class CollectiveBytes(TorchDispatchMode):
+    """Payload bytes of the collectives a process issues, by kind: the largest tensor of each call (the gathered
+    output of an all-gather, the unreduced input of a reduce-scatter, the buffer of an all-reduce or all-to-all).
+    Sees what goes through torch's dispatcher (FSDP2, DTensor, functional collectives), not DDP's C++ reducer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: dict[str, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket.__name__
+        kind = next((k for key, k in COLLECTIVE_KINDS.items() if key in name), None)
+        if func.namespace in ("c10d", "_c10d_functional") and kind is not None:
+            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            self.bytes[kind] += max(t.numel() * t.element_size() for t in tensors)
+        return func(*args, **(kwargs or {}))
+
+
 def worker(model_name: str, layout: str, batch_size: int, steps: int, out_dir: Path) -> None:
     accelerator = Accelerator(cpu=True)  # sets up the gloo process group under torchrun
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -101,19 +128,26 @@ def worker(model_name: str, layout: str, batch_size: int, steps: int, out_dir: P
         model, optimizer = accelerator.prepare(model, optimizer)
     clip = clip_grad_norm_ if sharding is not None else torch.nn.utils.clip_grad_norm_
     loss_fn = build_loss("clip", local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         train_step(model, [local], loss_fn, accelerator, routed, 1.0)
         clip(model.parameters(), 1.0)
         optimizer.step()
-        state = state_bytes(getattr(model, "module", model), optimizer)
+
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:
             dist.barrier()
         times.append(time.perf_counter() - start)
-    result = {"rank": rank, "step_s": statistics.median(times[2:] or times), "state_bytes": state,
-              "peak_rss_above_start_bytes": peak_rss_bytes() - before}
+    traced = CollectiveBytes()
+    with traced:
+        step()
+    result = {"rank": rank, "step_s": statistics.median(times[2:] or times), "peak_rss_above_start_bytes":
+              peak_rss_bytes() - before, "state_bytes": state_bytes(getattr(model, "module", model), optimizer),
+              "collective_bytes": dict(traced.bytes)}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
 
@@ -132,7 +166,8 @@ def launch(model: str, procs: int, layout: str, batch: int, steps: int) -> dict:
     return {"layout": layout, "processes": procs, "step_s": max(r["step_s"] for r in ranks),
             "peak_rss_above_start_mib": [round(r["peak_rss_above_start_bytes"] / 2**20, 1) for r in ranks],
             "expert_state_mib": ranks[0]["state_bytes"]["experts"] / 2**20,
-            "rest_state_mib": ranks[0]["state_bytes"]["rest"] / 2**20}
+            "rest_state_mib": ranks[0]["state_bytes"]["rest"] / 2**20,
+            "collective_mib_per_step": {k: v / 2**20 for k, v in ranks[0]["collective_bytes"].items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -165,6 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['layout']:<10}{r['processes']:>6}{1e3 * r['step_s']:>9.1f}{r['expert_state_mib']:>12.2f}"
               f"{r['rest_state_mib']:>10.2f}{r.get('expert_state_vs_single_over_split', float('nan')):>11.3f}  "
               f"{r['peak_rss_above_start_mib']}")
+    print("collective payload per step and process (MiB, rank 0; DDP's C++ reducer is not traced):")
+    for r in rows:
+        print(f"  {r['layout']:<10}{r['processes']:>3}  " + ", ".join(
+            f"{k} {v:.2f}" for k, v in sorted(r["collective_mib_per_step"].items())))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return result
