@@ -1,7 +1,7 @@
 """Data loading throughput against the training step's demand: can the loader keep the step fed?
 
 Run as `python -m benchmarks.loader_bench [--model SoftMoE-Mini-8-64] [--batch 64] [--workers 1,2,4]
-[--samples 768] [--shards 8] [--image-px 256] [--batches 12] [--step-samples-per-s X]
+[--samples 768] [--shards 8] [--image-px 256] [--batches 16] [--step-samples-per-s X]
 [--out benchmarks/results/loader_bench.json]`.
 
 - Data, generated (no downloads): `--samples` JPEG photos-like images of `--image-px` (smooth colour fields with
@@ -9,8 +9,9 @@ Run as `python -m benchmarks.loader_bench [--model SoftMoE-Mini-8-64] [--batch 6
   `metadata.jsonl`, in a temporary folder.
 - Loader: `training.data.build_train_loader`, as `fit` builds it, for the streaming path (`ShardStream`,
   shuffle window 256) and the map-style path (`load_pairs` image folder, `StepSampler`), with the model's train
-  transform and tokenizer, at 1, 2 and 4 DataLoader workers: samples/s over `--batches` batches of `--batch` after
-  the first batch (whose latency, worker start-up included, is reported apart).
+  transform and tokenizer, at 1, 2 and 4 DataLoader workers: samples/s over `--batches` batches of `--batch` in
+  steady state, i.e. after the first batch (whose latency, worker start-up included, is reported apart) and after
+  the batches the workers prefetched meanwhile, which are drained untimed (they would inflate the rate).
 - Demand: samples/s of the training step `fit` runs (`benchmarks.train_bench.ours_step`) for `--model` at the same
   batch, median of a few steps, or `--step-samples-per-s` when given. A loader row below 1.0x starves the step.
 - Machine state: load average and CPU busy fraction before, load after. Workers share the cores with the step in a
@@ -38,7 +39,7 @@ from benchmarks.layer_bench import check_machine, machine_load
 from benchmarks.train_bench import make_batch, ours_step
 from mmsoftmoe.data import ShardStream, list_shards, load_pairs, transforms_from_preprocess_cfg
 from mmsoftmoe.models.clip import build_clip, preprocess_config
-from training.data import build_train_loader
+from training.data import PREFETCH_FACTOR, build_train_loader
 from training.loop import build_loss
 from training.optim import build_optimizer
 
@@ -77,12 +78,16 @@ def write_data(folder: Path, samples: int, shards: int, side: int) -> tuple[list
 
 
 def loader_rate(dataset, workers: int, batch: int, batches: int) -> dict:
-    """Samples/s of the training loader over `batches` batches after its first one (timed apart)."""
+    """Samples/s of the training loader in steady state: over `batches` batches taken after the first one (its
+    latency timed apart) and after the batches the workers prefetched meanwhile (drained untimed)."""
+    drain = PREFETCH_FACTOR * workers
     start = time.perf_counter()
     loader = build_train_loader(dataset, global_batch=batch, grad_accum_steps=1, rank=0, world_size=1, seed=0,
-                                start_step=0, total_steps=batches + 1, num_workers=workers, pin_memory=False)
+                                start_step=0, total_steps=1 + drain + batches, num_workers=workers, pin_memory=False)
     next(loader)
     first = time.perf_counter() - start
+    for _ in range(drain):
+        next(loader)
     start = time.perf_counter()
     for _ in range(batches):
         next(loader)
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=768)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--image-px", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training step")
     parser.add_argument("--step-samples-per-s", type=float, default=None, help="the demand, instead of measuring")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/loader_bench.json"))

@@ -37,6 +37,8 @@ from mmsoftmoe.data import (
 )
 from training.config import DataConfig
 
+PREFETCH_FACTOR = 4  # batches each DataLoader worker prepares ahead
+
 
 def micro_batch_size(global_batch: int, world_size: int, grad_accum_steps: int) -> int:
     """Samples per micro-batch of one process; the global batch must split evenly."""
@@ -140,7 +142,7 @@ def build_train_loader(dataset: PairDataset | ShardStream, *, global_batch: int,
     Map-style: exactly `(total_steps - start_step) * grad_accum_steps` micro-batches; streaming: endless.
     """
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-                  prefetch_factor=4 if num_workers else None)
+                  prefetch_factor=PREFETCH_FACTOR if num_workers else None)
     if isinstance(dataset, ShardStream):
         micro = micro_batch_size(global_batch, world_size, grad_accum_steps)
         batches = dataset.batches(micro, num_workers, seed, start_batch=start_step * grad_accum_steps)

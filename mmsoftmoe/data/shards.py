@@ -41,7 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmsoftmoe.data.pairs import MAX_IMAGE_PIXELS, Tokenizer, _PairConverter, collate, expand_source
+from mmsoftmoe.data.pairs import (
+    _WEBDATASET_IMAGE,
+    MAX_IMAGE_PIXELS,
+    Tokenizer,
+    _PairConverter,
+    collate,
+    expand_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +140,7 @@ class ShardStream(_PairConverter):
         skip_log: a JSON-lines file each skipped sample is appended to (see `count_skipped`).
     """
 
-    def __init__(self, shards: list[str], *, image_column: str = "jpg;jpeg;png;webp", caption_column: str = "txt",
+    def __init__(self, shards: list[str], *, image_column: str = _WEBDATASET_IMAGE, caption_column: str = "txt",
                  transform: Callable | None = None, tokenizer: Tokenizer | None = None, rank: int = 0,
                  world_size: int = 1, resampled: bool = False, shuffle_buffer: int = 0,
                  max_pixels: int = MAX_IMAGE_PIXELS, skip_log: str | os.PathLike | None = None) -> None:
