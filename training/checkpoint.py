@@ -108,7 +108,7 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 def _disk_full_error(output_dir: Path, target: Path, needed: int) -> DiskFullError:
-    kept = [p.name for p in list_checkpoints(output_dir) if p != target]
+    kept = [p.name for p in list_checkpoints(output_dir)]  # a failed save never touches a published folder
     free = shutil.disk_usage(output_dir).free
     return DiskFullError(
         f"no space left on the device holding {output_dir} (needs ~{needed / 2**20:.0f} MB, "
