@@ -6,8 +6,10 @@ Each layout runs in its own `torchrun` launch (gloo on CPU) so that each process
 `ddp` (accelerate's DDP, today's trainer), `fsdp2` (dp_shard = N, ep = 1) and `fsdp2+ep` (dp_shard = N,
 ep = N, and ep = 2 with FSDP2 over the other 2 at 4 processes); `single` at one process is the reference. The
 training step is the trainer's (`training.loop.train_step`, global-norm clipping, AdamW) on a fixed global
-batch split over the processes. Reported per layout: the median step time (the slowest process), the peak
-resident memory of each process above its resident memory before the model was built, and the training state
+batch split over the processes; sharded layouts build the model on the meta device and take rank 0's weights
+(`materialize_from_rank0`), so only rank 0 holds a whole model. Reported per layout: the median step time (the
+slowest process), the peak resident memory of each process above its resident memory before the model was
+built, and the training state
 each process holds (parameters, gradients, AdamW moments: local shards, bytes) split into experts and the rest,
 and the payload of the collectives of one traced step by kind (all-gather, reduce-scatter, all-to-all, ...).
 The expert state per process must be the single-process figure / (processes the experts are split over).
@@ -38,7 +40,14 @@ from torch.utils._pytree import tree_flatten
 from benchmarks.layer_bench import check_machine
 from benchmarks.train_bench import make_batch
 from mmsoftmoe.models.clip import build_clip
-from mmsoftmoe.parallel import build_meshes, check_layout, clip_grad_norm_, expert_layers, parallelize
+from mmsoftmoe.parallel import (
+    build_meshes,
+    check_layout,
+    clip_grad_norm_,
+    expert_layers,
+    materialize_from_rank0,
+    parallelize,
+)
 from training.loop import build_loss, train_step
 from training.optim import build_optimizer
 
@@ -92,7 +101,7 @@ COLLECTIVE_KINDS = {"allgather": "all_gather", "all_gather": "all_gather", "redu
 class CollectiveBytes(TorchDispatchMode):
     """Payload bytes of the collectives a process issues, by kind: the largest tensor of each call (the gathered
     output of an all-gather, the unreduced input of a reduce-scatter, the buffer of an all-reduce or all-to-all).
-    Sees what goes through torch's dispatcher (FSDP2, DTensor, functional collectives), not DDP's C++ reducer."""
+    Sees every collective that goes through torch's dispatcher: FSDP2's, DTensor's, functional ones, DDP's."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -112,16 +121,18 @@ def worker(model_name: str, layout: str, batch_size: int, steps: int, out_dir: P
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(0)
     before = rss_bytes()
-    model, tokenizer = build_clip(model_name)
+    sharding = LAYOUTS[layout](world)
+    # Sharded layouts build on the meta device and take rank 0's weights: only rank 0 ever holds the whole model.
+    model, tokenizer = build_clip(model_name, device="meta" if sharding is not None else "cpu")
     batch = make_batch(model, tokenizer, batch_size)
     per = batch_size // world
     local = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
-    sharding = LAYOUTS[layout](world)
     if sharding is not None:
         dp_shard, ep = sharding
         check_layout(world_size=world, dp_replicate=1, dp_shard=dp_shard, ep=ep,
                      num_experts=tuple(m.num_experts for m in expert_layers(model).values()))
         parallelize(model, build_meshes(device_type="cpu", dp_replicate=1, dp_shard=dp_shard, ep=ep))
+        materialize_from_rank0(model, build_clip(model_name)[0] if rank == 0 else None, "cpu")
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
     routed = model.visual
     if layout == "ddp":
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['layout']:<10}{r['processes']:>6}{1e3 * r['step_s']:>9.1f}{r['expert_state_mib']:>12.2f}"
               f"{r['rest_state_mib']:>10.2f}{r.get('expert_state_vs_single_over_split', float('nan')):>11.3f}  "
               f"{r['peak_rss_above_start_mib']}")
-    print("collective payload per step and process (MiB, rank 0; DDP's C++ reducer is not traced):")
+    print("collective payload per step and process (MiB, rank 0):")
     for r in rows:
         print(f"  {r['layout']:<10}{r['processes']:>3}  " + ", ".join(
             f"{k} {v:.2f}" for k, v in sorted(r["collective_mib_per_step"].items())))
