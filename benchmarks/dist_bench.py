@@ -9,9 +9,9 @@ training step is the trainer's (`training.loop.train_step`, global-norm clipping
 batch split over the processes; sharded layouts build the model on the meta device and take rank 0's weights
 (`materialize_from_rank0`), so only rank 0 holds a whole model. Reported per layout: the median step time (the
 slowest process), the peak resident memory of each process above its resident memory before the model was
-built, and the training state
-each process holds (parameters, gradients, AdamW moments: local shards, bytes) split into experts and the rest,
-and the payload of the collectives of one traced step by kind (all-gather, reduce-scatter, all-to-all, ...).
+built, the training state each process holds (parameters, gradients, AdamW moments: local shards, bytes) split
+into experts and the rest, and the payload of the collectives of one traced step by kind (all-gather,
+reduce-scatter, all-to-all, ...).
 The expert state per process must be the single-process figure / (processes the experts are split over).
 Several processes on a 2-core machine share its cores: their step times measure contention, not scaling.
 """
