@@ -144,6 +144,8 @@ class ShardStream(_PairConverter):
                  transform: Callable | None = None, tokenizer: Tokenizer | None = None, rank: int = 0,
                  world_size: int = 1, resampled: bool = False, shuffle_buffer: int = 0,
                  max_pixels: int = MAX_IMAGE_PIXELS, skip_log: str | os.PathLike | None = None) -> None:
+        if not shards:
+            raise ValueError("ShardStream needs at least one shard; list them with mmsoftmoe.data.list_shards")
         name = shards[0] + (f" (+{len(shards) - 1} more)" if len(shards) > 1 else "")
         super().__init__(image_column, caption_column, transform, tokenizer, name, max_pixels, skip_log)
         if not 0 <= rank < world_size:
