@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmsoftmoe.data import PairDataset, count_skipped, eval_transform
@@ -125,3 +126,25 @@ def test_trainer_state_counts_distinct_skips_with_workers_and_resume(tmp_path):
 
     assert run(4)["data_skipped"] == 2  # 2 epochs of 16: each bad image met twice or more, in two workers
     assert run(6)["data_skipped"] == 2  # resumed at step 4: the count carries over, not restarted
+
+
+def test_loader_bench_layouts_hold_the_same_pairs_and_its_report_is_consistent(tmp_path):
+    from benchmarks import loader_bench
+    from mmsoftmoe.data import ShardStream, load_pairs
+
+    shards, folder = loader_bench.write_data(tmp_path / "data", samples=10, shards=3, side=16)
+    def pixels(image: Image.Image) -> torch.Tensor:
+        return torch.as_tensor(np.array(image))
+
+    streamed = next(iter(ShardStream(shards, transform=pixels).batches(micro_batch=10, num_workers=0, seed=0)))
+    mapped = load_pairs(str(folder), transform=pixels, cache_dir=str(tmp_path / "cache"))
+    by_caption = {t: i.numpy().tobytes() for t, i in zip(streamed["text"], streamed["image"], strict=True)}
+    assert by_caption == {s["text"]: s["image"].numpy().tobytes() for s in (mapped[i] for i in range(10))}
+
+    result = loader_bench.main(["--model", "SoftMoE-Micro-4-32", "--batch", "4", "--samples", "12", "--shards", "2",
+                                "--image-px", "16", "--batches", "2", "--workers", "0,1", "--step-samples-per-s",
+                                "50", "--out", str(tmp_path / "bench.json")])
+    assert [(r["path"], r["workers"]) for r in result["rows"]] == [
+        ("webdataset stream", 0), ("webdataset stream", 1), ("image folder", 0), ("image folder", 1)]
+    assert all(r["vs_step"] == pytest.approx(r["samples_per_s"] / 50) for r in result["rows"])
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == result["rows"]
