@@ -117,15 +117,22 @@ def test_trainer_state_counts_distinct_skips_with_workers_and_resume(tmp_path):
         rows.insert(3, {"file_name": name, "text": "a broken file"})
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
-    def run(steps: int) -> dict:
+    def run(steps: int, *extra: str, source: Path = folder) -> dict:
         cfg = load_config(Path(train_main.__file__).parents[1] / "configs" / "smoke.yaml", [
-            f"output_dir={tmp_path / 'run'}", f"data.source={folder}", "data.caption_column=text",
-            "data.num_workers=2", "eval.dataset=none", "batch_size=8", f"steps={steps}", "checkpoint_every=2"])
+            f"output_dir={tmp_path / 'run'}", f"data.source={source}", "data.caption_column=text",
+            "data.num_workers=2", "eval.dataset=none", "batch_size=8", f"steps={steps}", "checkpoint_every=2",
+            *extra])
         train_main.fit(cfg)
         return json.loads((tmp_path / "run/final/trainer_state.json").read_text())
 
     assert run(4)["data_skipped"] == 2  # 2 epochs of 16: each bad image met twice or more, in two workers
     assert run(6)["data_skipped"] == 2  # resumed at step 4: the count carries over, not restarted
+    good = tmp_path / "good"
+    good.mkdir()
+    for row in rows[:3] + rows[5:]:
+        (good / row["file_name"]).write_bytes((folder / row["file_name"]).read_bytes())
+    (good / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:3] + rows[5:]) + "\n")
+    assert run(2, "resume=none", source=good)["data_skipped"] == 0  # a fresh start forgets the old run's skips
 
 
 def test_loader_bench_layouts_hold_the_same_pairs_and_its_report_is_consistent(tmp_path):

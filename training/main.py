@@ -200,6 +200,9 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> di
     state, last_eval = restore(cfg, accelerator)
     metrics_log = MetricsLogger(accelerator, out)
     metrics_log.truncate_after(state.step)
+    if state.step == 0 and accelerator.is_main_process:  # a fresh start counts its own bad samples only
+        (out / SKIP_LOG_NAME).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()  # before any data worker appends to the skip log
 
     preprocess = preprocess_config(unwrapped)
     _, eval_tf = transforms_from_preprocess_cfg(preprocess)
