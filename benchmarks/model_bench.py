@@ -3,7 +3,7 @@
 Run as `python -m benchmarks.model_bench [--sizes micro_patch4_32,small_patch16_224] [--batch 32] [--steps 5]
 [--precision no|bf16] [--out F]`. For each size it builds the registered towers of every family (pooled features,
 no head), then measures in one run:
-- parameters: total, and for Soft MoE the FLOP-equivalent active count (`mmsoftmoe.export.stats`);
+- parameters: total, and for Soft MoE the FLOP-equivalent active count (`mmsoftmoe.models.accounting`);
 - FLOPs per image, counted with `FlopCounterMode` on one forward (math attention so attention is counted);
 - inference images/s (eval, no grad) and training images/s (forward + backward + AdamW step), medians over
   `--steps` after warm-up, on accelerate's device with its autocast;

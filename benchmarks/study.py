@@ -48,12 +48,11 @@ from pathlib import Path
 
 import open_clip
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.layer_bench import check_machine, machine_load
 from eval.report import write_json
-from mmsoftmoe.models.clip import count_parameters, get_clip_config, load_clip
+from mmsoftmoe.models.accounting import count_flops, count_parameters
+from mmsoftmoe.models.clip import get_clip_config, load_clip
 from mmsoftmoe.models.mmsoftmoe_vit import TOWERS, matched_slots_per_expert
 from training.config import load_config, to_dict
 from training.logger import read_metrics
@@ -176,11 +175,9 @@ def tower_cost(final_dir: Path) -> dict:
     model, _, config = load_clip(final_dir)
     size = config["preprocess_cfg"]["size"]
     height, width = (size, size) if isinstance(size, int) else size
-    # The math backend runs attention as matmuls FlopCounterMode sees; the fused CPU kernel is not counted.
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model.visual(torch.zeros(FLOP_BATCH, 3, height, width))
+    flops = count_flops(lambda: model.visual(torch.zeros(FLOP_BATCH, 3, height, width)))
     return {"params_tower": count_parameters(model.visual), "params_total": count_parameters(model),
-            "flops_per_image": counter.get_total_flops() // FLOP_BATCH}
+            "flops_per_image": flops // FLOP_BATCH}
 
 
 def spread(values: list[float]) -> dict[str, float]:

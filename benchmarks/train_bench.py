@@ -23,13 +23,12 @@ from pathlib import Path
 import open_clip
 import torch
 from accelerate import Accelerator
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.layer_bench import check_machine, machine_load
 from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.machine import gemm_peak_gflops
+from mmsoftmoe.models.accounting import count_flops
 from mmsoftmoe.models.clip import build_clip, preprocess_config
 from training.loop import build_loss, optimizer_step, step_metrics
 from training.optim import build_optimizer, lr_multiplier
@@ -90,14 +89,13 @@ def bench_model(name: str, batch_size: int, steps: int, warmup: int) -> dict:
                 times[kind].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     model, optimizer, loss_fn, batch = runs["bare"]
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA: attention counted
-        bare_step(model, optimizer, loss_fn, batch)
+    step_flops = count_flops(lambda: bare_step(model, optimizer, loss_fn, batch))
     return {"model": name, "batch": batch_size, "steps": steps,
             "bare_step_s": med["bare"], "mmsoftmoe_step_s": med["mmsoftmoe"],
             "noclip_step_s": med["mmsoftmoe_noclip"], "ratio": med["mmsoftmoe"] / med["bare"],
             "ratio_without_clipping": med["mmsoftmoe_noclip"] / med["bare"],
-            "samples_per_s_mmsoftmoe": batch_size / med["mmsoftmoe"], "step_flops": counter.get_total_flops(),
-            "mmsoftmoe_gflops_per_s": counter.get_total_flops() / med["mmsoftmoe"] / 1e9}
+            "samples_per_s_mmsoftmoe": batch_size / med["mmsoftmoe"], "step_flops": step_flops,
+            "mmsoftmoe_gflops_per_s": step_flops / med["mmsoftmoe"] / 1e9}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import mmsoftmoe  # noqa: F401  (registers the towers in timm and the configs in open_clip)
+from mmsoftmoe.models.accounting import count_parameters
 from mmsoftmoe.models.clip import (
     build_clip,
-    count_parameters,
     list_clip_models,
     load_clip,
     resolve_clip_config,

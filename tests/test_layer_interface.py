@@ -5,6 +5,7 @@ import torch
 from timm.models.vision_transformer import Block
 
 from mmsoftmoe.layers import MOE_LAYERS, collect_aux_loss, collect_routing_stats, get_moe_layer
+from mmsoftmoe.models.accounting import count_flops
 
 LAYER_KWARGS = {
     "soft": dict(num_experts=4, slots_per_expert=2),
@@ -69,6 +70,16 @@ def test_is_a_drop_in_timm_mlp_layer(name):
     y = block(x)
     y.sum().backward()
     assert y.shape == x.shape and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", sorted(MOE_LAYERS))
+def test_declarations_callers_read_are_true(name):
+    """What optimizers, the model card and the benchmarks ask a layer instead of checking its type."""
+    layer = _make(name)
+    x = torch.randn(3, 10, 16)
+    assert layer.flops_per_example(10) * 3 == count_flops(lambda: layer(x))  # FlopCounterMode as the reference
+    assert layer.no_weight_decay() <= dict(layer.named_parameters()).keys()
+    assert not layer.routes_across_examples  # per-example routing by default (see the bit-identity test)
 
 
 def test_unknown_layer_lists_choices():

@@ -28,7 +28,7 @@ from mmsoftmoe.export.base import Encoder, Format
 from mmsoftmoe.export.card import model_card
 from mmsoftmoe.export.checkpoint import Checkpoint, open_checkpoint
 from mmsoftmoe.export.formats import FORMATS, parse_formats
-from mmsoftmoe.export.stats import count_flops, parameter_counts
+from mmsoftmoe.models.accounting import image_flops, parameter_counts
 
 REPORT_NAME = "export_report.json"
 CARD_NAME = "README.md"
@@ -159,7 +159,7 @@ def build_report(
         "output_dim": output_dim,
         "image_size": list(ckpt.image_size),
         "parameters": parameter_counts(reference, ckpt.trunk),
-        "flops_per_image": count_flops(reference, ckpt.image_size),
+        "flops_per_image": image_flops(reference, ckpt.image_size),
         "export_seconds": round(seconds, 3),
         "size_bytes": size,
         "parity": parity,

@@ -189,8 +189,3 @@ def image_tower(model: nn.Module) -> nn.Module:
     """The timm trunk (the MoE ViT) inside an open_clip model's vision tower."""
     visual = model.visual
     return visual.trunk if hasattr(visual, "trunk") else visual
-
-
-@torch.no_grad()
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
