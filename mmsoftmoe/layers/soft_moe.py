@@ -48,7 +48,7 @@ def l2_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
 def resolve_slots_per_expert(
     num_experts: int, slots_per_expert: int | None, capacity_factor: float | None, num_tokens: int | None
 ) -> int:
-    """Slots per expert p: given directly, or by a capacity factor (total slots = round(m * cf), split over n).
+    """Slots per expert p: given directly, or by a capacity factor (p = round(m * cf / n), as vmoe's SoftRouter).
 
     With neither given, p = 1 (the paper's best setting).
     """
@@ -76,7 +76,7 @@ class SoftMoE(ExpertLayerBase):
         out_features: Output width (default d).
         num_experts: Number of experts n.
         slots_per_expert: Slots p per expert (default 1, the paper's best). Exclusive with `capacity_factor`.
-        capacity_factor: Alternatively, total slots = round(num_tokens * capacity_factor), split over experts.
+        capacity_factor: Alternatively, slots per expert = round(num_tokens * capacity_factor / num_experts).
         num_tokens: Tokens per example m; needed with `capacity_factor`, otherwise only checked at forward.
         normalize: L2-normalise inputs and `phi` with a learnable scale (paper section 2.3). Off reproduces
             the un-normalised variant of the paper's appendix E.
