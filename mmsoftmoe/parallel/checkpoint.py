@@ -54,7 +54,10 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights as plain CPU tensors on rank 0 (empty on the others); call on every process."""
+    """The whole model's weights as plain CPU tensors on rank 0 (empty on the others); call on every process.
+
+    Parameters FSDP2 leaves whole (the 0-d ones) come back as the parameters themselves: clone before training on.
+    """
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

@@ -7,7 +7,7 @@ mesh; then every transformer block and finally the root are wrapped by FSDP2 ove
 parameter kinds end up on their own meshes.
 
 FSDP2 refuses 0-d parameters (`logit_scale`, `logit_bias`, Soft MoE's `scale`); they stay whole on every rank,
-outside FSDP2, and a hook averages their gradients over all ranks as soon as they are accumulated.
+outside FSDP2, and a gradient hook averages them over all ranks as soon as they are accumulated.
 
 Gradients: FSDP2 averages over its mesh, but an expert's gradient already holds the sum over its `ep` ranks
 (the all-to-all's backward brings every rank's slots' gradients to the expert's owner). Dividing the expert
@@ -16,6 +16,8 @@ gradients by the whole data-parallel size instead of the expert-FSDP size (torch
 """
 
 from __future__ import annotations
+
+import weakref
 
 import open_clip.transformer
 import timm.models.vision_transformer
@@ -46,16 +48,26 @@ def _fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh if mesh.size(0) > 1 else mesh[mesh.mesh_dim_names[1]]
 
 
-def _average_grads_of(params: list[nn.Parameter], mesh: DeviceMesh) -> None:
-    """Average the gradient of each of `params` over `mesh` (every rank) once backward has accumulated it."""
+def _average_scalar_grads(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Average the gradient of every trainable 0-d parameter over `mesh` once backward has accumulated it.
+
+    The gradient hooks are (re)attached before each forward, because `to_empty` (materializing a meta-device
+    model) replaces parameter objects and drops their hooks.
+    """
     group, size = mesh.get_group(), mesh.size()
+    hooked: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
 
     def average(p: torch.Tensor) -> None:
         dist.all_reduce(p.grad, group=group)
         p.grad.div_(size)
 
-    for p in params:
-        p.register_post_accumulate_grad_hook(average)
+    def attach(module: nn.Module, args: tuple) -> None:
+        for p in module.parameters():
+            if p.ndim == 0 and p.requires_grad and p not in hooked:
+                p.register_post_accumulate_grad_hook(average)
+                hooked.add(p)
+
+    model.register_forward_pre_hook(attach)
 
 
 def parallelize(model: nn.Module, meshes: ParallelMeshes, *, mp_policy: MixedPrecisionPolicy | None = None,
@@ -63,10 +75,9 @@ def parallelize(model: nn.Module, meshes: ParallelMeshes, *, mp_policy: MixedPre
                 block_types: tuple[type[nn.Module], ...] = BLOCK_TYPES) -> nn.Module:
     """Shard `model` in place: experts over `meshes.ep` (+ FSDP2 over `meshes.experts_dp`), the rest FSDP2 over
     `meshes.dense`. Build the optimizer afterwards, from `model.named_parameters()` (names are unchanged)."""
-    scalars = [p for p in model.parameters() if p.ndim == 0]
-    _average_grads_of([p for p in scalars if p.requires_grad], meshes.world)
+    _average_scalar_grads(model, meshes.world)
     fsdp = {"mp_policy": mp_policy or MixedPrecisionPolicy(), "reshard_after_forward": reshard_after_forward,
-            "ignored_params": set(scalars)}
+            "ignored_params": {p for p in model.parameters() if p.ndim == 0}}
     for layer in expert_layers(model).values():
         if meshes.ep.size() > 1:
             apply_expert_parallel(layer.experts, meshes.ep)
