@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from eval.main import run_evaluation
 from mmsoftmoe.data import SKIP_LOG_NAME, count_skipped, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
+from mmsoftmoe.models.accounting import count_parameters, parameter_counts
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
 from mmsoftmoe.models.pretrained import read_weights, warm_start_
 from mmsoftmoe.models.upcycle import read_state_dict, upcycle_
@@ -145,9 +146,9 @@ def restore(cfg: TrainConfig, accelerator: Accelerator) -> tuple[TrainState, dic
 def log_summary(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, dataset,
                 state: TrainState) -> None:
     """What the run is about to do, in one block of the log."""
-    total = sum(p.numel() for p in model.parameters())
+    total = count_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    image = sum(p.numel() for p in model.visual.parameters())
+    image = parameter_counts(model.visual, model.visual.trunk)
     try:
         size = len(dataset)
         data = f"{size} samples, {cfg.steps * cfg.batch_size / size:.3g} epochs in {cfg.steps} steps"
@@ -155,9 +156,11 @@ def log_summary(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Modu
         data = "streaming (size unknown)"
     per_process = cfg.batch_size // accelerator.num_processes
     logger.info(
-        "run %s: model %s, %.2fM parameters (%.2fM trainable, image tower %.2fM); data %s; batch %d global, %d per "
-        "process in %d micro-batch(es) of %d; %d process(es) on %s; precision %s; %s",
-        cfg.output_dir, cfg.model.name, total / 1e6, trainable / 1e6, image / 1e6, data, cfg.batch_size,
+        "run %s: model %s, %.2fM parameters (%.2fM trainable; image tower %.2fM, experts %.2fM, active per image "
+        "%.2fM); data %s; batch %d global, %d per process in %d micro-batch(es) of %d; %d process(es) on %s; "
+        "precision %s; %s",
+        cfg.output_dir, cfg.model.name, total / 1e6, trainable / 1e6, image["total"] / 1e6, image["expert"] / 1e6,
+        image["flop_equivalent_active"] / 1e6, data, cfg.batch_size,
         per_process, cfg.grad_accum_steps, per_process // cfg.grad_accum_steps, accelerator.num_processes,
         accelerator.device.type, cfg.precision,
         f"resuming at step {state.step}" if state.step else "starting at step 0")

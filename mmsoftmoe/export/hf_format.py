@@ -34,11 +34,12 @@ def soft_moe_blocks(trunk: nn.Module) -> tuple[list[int], dict]:
     {} keeps timm's MLP, a dict configures the vendored Soft MoE, None means no vendored code exists for it."""
     mlps = {i: trunk.blocks[i].mlp for i in getattr(trunk, "moe_block_indices", ())}
     specs = {i: getattr(m, "export_spec", lambda: None)() for i, m in mlps.items()}
-    unsupported = sorted({type(mlps[i]).__name__ for i, spec in specs.items() if spec is None})
+    unsupported = sorted({f"{type(mlps[i]).__name__}({mlps[i].extra_repr()})" for i, spec in specs.items()
+                          if spec is None})
     if unsupported:
-        raise ValueError(f"hf export vendors the Soft MoE layer (soft dispatch and combine, GELU experts) only; "
-                         f"this tower uses {unsupported}: export it with --format timm, open_clip, onnx or "
-                         "torch_export")
+        raise ValueError(f"hf export vendors the Soft MoE layer (soft dispatch and combine, GELU experts) only, not "
+                         f"sparse layers or routing ablations; this tower uses {unsupported}: export it with "
+                         "--format timm, open_clip, onnx or torch_export")
     soft = {i: spec for i, spec in specs.items() if spec}
     if not soft:
         return [], {}
