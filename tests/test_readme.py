@@ -56,7 +56,7 @@ def _help_config(cwd: Path, out: str) -> None:
 
 
 def _print_config(cwd: Path, out: str) -> None:
-    assert yaml.safe_load(out)["model"]["name"] == "SoftMoE-Mini-8-64"
+    assert yaml.safe_load(out)["model"]["name"] == "SoftMoE-Micro-4-32"
 
 
 def _eval(cwd: Path, out: str) -> None:
