@@ -66,10 +66,13 @@ def test_is_a_drop_in_timm_mlp_layer(name):
         return get_moe_layer(name)(**kw, **LAYER_KWARGS[name])
 
     block = Block(16, num_heads=2, mlp_layer=mlp_layer).eval()
+    assert isinstance(block.mlp, get_moe_layer(name))
     x = torch.randn(2, 6, 16, requires_grad=True)
     y = block(x)
+    h = x + block.attn(block.norm1(x))  # timm's pre-norm block written out: the layer sits where the MLP was
+    torch.testing.assert_close(y, h + block.mlp(block.norm2(h)), rtol=0, atol=1e-6)
     y.sum().backward()
-    assert y.shape == x.shape and torch.isfinite(x.grad).all()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", sorted(MOE_LAYERS))
