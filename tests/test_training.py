@@ -188,10 +188,17 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     records = _fit(tmp_path / "skip", "steps=3", "resume=none")
     assert records[2]["nonfinite_steps"] == 1 and records[3]["nonfinite_steps"] == 1
 
+    state = json.loads((tmp_path / "skip/final/trainer_state.json").read_text())["state"]
+    assert (state["nonfinite_steps"], state["nonfinite_in_a_row"]) == (1, 0)  # numbers, not tensors
+
     monkeypatch.setattr(training.loop, "train_step",
                         lambda *a, **k: {k2: v * float("nan") for k2, v in real_step(*a, **k).items()})
-    with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses"):
+    with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses at step 3"):
         _fit(tmp_path / "stop", "steps=5", "max_nonfinite_steps=3")
+    # The counters stay on the device between logging steps: the run stops at the first logging step at or after
+    # the 3rd non-finite step in a row, here step 4.
+    with pytest.raises(FloatingPointError, match="4 consecutive non-finite losses at step 4"):
+        _fit(tmp_path / "stop_logged", "steps=8", "max_nonfinite_steps=3", "log_every=4")
 
 
 def test_locked_image_tower_does_not_move(tmp_path):

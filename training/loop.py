@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import open_clip
 import torch
@@ -32,13 +32,25 @@ logger = logging.getLogger("mmsoftmoe.train")
 
 @dataclass
 class TrainState:
+    """Step counters. The non-finite counters are device tensors between logging steps (`record_step`) and host
+    ints after `materialize` (a checkpoint records numbers)."""
+
     step: int = 0
     samples_seen: int = 0
-    nonfinite_steps: int = 0
-    nonfinite_in_a_row: int = 0
+    nonfinite_steps: int | torch.Tensor = 0
+    nonfinite_in_a_row: int | torch.Tensor = 0
+    _reported: int = field(default=0, init=False, repr=False)  # nonfinite_steps at the last check
+
+    def __post_init__(self) -> None:
+        self._reported = int(self.nonfinite_steps)
+
+    def materialize(self) -> None:
+        """Read the counters back to the host (a sync: logging steps and checkpoints only)."""
+        self.nonfinite_steps, self.nonfinite_in_a_row = int(self.nonfinite_steps), int(self.nonfinite_in_a_row)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        self.materialize()
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
 
 def build_loss(kind: str, *, local_loss: bool, gather_with_grad: bool, rank: int, world_size: int) -> nn.Module:
@@ -137,49 +149,89 @@ def _set_rng_state(states: list[torch.Tensor], device: torch.device) -> None:
         torch.get_device_module(device).set_rng_state(states[1], device)
 
 
-def all_finite(accelerator: Accelerator, total: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (all must skip a step together)."""
-    flag = torch.isfinite(total).to(torch.int32).reshape(1)
-    return bool(accelerator.gather(flag).min().item())
+def all_finite(accelerator: Accelerator, total: torch.Tensor) -> torch.Tensor:
+    """Whether the loss is finite on every process (all must skip a step together), as a 0-d bool device tensor."""
+    flag = torch.isfinite(total.detach()).to(torch.int32).reshape(1)
+    return accelerator.gather(flag).min().bool()
 
 
 @dataclass
 class StepResult:
     """What one optimizer step did: its named losses (detached), the gradient norm before clipping (None when
-    clipping is off or the step was skipped) and whether the step was applied (every loss finite everywhere)."""
+    clipping is off) and whether the step was applied (every loss finite everywhere). All are device tensors: read
+    them on logging steps only."""
 
     losses: dict[str, torch.Tensor]
     grad_norm: torch.Tensor | None
-    applied: bool
+    applied: torch.Tensor
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's `AcceleratedOptimizer` wrapper(s)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, applied: torch.Tensor, accelerator: Accelerator) -> None:
+    """`optimizer.step()`, skipped when `applied` is False, without reading `applied` back to the host.
+
+    Fused Adam/AdamW (`build_optimizer`) take a `found_inf` tensor, as GradScaler passes it: the kernel leaves
+    parameters and moments untouched when it is 1 and the step count is restored (torch/optim/adam.py
+    `_fused_adam`). Other optimizers, and fp16's GradScaler (which sets `found_inf` itself, and whose accelerate
+    wrapper reads the scale back every step anyway), fall back to a host-side check.
+    """
+    inner = _inner(optimizer)
+    if accelerator.scaler is not None or not getattr(inner, "_step_supports_amp_scaling", False):
+        if bool(applied):  # a host sync: only without a fused optimizer
+            optimizer.step()
+        return
+    inner.found_inf = (~applied).to(torch.float32)
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict], *,
                    loss_fn: nn.Module, accelerator: Accelerator, routed_model: nn.Module, aux_weight: float,
                    lr: float, grad_clip: float | None) -> StepResult:
     """One optimizer step: learning rate, forward/backward of every micro-batch, the finiteness check on every
-    process, gradient clipping, the update. The one place a step is defined (`fit` and the benchmarks call it)."""
+    process, gradient clipping, the update. The one place a step is defined (`fit` and the benchmarks call it).
+
+    Nothing here reads a device value back to the host (with the fused AdamW of `build_optimizer`, outside fp16):
+    the finiteness flag skips the update on the device, and clipping scales by min(1, clip / norm) on the device
+    (a non-finite norm only occurs on a step that is skipped).
+    """
     set_lr(optimizer, lr)
     losses = train_step(model, micro_batches, loss_fn, accelerator, routed_model, aux_weight)
-    grad_norm, applied = None, all_finite(accelerator, sum(losses.values()))
-    if applied:
-        if grad_clip:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+    applied = all_finite(accelerator, sum(losses.values()))
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    step_unless_nonfinite(optimizer, applied, accelerator)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(losses, grad_norm, applied)
 
 
-def record_step(state: TrainState, result: StepResult, *, samples: int, max_nonfinite: int) -> None:
-    """Advance the counters by one step; raise when `max_nonfinite` steps in a row were skipped."""
+def record_step(state: TrainState, result: StepResult, *, samples: int, max_nonfinite: int, check: bool) -> None:
+    """Advance the counters by one step; on `check` steps (logging steps) read them back and raise when
+    `max_nonfinite` or more steps in a row were skipped.
+
+    Between checks the non-finite counters are device tensors (no host sync per step), so a run of non-finite
+    steps stops at the first logging step at or after its `max_nonfinite`-th step, with the count reached there.
+    """
     state.step += 1
     state.samples_seen += samples
-    if result.applied:
-        state.nonfinite_in_a_row = 0
+    skipped = (~result.applied).to(torch.int64)
+    state.nonfinite_steps = skipped + state.nonfinite_steps
+    state.nonfinite_in_a_row = torch.where(result.applied, 0, state.nonfinite_in_a_row + 1)
+    if not check:
         return
-    state.nonfinite_steps += 1
-    state.nonfinite_in_a_row += 1
-    logger.warning("step %d: non-finite loss %s, step skipped", state.step,
-                   {k: float(v) for k, v in result.losses.items()})
+    state.materialize()
+    if state.nonfinite_steps > state._reported:
+        logger.warning("step %d: %d step(s) since the last check had a non-finite loss and were skipped (this "
+                       "step's losses %s)", state.step, state.nonfinite_steps - state._reported,
+                       {k: float(v) for k, v in result.losses.items()})
+        state._reported = state.nonfinite_steps
     if state.nonfinite_in_a_row >= max_nonfinite:
         raise FloatingPointError(
             f"{state.nonfinite_in_a_row} consecutive non-finite losses at step {state.step}; stopping. Lower "
@@ -196,7 +248,7 @@ def step_metrics(accelerator: Accelerator, result: StepResult, model: nn.Module,
     metrics["logit_scale"] = float(model.logit_scale.detach().exp())
     if getattr(model, "logit_bias", None) is not None:
         metrics["logit_bias"] = float(model.logit_bias.detach())
-    if result.grad_norm is not None:
+    if result.grad_norm is not None and bool(result.applied):  # a skipped step's norm is not finite
         metrics["grad_norm"] = float(result.grad_norm)
     metrics["samples_per_s"] = samples_per_s
     metrics.update(collect_routing_stats(model.visual))

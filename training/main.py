@@ -251,7 +251,7 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> di
         result = optimizer_step(model, optimizer, micro, loss_fn=loss_fn, accelerator=accelerator,
                                 routed_model=unwrapped.visual, aux_weight=cfg.aux_loss_weight, lr=lr,
                                 grad_clip=cfg.optim.grad_clip)
-        record_step(state, result, samples=cfg.batch_size, max_nonfinite=cfg.max_nonfinite_steps)
+        record_step(state, result, samples=cfg.batch_size, max_nonfinite=cfg.max_nonfinite_steps, check=logging_step)
         interval_samples += cfg.batch_size
         progress.update(1)
 
