@@ -4,7 +4,8 @@ Host syncs are counted two ways while real `optimizer_step`s of the micro CLIP r
 (`.item()`, `bool()`, `float()`, `int()`, `.tolist()`, `.nonzero()`, ...) and, below Python, every dispatched op that
 reads a value back (`aten._local_scalar_dense`, behind `.item()` and friends) or whose output shape depends on data
 (`nonzero`, `masked_select`, boolean indexing, ...; torch tags them `dynamic_output_shape` and
-`data_dependent_output`; indexing with integer tensors has a static shape and is not counted). The counter is checked to count a sync it is shown, so a zero is not vacuous.
+`data_dependent_output`; indexing with integer tensors has a static shape and is not counted). The counter is
+checked to count the syncs it is shown, so a zero is not vacuous.
 """
 
 import contextlib
