@@ -253,3 +253,24 @@ def test_model_card_snippet_runs(name, exported, pixels):
     namespace = {"pixels": pixels.numpy() if name == "onnx" else pixels, "image": Image.new("RGB", (40, 48))}
     with torch.no_grad():
         exec(compile(code, f"{name}/README.md", "exec"), namespace)
+
+
+def test_hf_image_processor_matches_the_open_clip_eval_transform(exported, eager):
+    """AutoImageProcessor from the hf export prepares images like the checkpoint's own eval transform: exactly
+    (rescale, mean, std, size) for an image at the model's size; within resampling differences (the two libraries
+    round crop offsets differently) for a smooth image that needs resizing."""
+    from transformers import AutoImageProcessor
+
+    from mmsoftmoe.data import transforms_from_preprocess_cfg
+    from mmsoftmoe.models.clip import preprocess_config
+
+    processor = AutoImageProcessor.from_pretrained(exported[0] / "hf")
+    _, eval_tf = transforms_from_preprocess_cfg(preprocess_config(eager[0]))
+    rng = np.random.default_rng(0)
+    exact = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    torch.testing.assert_close(processor(exact, return_tensors="pt").pixel_values[0], eval_tf(exact),
+                               atol=1e-5, rtol=0)
+    ramp = np.linspace(0, 255, 90)[:, None, None] * np.ones((90, 61, 3)) * np.array([1.0, 0.6, 0.3])
+    smooth = Image.fromarray(ramp.astype(np.uint8))
+    theirs, ours = processor(smooth, return_tensors="pt").pixel_values[0], eval_tf(smooth)
+    assert theirs.shape == ours.shape and (theirs - ours).abs().mean() < 0.1

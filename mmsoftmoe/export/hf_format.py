@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoModel, CLIPImageProcessor
 
 from mmsoftmoe.export.base import Format
 from mmsoftmoe.export.checkpoint import Checkpoint
@@ -70,6 +71,22 @@ def hf_state_dict(ckpt: Checkpoint, proj: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def image_processor(preprocess_cfg: dict) -> CLIPImageProcessor:
+    """transformers' equivalent of the checkpoint's open_clip eval transform (resize, center crop, normalise);
+    pixel values agree up to 8-bit rounding of the resized image."""
+    height, width = preprocess_cfg["size"] if isinstance(preprocess_cfg["size"], list | tuple) else [
+        preprocess_cfg["size"]] * 2
+    mode = preprocess_cfg.get("resize_mode", "shortest")
+    if mode not in ("shortest", "squash"):
+        raise ValueError(f"hf export: resize_mode {mode!r} has no transformers image processor; use shortest or squash")
+    resize = {"shortest_edge": min(height, width)} if mode == "shortest" else {"height": height, "width": width}
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[preprocess_cfg.get("interpolation", "bicubic")]
+    return CLIPImageProcessor(do_resize=True, size=resize, resample=resample, do_center_crop=mode == "shortest",
+                              crop_size={"height": height, "width": width}, do_rescale=True,
+                              image_mean=list(preprocess_cfg["mean"]), image_std=list(preprocess_cfg["std"]),
+                              do_convert_rgb=True)
+
+
 def write(ckpt: Checkpoint, folder: Path, proj: bool) -> dict:
     MMSoftMoEVisionConfig.register_for_auto_class()
     MMSoftMoEVisionModel.register_for_auto_class("AutoModel")
@@ -77,6 +94,7 @@ def write(ckpt: Checkpoint, folder: Path, proj: bool) -> dict:
         model = MMSoftMoEVisionModel(hf_config(ckpt, proj))
     model.load_state_dict(hf_state_dict(ckpt, proj), strict=True, assign=True)
     model.save_pretrained(folder)
+    image_processor(ckpt.preprocess_cfg).save_pretrained(folder)  # preprocessor_config.json: AutoImageProcessor
     return {"vendored": "Soft MoE layer (modeling_mmsoftmoe.py); needs torch, timm, transformers",
             "files": sorted(p.name for p in folder.iterdir())}
 
@@ -87,10 +105,11 @@ def load(folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 SNIPPET = """\
-from transformers import AutoModel  # needs torch, timm and transformers; not mmsoftmoe
+from transformers import AutoImageProcessor, AutoModel  # needs torch, timm and transformers; not mmsoftmoe
 
 model = AutoModel.from_pretrained("$folder", trust_remote_code=True).eval()
-out = model(pixel_values=pixels, output_patch_tokens=True)  # pixels normalised with config.image_mean/std
+pixels = AutoImageProcessor.from_pretrained("$folder")(image, return_tensors="pt").pixel_values  # a PIL image
+out = model(pixel_values=pixels, output_patch_tokens=True)
 out.image_embeds       # (batch, $output_dim) pooled image embeddings
 out.last_hidden_state  # (batch, patches, width) patch tokens after the final norm
 """
