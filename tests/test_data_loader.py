@@ -103,19 +103,15 @@ def test_run_config_reaches_the_readers(tmp_path):
 
 def test_trainer_state_counts_distinct_skips_with_workers_and_resume(tmp_path):
     import training.main as train_main
-    from mmsoftmoe.data import ShapesCaptions
+    from tests.training_fixtures import shapes_image_folder, write_metadata
     from training.config import load_config
 
     folder = tmp_path / "pairs"
-    folder.mkdir()
-    rows = []
-    for i, sample in enumerate(ShapesCaptions(14, image_size=32, seed=5)):
-        sample["image"].save(folder / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": sample["caption"]})
+    rows = shapes_image_folder(folder, 14)
     for name in ("bad1.jpg", "bad2.jpg"):  # neighbours: the replacement search meets the second one twice
         (folder / name).write_bytes(b"not a jpeg")
         rows.insert(3, {"file_name": name, "text": "a broken file"})
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    write_metadata(folder, rows)
 
     def run(steps: int, *extra: str, source: Path = folder) -> dict:
         cfg = load_config(Path(train_main.__file__).parents[1] / "configs" / "smoke.yaml", [
@@ -131,7 +127,7 @@ def test_trainer_state_counts_distinct_skips_with_workers_and_resume(tmp_path):
     good.mkdir()
     for row in rows[:3] + rows[5:]:
         (good / row["file_name"]).write_bytes((folder / row["file_name"]).read_bytes())
-    (good / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:3] + rows[5:]) + "\n")
+    write_metadata(good, rows[:3] + rows[5:])
     assert run(2, "resume=none", source=good)["data_skipped"] == 0  # a fresh start forgets the old run's skips
 
 

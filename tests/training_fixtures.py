@@ -1,6 +1,8 @@
 """Shared builders for the training tests (a tiny model and a fixed global batch)."""
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -35,3 +37,18 @@ def split(batch: dict, parts: int) -> list[dict]:
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def shapes_image_folder(folder: Path, count: int) -> list[dict]:
+    """`count` generated 32 px shapes saved as PNGs in a new `folder`; their metadata rows (file_name, text)."""
+    folder.mkdir()
+    rows = []
+    for i, sample in enumerate(ShapesCaptions(count, image_size=32, seed=5)):
+        sample["image"].save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": sample["caption"]})
+    return rows
+
+
+def write_metadata(folder: Path, rows: list[dict]) -> None:
+    """The image folder's `metadata.jsonl` (what `datasets`' imagefolder reads captions from)."""
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
