@@ -2,7 +2,10 @@
 derived figure (samples/s, MFU, ratios, the sweep's loss, the targets) follows from the measured seconds."""
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +16,18 @@ from benchmarks import gpu_suite
 from benchmarks.layer_bench import SETTINGS, layer_specs
 from mmsoftmoe.models.clip import build_clip
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The command as users run it, in a fresh process: its parts are forked from it, and forking this test
+    process (whose torch thread pools earlier tests started) can deadlock the child."""
     out = tmp_path_factory.mktemp("gpu_suite")
-    return gpu_suite.main(["--cpu-smoke", "--out", str(out)]), out
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--cpu-smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "gpu_suite.json").read_text()), out
 
 
 def all_timings(node) -> list[dict]:
