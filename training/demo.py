@@ -22,11 +22,10 @@ from training.config import TrainConfig, load_config
 from training.logger import read_metrics
 from training.main import fit
 
-# Priors of the whole-job ETA, for a machine with REFERENCE["gemm_peak_gflops"] (the 2-core development machine):
-# the demo config's training throughput and the evaluation and export phases' wall time, estimated from the mini
-# demo's measured 160 samples/s and its 0.55 vs the micro's 0.09 GFLOP per sample. Other machines scale them by
-# their own measured peak; after each phase the clock rescales the rest by how far off the estimate was.
-REFERENCE = {"gemm_peak_gflops": 400.0, "samples_per_s": 450.0, "evaluation_s": 25.0, "export_s": 12.0}
+# Priors of the whole-job ETA: what `make demo` measured on a 2-core machine whose fp32 GEMM peak measured 116
+# GFLOP/s (2026-12-03: 266 samples/s, evaluation 10 s, export 10 s). Other machines scale them by their own measured
+# peak; after each phase the clock rescales the rest by how far off the estimate was.
+REFERENCE = {"gemm_peak_gflops": 116.0, "samples_per_s": 266.0, "evaluation_s": 10.0, "export_s": 10.0}
 EVAL_PLAN = {"shapes": ("zeroshot", "retrieval", "fewshot", "linprobe"), "digits": ("zeroshot", "fewshot", "linprobe")}
 
 
