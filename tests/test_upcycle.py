@@ -52,3 +52,12 @@ def test_mismatched_sizes_and_non_vit_checkpoints_are_refused():
         upcycle_(moe, mini.state_dict())
     with pytest.raises(ValueError, match="not a ViT checkpoint"):
         upcycle_(moe, {"weight": torch.zeros(2)})
+
+
+def test_a_damaged_dense_checkpoint_is_a_user_error_naming_it(tmp_path):
+    from mmsoftmoe.checkpoint import CheckpointError
+
+    path = tmp_path / "dense.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="dense.safetensors is damaged"):
+        read_state_dict(path)

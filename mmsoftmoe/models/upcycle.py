@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from mmsoftmoe.checkpoint import read_weights
 from mmsoftmoe.layers.experts import StackedExperts
 
 # Where a dense ViT's own keys start inside the checkpoints we read: timm, open_clip (CLIP, or its visual), DDP.
@@ -43,7 +43,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"dense checkpoint {path} does not exist; give a .safetensors or .pt/.pth file")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_weights(path)  # a damaged file is a CheckpointError naming it
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
