@@ -72,22 +72,25 @@ class JobClock:
     def __init__(self, estimates: dict[str, float]) -> None:
         self.estimates, self.seconds, self.start = dict(estimates), {}, time.perf_counter()
 
-    def remaining(self, after: str | None = None) -> float:
+    def later_phases(self, name: str) -> list[str]:
         names = list(self.estimates)
-        return sum(self.estimates[n] for n in names[names.index(after) + 1 if after else 0:])
+        return names[names.index(name) + 1:]
+
+    def remaining(self, after: str) -> float:
+        """Estimated seconds of the phases after `name`."""
+        return sum(self.estimates[n] for n in self.later_phases(after))
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        names = list(self.estimates)
-        elapsed = time.perf_counter() - self.start
-        print(f"[demo {names.index(name) + 1}/{len(names)}] {name}: {elapsed:.0f} s elapsed, whole job "
-              f"~{self.remaining(names[names.index(name) - 1] if names.index(name) else None):.0f} s to go",
-              flush=True)
+        number = len(self.estimates) - len(self.later_phases(name))
+        to_go = self.estimates[name] + self.remaining(name)
+        print(f"[demo {number}/{len(self.estimates)}] {name}: {time.perf_counter() - self.start:.0f} s elapsed, "
+              f"whole job ~{to_go:.0f} s to go", flush=True)
         start = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - start
         factor = self.seconds[name] / max(self.estimates[name], 1e-9)
-        for later in names[names.index(name) + 1:]:
+        for later in self.later_phases(name):
             self.estimates[later] *= factor
 
 
