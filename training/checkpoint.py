@@ -6,8 +6,9 @@ state (model, optimizer, per-process RNG; loaded with `weights_only=True`), `ope
 `output_dir/final/` (the single-file model) is written the same way.
 
 The save sequence, each step safe to be killed at:
-1. every process writes into the hidden folder `.tmp_<name>` (accelerate's `save_state`; a sharded run's DCP
-   shards go there too), then the main process adds the config and trainer state;
+1. every process writes into the hidden folder `.tmp_<name>` (accelerate's `save_state`; a sharded run writes
+   its DCP shards to `sharded/` and each process its random state instead), then the main process adds the config
+   and trainer state;
 2. the manifest hashes and flushes every file, then itself and the folders (`mmsoftmoe.checkpoint.write_manifest`),
    so a power loss after the rename cannot leave a renamed but empty checkpoint;
 3. an existing folder of the same name (the same step saved again) is moved aside to `.replaced_<name>`;
@@ -33,11 +34,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from mmsoftmoe.checkpoint import (
+    SHARDED_DIR,
     TRAINER_STATE_NAME,
     CheckpointError,
     fsync_dir,
@@ -47,10 +50,12 @@ from mmsoftmoe.checkpoint import (
     write_manifest,
 )
 from mmsoftmoe.models.clip import save_clip, write_clip_config
+from mmsoftmoe.parallel import load_sharded, save_sharded
 
 logger = logging.getLogger("mmsoftmoe.train")
 
 CHECKPOINTS_DIR = "checkpoints"
+RNG_STATE_NAME = "rng_state_{rank}.pt"  # a sharded run's per-process random state (accelerate's own otherwise)
 FINAL_DIR = "final"
 TMP_PREFIX, REPLACED_PREFIX, PRUNED_PREFIX = ".tmp_", ".replaced_", ".pruned_"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -156,15 +161,46 @@ def _state_bytes(model: nn.Module) -> int:
     return 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+def _save_rng_state(folder: Path, rank: int, device: torch.device) -> None:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type != "cpu":
+        state["device"] = torch.get_device_module(device).get_rng_state(device)
+    torch.save(state, folder / RNG_STATE_NAME.format(rank=rank))
+
+
+def _load_rng_state(folder: Path, accelerator: Accelerator) -> None:
+    """This process's random state, when the checkpoint was saved by as many processes (else the streams restart
+    from the run's seed: the data order is step-exact either way, only noise/dropout draws differ)."""
+    saved = len(list(folder.glob(RNG_STATE_NAME.format(rank="*"))))
+    if saved != accelerator.num_processes:
+        if accelerator.is_main_process:
+            logger.warning("%s was saved by %d processes and this run has %d: the data order resumes exactly, the "
+                           "random streams (router noise, dropout) restart", folder, saved, accelerator.num_processes)
+        return
+    state = torch.load(folder / RNG_STATE_NAME.format(rank=accelerator.process_index), weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "device" in state and accelerator.device.type != "cpu":
+        torch.get_device_module(accelerator.device).set_rng_state(state["device"], accelerator.device)
+
+
 def save_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: str | Path, *, step: int,
-                    trainer_state: dict, model_cfg: dict, keep: int) -> Path:
-    """Save the full training state at `step` (call on every process) and prune to the newest `keep`."""
+                    trainer_state: dict, model_cfg: dict, keep: int,
+                    sharded_optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Save the full training state at `step` (call on every process) and prune to the newest `keep`.
+
+    `sharded_optimizer`: a sharded run's optimizer (`mmsoftmoe.parallel`); the model and it are then written as
+    DCP shards, not through accelerate.
+    """
     output_dir = Path(output_dir)
     target = checkpoint_root(output_dir) / f"step_{step:08d}"
     previous = list_checkpoints(output_dir)
     needed = _folder_bytes(previous[-1]) if previous else _state_bytes(accelerator.unwrap_model(model))
     with _staged(target, output_dir, needed, accelerator.is_main_process) as tmp:
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        if sharded_optimizer is None:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+        else:
+            save_sharded(tmp / SHARDED_DIR, model, sharded_optimizer)
+            _save_rng_state(tmp, accelerator.process_index, accelerator.device)
         accelerator.wait_for_everyone()  # every process's files are in `tmp` before the manifest lists them
         if accelerator.is_main_process:
             write_clip_config(accelerator.unwrap_model(model), model_cfg, tmp)
@@ -251,13 +287,29 @@ def _explicit_checkpoint(path: Path) -> Path:
     return path
 
 
-def restore_training_state(accelerator: Accelerator, path: Path, model_name: str) -> dict:
+def restore_training_state(accelerator: Accelerator, path: Path, model_name: str, *, model: nn.Module | None = None,
+                           sharded_optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Restore model, optimizer and RNG states from the checkpoint `path` (call on every process); return its
-    trainer state."""
+    trainer state. A sharded run passes its `model` and `sharded_optimizer` and reads DCP shards, resharded to
+    its own process count and layout."""
     state = read_json(path / TRAINER_STATE_NAME)
     saved_name = state.get("config", {}).get("model", {}).get("name")
     if saved_name != model_name:
         raise ValueError(f"checkpoint {path} was trained with model.name={saved_name!r}, but this run builds "
                          f"{model_name!r}; use the same model or a new output_dir (or resume=none)")
-    accelerator.load_state(str(path))
+    is_sharded = (path / SHARDED_DIR).is_dir()
+    if sharded_optimizer is None and is_sharded:
+        raise CheckpointError(f"{path} holds a sharded training state ({SHARDED_DIR}/): resume it with "
+                              "parallel.dp_shard=-1 (FSDP2 over any number of processes, one included), or start a "
+                              f"new run from its weights with `mmsoftmoe consolidate {path} OUT` and "
+                              "model.pretrained=OUT")
+    if sharded_optimizer is not None and not is_sharded:
+        raise CheckpointError(f"{path} was saved by a DDP run (no {SHARDED_DIR}/), and this run is sharded "
+                              "(parallel.dp_shard != 0): resume it without parallel.dp_shard, or start a sharded run "
+                              f"from its weights with model.pretrained={path}")
+    if sharded_optimizer is None:
+        accelerator.load_state(str(path))
+    else:
+        load_sharded(path / SHARDED_DIR, model, sharded_optimizer)
+        _load_rng_state(path, accelerator)
     return state

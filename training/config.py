@@ -96,7 +96,7 @@ class ParallelConfig:
     dp_replicate: int = setting(1, "HSDP: model replicas (e.g. nodes), each sharded over dp_shard processes",
                                 minimum=1)
     dp_shard: int = setting(0, "FSDP2: processes a replica is sharded over (dp_replicate * dp_shard = processes); "
-                               "0: DDP, no sharding (the default)", minimum=0)
+                               "-1: all processes / dp_replicate; 0: DDP, no sharding (the default)", minimum=-1)
     ep: int = setting(1, "expert parallelism: processes each MoE layer's experts are split over (divides dp_shard "
                          "and the number of experts)", minimum=1)
     nccl_timeout_s: int = setting(600, "timeout of collective operations (init_process_group), seconds", minimum=1)
@@ -104,7 +104,17 @@ class ParallelConfig:
     @property
     def sharded(self) -> bool:
         """FSDP2 (+ expert parallelism) through `mmsoftmoe.parallel` instead of accelerate's DDP."""
-        return self.dp_shard > 0
+        return self.dp_shard != 0
+
+    def shard_size(self, world_size: int) -> int:
+        """dp_shard for `world_size` processes (-1 resolved: every process of a replica)."""
+        if self.dp_shard != -1:
+            return self.dp_shard
+        if world_size % self.dp_replicate:
+            raise ValueError(f"parallel.dp_shard=-1 takes the processes / parallel.dp_replicate, but {world_size} "
+                             f"processes do not split into {self.dp_replicate} replicas; launch a multiple of "
+                             f"{self.dp_replicate} processes or set parallel.dp_replicate")
+        return world_size // self.dp_replicate
 
 
 @dataclass
@@ -292,12 +302,13 @@ def validate(cfg: TrainConfig) -> None:
 def _validate_parallel(par: ParallelConfig, precision: str) -> None:
     """The layout checks that need no process count (`mmsoftmoe.parallel.check_layout` does the rest at start)."""
     if par.sharded and precision == "fp16":
-        raise ValueError("precision=fp16 needs a gradient scaler, which sharded runs (parallel.dp_shard > 0) do not "
+        raise ValueError("precision=fp16 needs a gradient scaler, which sharded runs (parallel.dp_shard != 0) do not "
                          "have; use precision=bf16")
     if not par.sharded and (par.ep > 1 or par.dp_replicate > 1):
         raise ValueError(f"parallel.ep={par.ep} / parallel.dp_replicate={par.dp_replicate} need parallel.dp_shard "
-                         "> 0 (FSDP2); set parallel.dp_shard to the number of processes / parallel.dp_replicate")
-    if par.sharded and par.dp_shard % par.ep:
+                         "> 0 (FSDP2); set parallel.dp_shard to the number of processes / parallel.dp_replicate, or "
+                         "to -1 (all of them)")
+    if par.dp_shard > 0 and par.dp_shard % par.ep:
         raise ValueError(f"parallel.ep={par.ep} must divide parallel.dp_shard={par.dp_shard} (expert-parallel "
                          "ranks are borrowed from the sharded data-parallel ranks)")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 
 import open_clip
@@ -195,9 +195,13 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, applied: torch.Tenso
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict], *,
                    loss_fn: nn.Module, accelerator: Accelerator, routed_model: nn.Module, aux_weight: float,
-                   lr: float, grad_clip: float | None) -> StepResult:
+                   lr: float, grad_clip: float | None,
+                   clip_grad_norm: Callable[[Iterable[torch.Tensor], float], torch.Tensor] | None = None) -> StepResult:
     """One optimizer step: learning rate, forward/backward of every micro-batch, the finiteness check on every
     process, gradient clipping, the update. The one place a step is defined (`fit` and the benchmarks call it).
+
+    `clip_grad_norm(parameters, max_norm)`: accelerate's by default; a sharded model passes
+    `mmsoftmoe.parallel.clip_grad_norm_` (the global norm over parameters on different device meshes).
 
     Nothing here reads a device value back to the host (with the fused AdamW of `build_optimizer`, outside fp16):
     the finiteness flag skips the update on the device, and clipping scales by min(1, clip / norm) on the device
@@ -206,7 +210,8 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
     set_lr(optimizer, lr)
     losses = train_step(model, micro_batches, loss_fn, accelerator, routed_model, aux_weight)
     applied = all_finite(accelerator, sum(losses.values()))
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    clip = clip_grad_norm or accelerator.clip_grad_norm_
+    grad_norm = clip(model.parameters(), grad_clip) if grad_clip else None
     step_unless_nonfinite(optimizer, applied, accelerator)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(losses, grad_norm, applied)

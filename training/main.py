@@ -3,6 +3,13 @@
 The same command runs on one CPU, one GPU, or many processes: `torchrun --nproc_per_node N --no-python mmsoftmoe
 train ...` (CPU processes use gloo) or `accelerate launch --multi_gpu --no_python mmsoftmoe train ...`.
 `fit(cfg)` composes the `build_*` helpers and runs the loop; the step itself is `training.loop.optimizer_step`.
+
+Two ways of spreading a run over processes, chosen by `parallel.*`: accelerate's DDP (the default: every process
+holds the whole model), or, with `parallel.dp_shard` set, `mmsoftmoe.parallel` (FSDP2 for the dense parameters,
+the experts split over `parallel.ep` processes). A sharded run builds its model on the meta device and fills its
+shards from one full build on rank 0, saves DCP checkpoints (resumable at another process count or layout),
+clips by the global norm over both parameter kinds, and evaluates and writes `final/` from a whole copy gathered
+on rank 0 (`build_sharded_model`, `gather_plain_model`).
 """
 
 from __future__ import annotations
@@ -15,12 +22,14 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import open_clip
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from eval.main import run_evaluation
@@ -30,6 +39,15 @@ from mmsoftmoe.models.accounting import count_parameters, parameter_counts
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
 from mmsoftmoe.models.pretrained import read_weights, warm_start_
 from mmsoftmoe.models.upcycle import read_state_dict, upcycle_
+from mmsoftmoe.parallel import (
+    build_meshes,
+    check_layout,
+    clip_grad_norm_,
+    expert_layers,
+    full_model_state_dict,
+    materialize_from_rank0,
+    parallelize,
+)
 from training.checkpoint import choose_resume_checkpoint, restore_training_state, save_checkpoint, save_final_model
 from training.config import TrainConfig, config_help, config_yaml, get_value, load_config, to_dict, valid_keys
 from training.data import build_pair_dataset, build_train_loader
@@ -64,8 +82,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     and every rank trains alone (SPEC section 7).
     """
     trackers = check_trackers([t for t in cfg.trackers if t])
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.parallel.nccl_timeout_s))
     accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=cfg.precision,
-                              log_with=trackers or None, project_dir=cfg.output_dir)
+                              log_with=trackers or None, project_dir=cfg.output_dir, kwargs_handlers=[timeout])
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(f"WORLD_SIZE={launched} processes were launched, but accelerate sees "
@@ -102,14 +121,29 @@ def run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Iterator[Path]:
         handler.close()
 
 
-def build_model(cfg: TrainConfig):
-    """(model, tokenizer, complete open_clip model config), towers locked and checkpointing set as configured."""
+def build_model(cfg: TrainConfig, device: str = "cpu"):
+    """(model, tokenizer, complete open_clip model config), towers locked and checkpointing set as configured.
+
+    On `device="meta"` only the structure is built (no weights are allocated, upcycled or loaded).
+    """
     model_cfg = resolve_clip_config(cfg.model.name, cfg.model.text_model)
     if cfg.loss == "siglip" and model_cfg.get("init_logit_bias") is None:
         raise ValueError(f"loss=siglip needs a model with a logit bias, and {cfg.model.name} has none; use a "
                          "*-Sigmoid model config (init_logit_bias=-10, init_logit_scale=log 10) or loss=clip")
-    model, tokenizer = build_clip_from_config(model_cfg)
+    model, tokenizer = build_clip_from_config(model_cfg, device=device)
     open_clip.set_model_preprocess_cfg(model, preprocess_config(model))
+    if device != "meta":
+        load_start_weights(cfg, model)
+    if cfg.model.lock_image:
+        model.lock_image_tower()
+    if cfg.model.lock_text:
+        model.lock_text_tower()
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model, tokenizer, model_cfg
+
+
+def load_start_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Upcycle the image tower from a dense checkpoint and/or warm-start from pretrained weights, as configured."""
     if cfg.model.upcycle_from:
         report = upcycle_(model.visual.trunk, read_state_dict(cfg.model.upcycle_from))
         logger.info("upcycled the image tower from %s: %d tensors copied, %d expert tensors from dense MLPs, %d "
@@ -120,20 +154,51 @@ def build_model(cfg: TrainConfig):
         logger.info("warm start (%s) from %s: %d tensors loaded; missing %s; unexpected %s",
                     cfg.model.pretrained_towers, cfg.model.pretrained, len(report.loaded),
                     report.missing or "none", report.unexpected or "none")
-    if cfg.model.lock_image:
-        model.lock_image_tower()
-    if cfg.model.lock_text:
-        model.lock_text_tower()
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+
+
+def build_sharded_model(cfg: TrainConfig, accelerator: Accelerator):
+    """(model, tokenizer, model config) of a sharded run: built on the meta device, experts split over
+    `parallel.ep` processes and everything FSDP2-sharded (`mmsoftmoe.parallel.parallelize`), then each process's
+    shards filled from the model rank 0 builds as an unsharded run would (so the run starts from the same weights,
+    and only rank 0's host memory ever holds the whole model)."""
+    par, world = cfg.parallel, accelerator.num_processes
+    dp_shard = par.shard_size(world)
+    if not dist.is_initialized():  # one process started without a launcher: a group of one
+        dist.init_process_group(dist.get_default_backend_for_device(accelerator.device), store=dist.HashStore(),
+                                rank=0, world_size=1, timeout=timedelta(seconds=par.nccl_timeout_s))
+    model, tokenizer, model_cfg = build_model(cfg, device="meta")
+    check_layout(world_size=world, dp_replicate=par.dp_replicate, dp_shard=dp_shard, ep=par.ep,
+                 num_experts=tuple(layer.num_experts for layer in expert_layers(model).values()))
+    meshes = build_meshes(device_type=accelerator.device.type, dp_replicate=par.dp_replicate, dp_shard=dp_shard,
+                          ep=par.ep)
+    parallelize(model, meshes)
+    full = build_model(cfg)[0] if accelerator.is_main_process else None
+    materialize_from_rank0(model, full, accelerator.device)
+    logger.info("sharded: dp_replicate=%d x dp_shard=%d processes, experts split over ep=%d (FSDP2 over %d more)",
+                par.dp_replicate, dp_shard, par.ep, dp_shard // par.ep)
     return model, tokenizer, model_cfg
 
 
-def restore(cfg: TrainConfig, accelerator: Accelerator) -> tuple[TrainState, dict[str, float]]:
+def gather_plain_model(model: torch.nn.Module, model_cfg: dict, accelerator: Accelerator) -> torch.nn.Module | None:
+    """A whole, unsharded copy of a sharded model on rank 0's device (None on the other ranks); call on every
+    process."""
+    state = full_model_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    plain, _ = build_clip_from_config(model_cfg)
+    plain.load_state_dict(state)
+    open_clip.set_model_preprocess_cfg(plain, preprocess_config(model))
+    return plain.to(accelerator.device).eval()
+
+
+def restore(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer) -> tuple[TrainState, dict[str, float]]:
     """The state to start from: fresh, or the checkpoint `cfg.resume` names (model and optimizer restored)."""
     resume_from = choose_resume_checkpoint(accelerator, cfg.resume, cfg.output_dir)
     if resume_from is None:
         return TrainState(), {}
-    saved = restore_training_state(accelerator, resume_from, cfg.model.name)
+    saved = restore_training_state(accelerator, resume_from, cfg.model.name, model=model,
+                                   sharded_optimizer=optimizer if cfg.parallel.sharded else None)
     state = TrainState(**saved["state"])
     logger.info("resumed from %s at step %d", resume_from, state.step)
     trained = saved.get("config", {}).get("steps")
@@ -193,14 +258,16 @@ def fit(cfg: TrainConfig, desc: str = "train") -> dict:
 
 def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> dict:
     set_seed(cfg.seed)
-    model, tokenizer, model_cfg = build_model(cfg)
+    sharded = cfg.parallel.sharded
+    model, tokenizer, model_cfg = build_sharded_model(cfg, accelerator) if sharded else build_model(cfg)
     unwrapped = model
     optimizer = build_optimizer(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                 betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:  # a sharded model is already placed and distributed; its optimizer steps its shards
+        model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.model.compile:
         model = torch.compile(model)
-    state, last_eval = restore(cfg, accelerator)
+    state, last_eval = restore(cfg, accelerator, unwrapped, optimizer)
     metrics_log = MetricsLogger(accelerator, out)
     metrics_log.truncate_after(state.step)
     if state.step == 0 and accelerator.is_main_process:  # a fresh start counts its own bad samples only
@@ -225,9 +292,16 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> di
         if cfg.eval.dataset is None:
             return {}
         tasks = ("zeroshot", "fewshot") if final and cfg.eval.fewshot else ("zeroshot",)
-        results = run_evaluation(unwrapped, tokenizer, dataset=cfg.eval.dataset, tasks=tasks, preprocess=eval_tf,
-                                 batch_size=micro_batch, accelerator=accelerator, shots=(10,))[cfg.eval.dataset]
-        return flat_metrics({k: v for k, v in results.items() if k in tasks})
+        evaluated, eval_accelerator = unwrapped, accelerator
+        if sharded:  # rank 0 evaluates a gathered whole copy; the others wait for its results
+            evaluated, eval_accelerator = gather_plain_model(unwrapped, model_cfg, accelerator), None
+        results = {}
+        if evaluated is not None:
+            results = run_evaluation(evaluated, tokenizer, dataset=cfg.eval.dataset, tasks=tasks, preprocess=eval_tf,
+                                     batch_size=micro_batch, accelerator=eval_accelerator,
+                                     shots=(10,))[cfg.eval.dataset]
+            results = flat_metrics({k: v for k, v in results.items() if k in tasks})
+        return broadcast_object_list([results])[0] if sharded else results
 
     def trainer_state() -> dict:
         """What `trainer_state.json` records, in every checkpoint and in `final/`."""
@@ -235,8 +309,9 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> di
                 "config": to_dict(cfg), "metrics": last_eval, "data_skipped": count_skipped(out / SKIP_LOG_NAME)}
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, model, out, step=state.step, trainer_state=trainer_state(),
-                        model_cfg=model_cfg, keep=cfg.keep_checkpoints)
+        save_checkpoint(accelerator, unwrapped if sharded else model, out, step=state.step,
+                        trainer_state=trainer_state(), model_cfg=model_cfg, keep=cfg.keep_checkpoints,
+                        sharded_optimizer=optimizer if sharded else None)
 
     progress = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not accelerator.is_local_main_process,
                     dynamic_ncols=True)
@@ -250,7 +325,7 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> di
             cooldown_steps=cfg.optim.cooldown_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
         result = optimizer_step(model, optimizer, micro, loss_fn=loss_fn, accelerator=accelerator,
                                 routed_model=unwrapped.visual, aux_weight=cfg.aux_loss_weight, lr=lr,
-                                grad_clip=cfg.optim.grad_clip)
+                                grad_clip=cfg.optim.grad_clip, clip_grad_norm=clip_grad_norm_ if sharded else None)
         record_step(state, result, samples=cfg.batch_size, max_nonfinite=cfg.max_nonfinite_steps, check=logging_step)
         interval_samples += cfg.batch_size
         progress.update(1)
@@ -276,8 +351,9 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> di
     last_eval = run_eval(final=True)
     metrics_log.log(state.step, dict(last_eval))
     checkpoint()
+    whole = gather_plain_model(unwrapped, model_cfg, accelerator) if sharded else unwrapped
     if accelerator.is_main_process:
-        save_final_model(unwrapped, model_cfg, out, trainer_state())
+        save_final_model(whole, model_cfg, out, trainer_state())
         plot_training(metrics_log.read(), out / "training.png")
         logger.info("finished at step %d: %s", state.step, json.dumps(last_eval))
     accelerator.end_training()

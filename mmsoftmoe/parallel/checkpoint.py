@@ -26,9 +26,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mmsoftmoe.checkpoint import SHARDED_DIR
 from mmsoftmoe.models.clip import CONFIG_NAME, build_clip_from_config, local_text_cfg, save_clip
-
-SHARDED_DIR = "sharded"  # the DCP folder inside a training checkpoint folder
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:

@@ -1,0 +1,161 @@
+"""The documented sharded training command, run as users run it: `torchrun ... --no-python mmsoftmoe train
+parallel.dp_shard=2 parallel.ep=2`, killed with SIGKILL mid-run and resumed, resumed at another process count,
+consolidated and exported; each compared with the same run trained in one unsharded process.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training.main as train_main
+from mmsoftmoe.checkpoint import CheckpointError
+from mmsoftmoe.models.clip import load_clip
+from tests.test_export import load_timm
+from training.config import load_config
+from training.logger import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+MMSOFTMOE = str(Path(sys.executable).parent / "mmsoftmoe")
+STEPS = 8
+# The smoke run (micro Soft MoE CLIP, 16 experts), every step logged, a checkpoint every 2 steps, no evaluation.
+COMMON = ["--config", "smoke", f"steps={STEPS}", "batch_size=16", "log_every=1", "checkpoint_every=2",
+          "keep_checkpoints=8", "eval.dataset=none", "data.num_workers=0", "trackers=[]"]
+EP2 = ["parallel.dp_shard=2", "parallel.ep=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """The README's command: torchrun starting the installed `mmsoftmoe` entry point on every process."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "--no-python", MMSOFTMOE, "train", *COMMON, *args]
+
+
+def run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    errors = "\n".join(line for line in proc.stderr.splitlines() if "rror" in line)
+    assert proc.returncode == 0, errors[-4000:] or proc.stderr[-4000:]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "open_clip_model.safetensors"))
+
+
+def assert_weights_close(got: dict, expected: dict, atol: float) -> None:
+    assert got.keys() == expected.keys()
+    worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
+    assert worst <= atol, f"largest weight difference {worst:.3g} > {atol}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The same run in one process, unsharded (accelerate, no process group)."""
+    out = tmp_path_factory.mktemp("reference")
+    train_main.fit(load_config(COMMON[1], COMMON[2:] + [f"output_dir={out}"]))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-process FSDP2 + ep=2 run killed with SIGKILL (every process) once its step-4 checkpoint is published,
+    a copy of what it left, then the same command again (resume=auto)."""
+    out = tmp_path_factory.mktemp("ep2")
+    proc = subprocess.Popen(torchrun(2, *EP2, f"output_dir={out}"), cwd=ROOT, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    published = out / "checkpoints" / "step_00000004" / "manifest.json"
+    deadline = time.monotonic() + 240
+    while not published.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts its workers in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    stderr = proc.communicate()[1]
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {stderr[-3000:]}"
+    assert not (out / "final").exists()
+    left = tmp_path_factory.mktemp("left") / "run"
+    shutil.copytree(out, left)
+    run(torchrun(2, *EP2, f"output_dir={out}"))
+    return out, left
+
+
+def test_killed_expert_parallel_run_resumes_on_the_uninterrupted_trajectory(reference, killed_and_resumed):
+    resumed, _ = killed_and_resumed
+    expected, got = losses(reference), losses(resumed)
+    assert sorted(got) == list(range(1, STEPS + 1)), "metrics.jsonl must hold each step once after the resume"
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+    assert_weights_close(final_weights(resumed), final_weights(reference), atol=1e-5)
+    checkpoint = resumed / "checkpoints" / f"step_{STEPS:08d}"
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
+    assert (checkpoint / "sharded" / ".metadata").is_file()
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(reference, killed_and_resumed):
+    """The checkpoint the killed run left, resumed by one process (DCP reshards ep=2 -> one process)."""
+    _, left = killed_and_resumed
+    run([MMSOFTMOE, "train", *COMMON, "parallel.dp_shard=-1", f"output_dir={left}"])
+    resumed_at = min(s for s, _ in losses(left).items() if s > 4)
+    assert resumed_at == 5 or (left / "checkpoints" / f"step_{resumed_at - 1:08d}").is_dir()
+    for step, loss in losses(reference).items():
+        assert losses(left)[step] == pytest.approx(loss, abs=1e-5), step
+    assert_weights_close(final_weights(left), final_weights(reference), atol=1e-5)
+
+
+def test_consolidate_then_export_gives_the_unsharded_runs_encoder(reference, killed_and_resumed, tmp_path):
+    resumed, _ = killed_and_resumed
+    step = resumed / "checkpoints" / f"step_{STEPS:08d}"
+    for cmd in ([MMSOFTMOE, "consolidate", str(step), str(tmp_path / "model")],
+                [MMSOFTMOE, "export", "--checkpoint", str(tmp_path / "model"), "--format", "timm",
+                 "--out", str(tmp_path / "timm")]):
+        run(cmd)
+    consolidated = load_file(str(tmp_path / "model" / "open_clip_model.safetensors"))
+    assert_weights_close(consolidated, final_weights(resumed), atol=0.0)  # final/ is that step's weights
+    encoder = load_timm(tmp_path / "timm")
+    unsharded, _, _ = load_clip(reference / "final")
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (encoder(pixels) - unsharded.eval().encode_image(pixels)).abs().max().item()
+    assert difference <= 1e-5, difference
+
+
+def test_a_ddp_run_refuses_a_sharded_checkpoint_with_the_way_to_resume_it(killed_and_resumed, tmp_path):
+    resumed, _ = killed_and_resumed
+    checkpoint = resumed / "checkpoints" / "step_00000004"
+    cfg = load_config("smoke", COMMON[2:] + [f"output_dir={tmp_path}", f"resume={checkpoint}"])
+    with pytest.raises(CheckpointError, match=r"sharded training state.*parallel.dp_shard=-1.*mmsoftmoe consolidate"):
+        train_main.fit(cfg)
+
+
+def test_dp_shard_minus_one_takes_every_process_of_a_replica():
+    par = load_config("smoke", ["parallel.dp_shard=-1", "parallel.dp_replicate=2"]).parallel
+    assert par.sharded and par.shard_size(8) == 4
+    with pytest.raises(ValueError, match=r"6 processes do not split into 4 replicas"):
+        load_config("smoke", ["parallel.dp_shard=-1", "parallel.dp_replicate=4"]).parallel.shard_size(6)
+    assert load_config("smoke", ["parallel.dp_shard=3"]).parallel.shard_size(8) == 3  # check_layout rejects it later
