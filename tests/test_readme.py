@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -71,7 +73,22 @@ def _export(cwd: Path, out: str) -> None:
         assert report["parity"]["max_abs_diff"] < 1e-4, fmt
 
 
+def _sharded_smoke(cwd: Path, out: str) -> None:
+    step = cwd / "runs/smoke/checkpoints/step_00000020"
+    assert (step / "sharded" / ".metadata").is_file() and (step / "rng_state_1.pt").is_file()
+    assert (cwd / "runs/smoke/final/open_clip_model.safetensors").is_file()
+
+
+def _consolidated(cwd: Path, out: str) -> None:
+    got = load_file(str(cwd / "runs/smoke_step20/open_clip_model.safetensors"))
+    final = load_file(str(cwd / "runs/smoke/final/open_clip_model.safetensors"))  # the same step's weights
+    assert got.keys() == final.keys() and all(torch.equal(got[k], final[k]) for k in final)
+
+
 TRAIN_TWIN = f"{SMOKE} eval.dataset=none"
+# The GPU-cluster lines run at smoke size on 2 CPU processes with ep=2 (one process for `accelerate launch --cpu`).
+CLUSTER_TWIN = f"{TRAIN_TWIN} parallel.ep=2"
+SLURM_ENV = "SLURM_NNODES=1 SRUN= MASTER_ADDR=127.0.0.1 MASTER_PORT=29531 GPUS_PER_NODE=2"
 # README line -> (how it runs here, why, what it must have produced)
 TWINS: dict[str, tuple[str, str, Callable | None]] = {
     "make demo": ("skip", "runs `mmsoftmoe demo` after the install (checked against the Makefile below)", None),
@@ -94,9 +111,23 @@ TWINS: dict[str, tuple[str, str, Callable | None]] = {
     "mmsoftmoe eval --checkpoint runs/demo/final --dataset shapes digits --tasks zeroshot,retrieval,fewshot,linprobe": (
         "append", "", _eval),
     "mmsoftmoe export --checkpoint runs/demo/final --format all --out exports/demo": ("append", "", _export),
+    "torchrun --nproc_per_node 2 --no-python mmsoftmoe train --config smoke parallel.dp_shard=2 parallel.ep=2": (
+        "append", "data.num_workers=0 trackers=[] eval.dataset=none", _sharded_smoke),  # 20 steps, as written
+    "torchrun --nproc_per_node 8 --no-python mmsoftmoe train --config softmoe_l16_sigmoid": (
+        "replace", "torchrun --nproc_per_node 2 --no-python mmsoftmoe train --config softmoe_l16_sigmoid "
+                   f"{CLUSTER_TWIN} output_dir=runs/l16", _final("l16")),
+    "accelerate launch --config_file configs/accelerate/one_node_8gpu.yaml --no_python mmsoftmoe train --config "
+    "softmoe_l16_sigmoid": (
+        "replace", f"accelerate launch --config_file {ROOT}/configs/accelerate/one_node_8gpu.yaml --cpu "
+                   "--num_processes 1 --mixed_precision no --no_python mmsoftmoe train --config softmoe_l16_sigmoid "
+                   f"{TRAIN_TWIN} output_dir=runs/l16acc", _final("l16acc")),
+    "sbatch --nodes 4 scripts/slurm_train.sbatch --config softmoe_h14_sigmoid": (
+        "replace", f"{SLURM_ENV} bash {ROOT}/scripts/slurm_train.sbatch --config softmoe_h14_sigmoid {CLUSTER_TWIN} "
+                   "output_dir=runs/h14", _final("h14")),
 }
 RUN_AS_WRITTEN = {"mmsoftmoe train --help-config": _help_config,
-                  "mmsoftmoe train --config demo --print-config": _print_config}
+                  "mmsoftmoe train --config demo --print-config": _print_config,
+                  "mmsoftmoe consolidate runs/smoke/checkpoints/step_00000020 runs/smoke_step20": _consolidated}
 
 
 @pytest.fixture(scope="module")

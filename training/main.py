@@ -163,9 +163,6 @@ def build_sharded_model(cfg: TrainConfig, accelerator: Accelerator):
     and only rank 0's host memory ever holds the whole model)."""
     par, world = cfg.parallel, accelerator.num_processes
     dp_shard = par.shard_size(world)
-    if not dist.is_initialized():  # one process started without a launcher: a group of one
-        dist.init_process_group(dist.get_default_backend_for_device(accelerator.device), store=dist.HashStore(),
-                                rank=0, world_size=1, timeout=timedelta(seconds=par.nccl_timeout_s))
     model, tokenizer, model_cfg = build_model(cfg, device="meta")
     check_layout(world_size=world, dp_replicate=par.dp_replicate, dp_shard=dp_shard, ep=par.ep,
                  num_experts=tuple(layer.num_experts for layer in expert_layers(model).values()))
@@ -174,8 +171,8 @@ def build_sharded_model(cfg: TrainConfig, accelerator: Accelerator):
     parallelize(model, meshes)
     full = build_model(cfg)[0] if accelerator.is_main_process else None
     materialize_from_rank0(model, full, accelerator.device)
-    logger.info("sharded: dp_replicate=%d x dp_shard=%d processes, experts split over ep=%d (FSDP2 over %d more)",
-                par.dp_replicate, dp_shard, par.ep, dp_shard // par.ep)
+    logger.info("sharded: dp_replicate=%d x dp_shard=%d processes; experts split over ep=%d, each split FSDP2-sharded "
+                "over dp_shard / ep = %d", par.dp_replicate, dp_shard, par.ep, dp_shard // par.ep)
     return model, tokenizer, model_cfg
 
 
@@ -252,8 +249,25 @@ def fit(cfg: TrainConfig, desc: str = "train") -> dict:
     `desc` labels the progress bar (the demo names its phase there).
     """
     accelerator = build_accelerator(cfg)
-    with acquire_run_lock(cfg.output_dir, accelerator.is_main_process), run_folder(cfg, accelerator) as out:
+    with (acquire_run_lock(cfg.output_dir, accelerator.is_main_process), run_folder(cfg, accelerator) as out,
+          process_group(cfg, accelerator)):
         return _fit(cfg, accelerator, out, desc)
+
+
+@contextlib.contextmanager
+def process_group(cfg: TrainConfig, accelerator: Accelerator) -> Iterator[None]:
+    """A sharded run needs a process group; one process started without a launcher gets a group of one, for the
+    run's duration."""
+    if not cfg.parallel.sharded or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group(dist.get_default_backend_for_device(accelerator.device), store=dist.HashStore(),
+                            rank=0, world_size=1, timeout=timedelta(seconds=cfg.parallel.nccl_timeout_s))
+    try:
+        yield
+    finally:
+        if dist.is_initialized():  # accelerate's end_training may have ended it already
+            dist.destroy_process_group()
 
 
 def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> dict:
