@@ -112,6 +112,13 @@ def test_killed_expert_parallel_run_resumes_on_the_uninterrupted_trajectory(refe
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step
     assert_weights_close(final_weights(resumed), final_weights(reference), atol=1e-5)
+    # Routing statistics are over both processes' examples: those of the one process that sees the whole batch.
+    expected_stats = {r["step"]: r for r in read_metrics(reference) if "loss" in r}
+    for record in (r for r in read_metrics(resumed) if "loss" in r):
+        stats = {k: v for k, v in record.items() if k.startswith("router/")}
+        assert len(stats) >= 6, record
+        for key, value in stats.items():
+            assert value == pytest.approx(expected_stats[record["step"]][key], abs=1e-5), (record["step"], key)
     checkpoint = resumed / "checkpoints" / f"step_{STEPS:08d}"
     assert sorted(p.name for p in checkpoint.glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
     assert (checkpoint / "sharded" / ".metadata").is_file()

@@ -256,5 +256,18 @@ def step_metrics(accelerator: Accelerator, result: StepResult, model: nn.Module,
     if result.grad_norm is not None and bool(result.applied):  # a skipped step's norm is not finite
         metrics["grad_norm"] = float(result.grad_norm)
     metrics["samples_per_s"] = samples_per_s
-    metrics.update(collect_routing_stats(model.visual))
+    metrics.update(reduce_routing_stats(accelerator, collect_routing_stats(model.visual)))
     return metrics
+
+
+def reduce_routing_stats(accelerator: Accelerator, stats: dict[str, float]) -> dict[str, float]:
+    """Routing statistics over every process's examples, not only the main process's: means of per-example values
+    (every process holds as many examples) are averaged, `*_max` statistics take the maximum. Two collectives, the
+    same on every process (the layers and their statistics are the same everywhere)."""
+    if accelerator.num_processes == 1 or not stats:
+        return stats
+    keys = list(stats)
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    means = accelerator.reduce(values, reduction="mean")
+    maxima = accelerator.gather(values.unsqueeze(0)).amax(dim=0)
+    return {k: float(maxima[i] if k.endswith("_max") else means[i]) for i, k in enumerate(keys)}
