@@ -3,8 +3,9 @@
 `python -m torch.distributed.run ... tests/_parallel_train.py OUT LAYOUT [LAYOUT ...]` with LAYOUT
 `dp_replicate,dp_shard,ep[,micro_batches]` (gradient accumulation over micro-batches, default 1): rank 0 saves
 the global loss, the gradient norm, every full gradient of every step and the trained weights, for each model
-of `MODELS` and each layout, to OUT (safetensors). tests/test_parallel.py runs the same steps in one process
-with `run_steps` and compares.
+of `MODELS` and each layout, to OUT (safetensors). Each sharded model is built as the trainer builds one (meta
+device, `parallelize`, `materialize_from_rank0`), so its first step also checks that filling. tests/test_parallel.py
+runs the same steps in one process with `run_steps` and compares.
 """
 
 import sys
@@ -18,7 +19,14 @@ from torch.distributed.tensor import DTensor
 
 from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
-from mmsoftmoe.parallel import build_meshes, check_layout, clip_grad_norm_, expert_layers, parallelize
+from mmsoftmoe.parallel import (
+    build_meshes,
+    check_layout,
+    clip_grad_norm_,
+    expert_layers,
+    materialize_from_rank0,
+    parallelize,
+)
 from tests.training_fixtures import rank_slice, split
 from training.loop import build_loss, train_step
 from training.optim import build_optimizer
@@ -86,12 +94,16 @@ def main(out_path: str, layouts: list[str]) -> None:
     for name in MODELS:
         for layout in layouts:
             dp_replicate, dp_shard, ep, micro_batches = (int(v) for v in f"{layout},1".split(",")[:4])
-            model, tokenizer = make_model(name)
+            # As the trainer builds a sharded model: on the meta device, parallelized, filled from rank 0's build.
+            model, tokenizer = build_clip_from_config(resolve_clip_config(name), device="meta")
+            for layer in expert_layers(model).values():
+                layer.noise_std = 0.0
             num_experts = tuple(m.num_experts for m in expert_layers(model).values())
             check_layout(world_size=world, dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep,
                          num_experts=num_experts)
             meshes = build_meshes(device_type="cpu", dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep)
             parallelize(model, meshes)
+            materialize_from_rank0(model, make_model(name)[0] if rank == 0 else None, "cpu")
             steps = run_steps(model, tokenizer, rank, world, clip_grad_norm_, micro_batches=micro_batches)
             results.update({f"{name}/{layout}/{k}": v for k, v in steps.items()})
     if rank == 0:

@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import mmsoftmoe_cli as cli
 import training.main as train_main
 from training.config import config_yaml, load_config, valid_keys
 
@@ -71,10 +72,9 @@ def test_refuses_to_run_as_independent_copies(monkeypatch, tmp_path):
         train_main.build_accelerator(load_config("smoke", [f"output_dir={tmp_path}", "trackers=[]"]))
 
 
-def test_help_config_lists_every_key_with_type_default_and_meaning():
-    proc = mmsoftmoe("train", "--help-config")
-    assert proc.returncode == 0, proc.stderr
-    lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
+def test_help_config_lists_every_key_with_type_default_and_meaning(capsys):
+    assert cli.main(["train", "--help-config"]) == 0  # as a process: tests/test_readme.py runs the README line
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert set(lines) == set(valid_keys())
     defaults = load_config(None)
     for key, line in lines.items():
@@ -85,14 +85,15 @@ def test_help_config_lists_every_key_with_type_default_and_meaning():
         assert len(line.split(repr(value), 1)[1].strip()) > 5, f"{key} has no meaning"
 
 
-def test_print_config_reads_back_to_the_same_config_from_any_folder(tmp_path):
-    proc = mmsoftmoe("train", "--config", "demo", "--print-config", "steps=7", "smoke=true", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+def test_print_config_reads_back_to_the_same_config_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--config", "demo", "--print-config", "steps=7", "smoke=true"]) == 0
+    stdout = capsys.readouterr().out
     printed = tmp_path / "printed.yaml"
-    printed.write_text(proc.stdout)
+    printed.write_text(stdout)
     assert load_config(printed) == load_config("demo", ["steps=7", "smoke=true"]) == load_config(
         ROOT / "configs" / "demo.yaml", ["steps=7", "smoke=true"])
-    assert yaml.safe_load(proc.stdout)["steps"] == 7
+    assert yaml.safe_load(stdout)["steps"] == 7
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -103,12 +104,22 @@ def test_print_config_reads_back_to_the_same_config_from_any_folder(tmp_path):
     (["eval", "--checkpoint", "/no/such/ckpt", "--dataset", "digits"], "/no/such/ckpt"),
     (["export", "--checkpoint", "/no/such/ckpt", "--format", "timm", "--out", "x"], "/no/such/ckpt"),
 ])
-def test_user_errors_print_one_error_line_and_exit_2(args, message, tmp_path):
-    proc = mmsoftmoe(*args, cwd=tmp_path)
+def test_user_errors_print_one_error_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):
+    """The dispatcher's contract, in this process (`mmsoftmoe_cli.main` is the console script's entry point);
+    the test below runs one case as a real process."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(list(args)) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+
+
+def test_a_user_error_in_the_installed_command_is_one_line_and_status_2(tmp_path):
+    proc = mmsoftmoe("train", "--config", "smoke", "optim.lrr=1", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'optim.lrr'")
     assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
 
 
 def test_output_dir_that_is_a_file_is_rejected_before_anything_is_built(tmp_path):
