@@ -1,36 +1,40 @@
-"""The paper's comparison at small scale: quality against training cost of Soft MoE, sparse MoE and dense towers.
+"""The paper's comparison at small scale, on a task that rewards parameters: quality vs cost of Soft MoE, sparse
+MoE and dense image towers at equal FLOPs per image (issue 13; SPEC sections 1-3).
 
-Run as `python -m benchmarks.study [--size micro] [--steps N] [--batch-size B] [--seeds 0,1,2] [--variants a,b]
-[--out benchmarks/results/study] [key=value ...]`; the key=value pairs are extra run-config
-overrides, e.g. `python -m benchmarks.study --size mini precision=bf16` on a GPU. Issue 6; SPEC sections 2 and 3.
+Run as `python -m benchmarks.study [--quick] [--steps N] [--seeds 0,1,2] [--variants a,b] [--router-lr-mult X]
+[--device cuda --jobs 8] [--out benchmarks/results/study]`.
 
-Puigcerver et al. 2024 compare towers at equal training budget (Table 2, Figure 3) and ablate Soft MoE's routing
-(section 5, Table 3). This runner repeats both with CLIP models that differ only in the MLPs of the last half of the
-image tower's blocks (text tower, width, depth, data, steps, batch and learning-rate schedule are shared):
+Puigcerver et al. 2024 claim (Table 2, Figure 3) that at equal FLOPs Soft MoE beats dense and the sparse MoEs, and
+(Table 3) that learned soft routing beats its uniform and identity ablations; the gain is parameters at equal cost,
+and it needs data (JFT, 300k+ steps). This study tests those claims where they can show:
 
-- `dense`: the dense ViT. `softmoe`: Soft MoE with n * p = m slots (micro: 16 experts x 4 slots for 64 tokens),
-  the dense MLP's cost. `softmoe_p1`: the paper's one slot per expert (a quarter of those slots).
-  `tokens_choice_k1`, `tokens_choice_k2`, `experts_choice`: the sparse baselines, capacity factor 1 (top-2 fills
-  twice the expert buffer rows).
-- Routing ablations at the `softmoe` size: `soft_uniform` (soft dispatch, uniform combine), `uniform_soft`,
-  `uniform_uniform`, `identity` (slot i = token i, which needs n * p = m).
+- Task: `mmsoftmoe.data.glyphs.GlyphTask`, an unbounded stream of images each holding several of a few hundred
+  random glyphs at arbitrary pixel offsets, multi-hot labels, sigmoid cross-entropy (the paper's JFT objective,
+  supervised on the tower: no text tower). Batch `step` of seed s is drawn from (s, step) alone, so every variant
+  of a seed sees the same images: differences between variants are paired by seed. Quality is measured on a fixed
+  held-out set (a stream seed no training run uses) as top-k recall (the fraction of an image's k glyphs among its
+  k highest logits).
+- Calibration (part of the result): the dense tower against the same tower with a 4x wider MLP (the parameters a
+  Soft MoE adds are MLP parameters). Only if the wide model wins clearly can the task reward extra parameters.
+- Variants, all the micro tower (32 px, 4 px patches: m = 64 tokens, width 64, depth 4, MoE in the last 2 blocks),
+  all at the dense tower's FLOPs per image except where named: `dense`; `softmoe_p1` (64 experts x 1 slot, the
+  paper's choice); `softmoe_e16_s4` (16 experts x 4 slots); `experts_choice` (64 experts, capacity factor 1);
+  `tokens_choice_k1` (64 experts, capacity factor 1, no rounding of the buffer to a multiple of 4, so it costs what
+  dense costs); the ablations `uniform` (uniform dispatch and combine) and `identity` (slot i = token i) at the
+  `softmoe_p1` size; `tokens_choice_k2` (top-2, 2x the expert FLOPs) reported apart; `dense_wide` (calibration).
+  FLOPs and parameters come from `mmsoftmoe.models.accounting` and are printed per variant.
+- Statistics: per seed the difference to dense (same data stream, same held-out set), their mean and standard error
+  (sample std / sqrt(seeds)); a claim is judged at two standard errors.
+- Routing check: per variant at the end of training, combine entropy relative to its maximum log(n p) and `scale`
+  (Soft MoE), dropped fraction (Tokens Choice), processed fraction (Experts Choice), averaged over MoE layers.
+  `--router-lr-mult` multiplies the learning rate of the routers' parameters (Soft MoE `phi` and `scale`, the sparse
+  gates): a declared deviation from the paper (same lr everywhere), default 1.
 
-Every variant trains under one fixed budget and is evaluated by the trainer's final evaluation
-(`training.main.fit`): zero-shot top-1 and the 10-shot ridge probe on the built-in shapes. Nothing is tuned per
-variant and the result is reported as measured (the shapes test split has 500 images, so one run's top-1 carries
-about 2 points of sampling error besides the seed spread). Per variant the JSON holds, over seeds (the seed sets
-initialisation and data order): every run's numbers, mean, sample std (0 for one seed), min and max. Training cost
-is measured twice: wall-clock seconds per step (from the run's `metrics.jsonl` throughput records, the first logged
-interval dropped as warm-up) and the image tower's forward FLOPs per image counted by
-`torch.utils.flop_counter.FlopCounterMode` (matmuls as executed: a sparse MoE's empty buffer rows and an ablation's
-uniform weights count); training FLOPs are taken as 3x forward. A claim of the paper (A beats B) is judged at two
-standard errors of the difference of seed means.
-
-Towers are registered timm names (`mmsoftmoe_vit`); the CLIP configs are the size's dense config with the tower
-swapped, written to `<out>/model_configs/` and registered with open_clip, so every run's `final/` folder loads with
-`mmsoftmoe.models.clip.load_clip` (its config travels inside it). Outputs: `<out>/study.json`, `study.md` (tables
-like Table 2 and Table 3, and the paper's pairwise claims checked against the seed spread), `study.png` (like Figure
-3), `runs/<variant>/seed<k>/`.
+Optimisation (shared by every variant): AdamW (`training.optim.build_optimizer`, the layers' no-decay rules),
+lr 2e-3, weight decay 0.03 (the paper's), betas (0.9, 0.999), cosine schedule with 5% warmup
+(`training.optim.lr_multiplier`), batch 128; the sparse layers' aux losses are added as they declare them.
+On a GPU, `--device cuda --jobs N` runs (variant, seed) pairs as N concurrent processes of this module.
+Outputs: `<out>/study.json`, `study.md`, `study.png` (quality vs FLOPs per image).
 """
 
 from __future__ import annotations
@@ -39,310 +43,318 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import open_clip
 import torch
+from torch import nn
 
-from benchmarks.layer_bench import check_machine, machine_load
-from eval.report import write_json
-from mmsoftmoe.models.accounting import count_flops, count_parameters
-from mmsoftmoe.models.clip import get_clip_config, load_clip
-from mmsoftmoe.models.mmsoftmoe_vit import TOWERS, matched_slots_per_expert
-from training.config import load_config, to_dict
-from training.logger import read_metrics
-from training.main import fit
+from mmsoftmoe.data.glyphs import GlyphTask, top_k_recall
+from mmsoftmoe.layers import collect_aux_loss, collect_routing_stats, routed_layers, set_record_stats
+from mmsoftmoe.models.accounting import image_flops, parameter_counts
+from mmsoftmoe.models.mmsoftmoe_vit import MODEL_ARGS
+from mmsoftmoe.models.vit import MoEVisionTransformer
+from training.optim import build_optimizer, lr_multiplier
 
-TRAIN_FLOP_FACTOR = 3  # forward + backward = 3x forward
-FLOP_BATCH = 4  # images in the counted forward (FLOPs are per image)
-
-
-@dataclass(frozen=True)
-class StudySize:
-    """A tower size, the CLIP config whose tower is swapped, and the default budget at that size."""
-
-    tower: str
-    base_clip: str
-    steps: int
-    batch_size: int
-    num_workers: int  # data loader workers drawing the shapes (0: in the training process)
-
-
-# micro: about 40 s per run on 2 CPU cores, so 10 variants x 3 seeds take about 20-25 minutes; mini: a GPU size.
-SIZES = {
-    "micro": StudySize("micro_patch4_32", "Dense-Micro-4-32", steps=250, batch_size=32, num_workers=0),
-    "mini": StudySize("mini_patch8_64", "Dense-Mini-8-64", steps=3000, batch_size=256, num_workers=8),
-}
-# Shared by every run; learning rate and schedule as configs/smoke.yaml, warmup a tenth of the steps.
-RUN_SETTINGS = ["data.source=shapes", "optim.lr=1e-3", "optim.weight_decay=0.1",
-                "optim.schedule=cosine", "loss=clip", "eval.dataset=shapes", "eval.fewshot=true", "trackers=[]",
-                "resume=none", "keep_checkpoints=1"]
+TOWER = "dense_vit_micro_patch4_32"  # m = 64 tokens: the matched MoEs use n * p = 64 expert rows per image
+HELD_OUT_SEED = 1_000_003  # the evaluation stream; training streams use the run seeds
+MOE_BLOCKS = "last_half"
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A tower kind: its label, its table (comparison or ablation) and its timm name pattern."""
-
     label: str
-    group: str
-    timm_pattern: str  # formatted with tower, n (experts) and p (slots per expert matching the tokens)
+    group: str  # "matched" (dense FLOPs), "ablation" (dense FLOPs), "2x cost", "calibration"
+    moe_layer: str = "dense"
+    moe_kwargs: dict = field(default_factory=dict)
+    mlp_ratio: float = 4.0
 
 
-_MATCHED_SOFTMOE = "softmoe_vit_{tower}_e{n}_s{p}"
+_SOFT_P1 = dict(num_experts=64, slots_per_expert=1)
+_SPARSE = dict(num_experts=64, capacity_factor=1.0, capacity_multiple_of=1)
 VARIANTS = {
-    "dense": Variant("Dense ViT", "comparison", "dense_vit_{tower}"),
-    "softmoe": Variant("Soft MoE (n*p = m slots)", "comparison", _MATCHED_SOFTMOE),
-    "softmoe_p1": Variant("Soft MoE (p = 1)", "comparison", "softmoe_vit_{tower}_e{n}"),
-    "tokens_choice_k1": Variant("Tokens Choice k=1", "comparison", "tokenschoice_vit_{tower}_e{n}_k1"),
-    "tokens_choice_k2": Variant("Tokens Choice k=2", "comparison", "tokenschoice_vit_{tower}_e{n}_k2"),
-    "experts_choice": Variant("Experts Choice", "comparison", "expertschoice_vit_{tower}_e{n}"),
-    "soft_uniform": Variant("soft dispatch, uniform combine", "ablation", _MATCHED_SOFTMOE + "_dsoft_cuniform"),
-    "uniform_soft": Variant("uniform dispatch, soft combine", "ablation", _MATCHED_SOFTMOE + "_duniform_csoft"),
-    "uniform_uniform": Variant("uniform dispatch and combine", "ablation", _MATCHED_SOFTMOE + "_duniform_cuniform"),
-    "identity": Variant("identity dispatch and combine", "ablation", _MATCHED_SOFTMOE + "_didentity_cidentity"),
+    "dense": Variant("Dense ViT", "matched"),
+    "softmoe_p1": Variant("Soft MoE 64E x 1 slot", "matched", "soft", _SOFT_P1),
+    "softmoe_e16_s4": Variant("Soft MoE 16E x 4 slots", "matched", "soft", dict(num_experts=16, slots_per_expert=4)),
+    "experts_choice": Variant("Experts Choice 64E", "matched", "experts_choice",
+                              dict(num_experts=64, capacity_factor=1.0)),
+    "tokens_choice_k1": Variant("Tokens Choice 64E k=1", "matched", "tokens_choice", dict(_SPARSE, top_k=1)),
+    "uniform": Variant("Soft MoE 64E, uniform dispatch+combine", "ablation", "soft",
+                       dict(_SOFT_P1, dispatch="uniform", combine="uniform")),
+    "identity": Variant("Soft MoE 64E, identity dispatch+combine", "ablation", "soft",
+                        dict(_SOFT_P1, dispatch="identity", combine="identity")),
+    "tokens_choice_k2": Variant("Tokens Choice 64E k=2 (2x expert FLOPs)", "2x cost", "tokens_choice",
+                                dict(_SPARSE, top_k=2)),
+    "dense_wide": Variant("Dense ViT, 4x wider MLP (calibration)", "calibration", mlp_ratio=16.0),
 }
-# SPEC section 2: the routing ablation, S/14 with 256 experts, 300k steps, ImageNet 10-shot top-1 (%).
-PAPER_ROUTING_10SHOT = {"softmoe": 74.8, "soft_uniform": 72.0, "uniform_soft": 71.8, "uniform_uniform": 70.0,
-                        "identity": 69.1, "dense": 62.3}
-# The paper's claim that Soft MoE beats its matched-cost rivals (Table 2, Figure 3).
-SOFTMOE_RIVALS = ("dense", "tokens_choice_k1", "tokens_choice_k2", "experts_choice")
-METRICS = {"zeroshot_acc1": "zeroshot/acc1", "fewshot_10shot_acc1": "fewshot/10shot/acc1"}
+# The paper's claims as (better, worse) pairs: Table 2 / Figure 3 at equal cost, Table 3's routing ablation, and the
+# calibration of the task.
+CLAIMS = [("dense_wide", "dense"), ("softmoe_p1", "dense"), ("softmoe_p1", "experts_choice"),
+          ("softmoe_p1", "tokens_choice_k1"), ("softmoe_p1", "tokens_choice_k2"), ("softmoe_p1", "softmoe_e16_s4"),
+          ("softmoe_p1", "uniform"), ("softmoe_p1", "identity"), ("uniform", "dense"), ("identity", "dense")]
 
 
-def timm_name(variant: str, tower: str) -> str:
-    """The registered timm name of `variant`'s image tower at `tower` size."""
-    experts = TOWERS[tower][1]
-    return VARIANTS[variant].timm_pattern.format(tower=tower, n=experts, p=matched_slots_per_expert(tower))
+@dataclass(frozen=True)
+class Budget:
+    steps: int
+    batch_size: int
+    seeds: tuple[int, ...]
+    held_out: int
+    variants: tuple[str, ...]
+    lr: float = 2e-3
+    weight_decay: float = 0.03
+    router_lr_mult: float = 1.0
+    num_glyphs: int = 256
+    glyphs_per_image: int = 3
+    device: str = "cpu"
 
 
-def register_clip_configs(size: str, variants: list[str], folder: Path) -> dict[str, str]:
-    """Write the size's dense CLIP config with each variant's tower into `folder`, register it; variant -> name."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = {}
-    for variant in variants:
-        cfg = get_clip_config(SIZES[size].base_clip)
-        cfg["vision_cfg"]["timm_model_name"] = timm_name(variant, SIZES[size].tower)
-        names[variant] = f"Study-{size}-{variant}"
-        (folder / f"{names[variant]}.json").write_text(json.dumps(cfg, indent=2))
-    open_clip.add_model_config(folder)
-    return names
+def build_tower(variant: str, num_classes: int) -> MoEVisionTransformer:
+    """The micro tower with `variant`'s MLPs in the last half of the blocks and a `num_classes` head."""
+    v = VARIANTS[variant]
+    kwargs = dict(MODEL_ARGS[TOWER], mlp_ratio=v.mlp_ratio, num_classes=num_classes)
+    if v.moe_layer != "dense":
+        kwargs.update(moe_layer=v.moe_layer, moe_blocks=MOE_BLOCKS, moe_kwargs=dict(v.moe_kwargs))
+    return MoEVisionTransformer(**kwargs)
 
 
-def run_overrides(args: argparse.Namespace, clip_name: str, seed: int, run_dir: Path) -> list[str]:
-    """One run's config overrides; the command line's `key=value` pairs come last and win."""
-    steps, tenth = args.steps, max(1, args.steps // 10)
-    return [*RUN_SETTINGS, f"model.name={clip_name}", f"seed={seed}", f"output_dir={run_dir}", f"steps={steps}",
-            f"batch_size={args.batch_size}", f"data.num_workers={SIZES[args.size].num_workers}",
-            f"optim.warmup_steps={tenth}", f"log_every={tenth}", f"checkpoint_every={steps}",
-            *args.overrides]
+def router_parameters(model: nn.Module) -> set[str]:
+    """Names of the routers' parameters: everything of a routed layer that is not an expert."""
+    return {f"{name}.{p}" for name, layer in routed_layers(model).items()
+            for p, _ in layer.named_parameters() if not p.startswith("experts.")}
 
 
-def seconds_per_step(records: list[dict], batch_size: int) -> float:
-    """Training seconds per step from the logged throughput, the first interval (warm-up) dropped if others exist."""
-    intervals, previous = [], 0
-    for record in records:
-        if "samples_per_s" in record:
-            steps = record["step"] - previous
-            intervals.append((steps, steps * batch_size / record["samples_per_s"]))
-            previous = record["step"]
-    timed = intervals[1:] or intervals
-    return sum(t for _, t in timed) / sum(s for s, _ in timed)
+def build_optimizer_with_router_mult(model: nn.Module, lr: float, weight_decay: float,
+                                     router_lr_mult: float) -> torch.optim.AdamW:
+    """`build_optimizer`'s AdamW, the router parameters split into groups whose `lr_mult` is `router_lr_mult`."""
+    opt = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    router = {id(p) for n, p in model.named_parameters() if n in router_parameters(model)}
+    groups = []
+    for group in opt.param_groups:
+        for mult, params in ((1.0, [p for p in group["params"] if id(p) not in router]),
+                             (router_lr_mult, [p for p in group["params"] if id(p) in router])):
+            if params:
+                groups.append({"params": params, "weight_decay": group["weight_decay"], "lr_mult": mult})
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def train_one(args: argparse.Namespace, clip_name: str, seed: int, run_dir: Path) -> dict:
-    """One training run; its final metrics, measured step time and wall-clock."""
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # the logger appends; a rerun starts a fresh log
-    cfg = load_config(None, run_overrides(args, clip_name, seed, run_dir))
-    load_1min = os.getloadavg()[0]
-    start = time.perf_counter()
-    final = fit(cfg)
-    wall_s = time.perf_counter() - start
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer state: not needed, `final/` stays
-    s_per_step = seconds_per_step(read_metrics(run_dir), cfg.batch_size)
-    return {"seed": seed, "output_dir": str(run_dir), **{k: final[v] for k, v in METRICS.items()},
-            "s_per_step": s_per_step, "train_s": s_per_step * cfg.steps, "wall_s": wall_s,
-            "loadavg_1min_before": load_1min}
-
-
-@torch.no_grad()
-def tower_cost(final_dir: Path) -> dict:
-    """Parameters (image tower, whole CLIP) and the image tower's counted forward FLOPs per image."""
-    model, _, config = load_clip(final_dir)
-    size = config["preprocess_cfg"]["size"]
-    height, width = (size, size) if isinstance(size, int) else size
-    flops = count_flops(lambda: model.visual(torch.zeros(FLOP_BATCH, 3, height, width)))
-    return {"params_tower": count_parameters(model.visual), "params_total": count_parameters(model),
-            "flops_per_image": flops // FLOP_BATCH}
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
-
-
-def summarize(variant: str, tower: str, clip_name: str, runs: list[dict], cost: dict, images_seen: int) -> dict:
-    out = {"label": VARIANTS[variant].label, "group": VARIANTS[variant].group, "timm_model": timm_name(variant, tower),
-           "clip_model": clip_name, **cost,
-           "train_flops_tower": TRAIN_FLOP_FACTOR * cost["flops_per_image"] * images_seen, "runs": runs}
-    for key in (*METRICS, "s_per_step", "train_s"):
-        out[key] = spread([r[key] for r in runs])
+def routing_check(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Routing statistics of one forward, averaged over MoE layers; combine entropy relative to log(n p)."""
+    set_record_stats(model, True)
+    with torch.no_grad():
+        model.eval()(images)
+    stats = collect_routing_stats(model, prefix="")
+    out: dict[str, float] = {}
+    for key in ("scale", "dropped_fraction", "processed_fraction"):
+        values = [v for k, v in stats.items() if k.endswith(f"/{key}")]
+        if values:
+            out[key] = statistics.fmean(values)
+    entropies = [stats[f"/{n}/combine_entropy"] / math.log(layer.num_slots)
+                 for n, layer in routed_layers(model).items() if f"/{n}/combine_entropy" in stats]
+    if entropies:
+        out["combine_entropy_rel"] = statistics.fmean(entropies)
     return out
 
 
-def check_claim(better: dict, worse: dict, metric: str = "fewshot_10shot_acc1") -> dict:
-    """The measured difference of means and a verdict at two standard errors (none with a single seed)."""
-    a, b = better[metric], worse[metric]
-    diff = a["mean"] - b["mean"]
-    if min(a["n"], b["n"]) < 2:
-        return {"diff": diff, "se": None, "verdict": "one seed: no spread to judge by"}
-    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-    verdict = "agrees" if diff > 2 * se else "contradicts" if diff < -2 * se else "within 2 SE: inconclusive"
-    return {"diff": diff, "se": se, "verdict": verdict}
+def train_one(variant: str, seed: int, budget: Budget, task: GlyphTask) -> dict:
+    """Train one tower on stream `seed`; held-out top-k recall, routing check, wall time."""
+    torch.manual_seed(seed)
+    device = torch.device(budget.device)
+    model = build_tower(variant, task.num_glyphs).to(device)
+    with torch.no_grad():  # start at the label prior k / g, so the first steps do not just learn the bias
+        model.head.bias.fill_(math.log(task.glyphs_per_image / (task.num_glyphs - task.glyphs_per_image)))
+    set_record_stats(model, False)
+    opt = build_optimizer_with_router_mult(model, budget.lr, budget.weight_decay, budget.router_lr_mult)
+    warmup = max(1, budget.steps // 20)
+    start = time.perf_counter()
+    model.train()
+    for step in range(budget.steps):
+        mult = lr_multiplier(step, schedule="cosine", total_steps=budget.steps, warmup_steps=warmup)
+        for group in opt.param_groups:
+            group["lr"] = budget.lr * mult * group["lr_mult"]
+        images, labels, _ = task.batch(seed, step, budget.batch_size)
+        logits = model(images.to(device, non_blocking=True))
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(device), reduction="sum")
+        loss = loss / labels.shape[0]  # per image, summed over classes (big_vision's sigmoid_xent)
+        aux = collect_aux_loss(model)
+        opt.zero_grad(set_to_none=True)
+        (loss if aux is None else loss + aux).backward()
+        opt.step()
+    train_s = time.perf_counter() - start
+    images, labels = task.held_out(HELD_OUT_SEED, budget.held_out)
+    model.eval()
+    with torch.no_grad():
+        recall = torch.cat([top_k_recall(model(x.to(device)).float().cpu(), y)
+                            for x, y in zip(images.split(1000), labels.split(1000), strict=True)])
+    return {"seed": seed, "recall": float(recall.mean()), "final_train_loss": loss.item(),
+            "routing": routing_check(model, images[:256].to(device)), "train_s": train_s,
+            "loadavg_1min": os.getloadavg()[0]}
 
 
-def claims(results: dict) -> list[dict]:
-    """The paper's (better, worse) pairs among the variants run: Soft MoE against each rival, and each step of the
-    routing ablation's order (Table 3)."""
-    pairs = [("softmoe", rival) for rival in SOFTMOE_RIVALS if "softmoe" in results and rival in results]
-    order = [k for k in PAPER_ROUTING_10SHOT if k in results]
-    pairs = list(dict.fromkeys(pairs + list(zip(order[:-1], order[1:], strict=True))))
-    return [{"better": a, "worse": b, **check_claim(results[a], results[b])} for a, b in pairs]
+def cost(variant: str, num_classes: int) -> dict:
+    """Forward FLOPs per image and parameter counts of `variant`'s tower, from the accounting module."""
+    model = build_tower(variant, num_classes)
+    return {"flops_per_image": image_flops(model, (32, 32)), **parameter_counts(model, model)}
 
 
-def _pct(s: dict) -> str:
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} [{100 * s['min']:.1f}, {100 * s['max']:.1f}]"
+def paired(values: list[float], baseline: list[float]) -> dict:
+    """Mean of the per-seed differences and its standard error (None with one seed); verdict at 2 SE."""
+    diffs = [a - b for a, b in zip(values, baseline, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"diff": mean, "se": None, "verdict": "one seed: no spread to judge by"}
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    verdict = "holds" if mean > 2 * se else "reversed" if mean < -2 * se else "within 2 SE: not shown"
+    return {"diff": mean, "se": se, "verdict": verdict}
 
 
-def table(results: dict, keys: list[str], paper_column: bool) -> list[str]:
-    head = "| variant | tower | params (tower / CLIP) | GFLOPs/img (tower fwd) | train ms/step | train s | " \
-           "zero-shot top-1 % | 10-shot top-1 % |"
-    lines = [head + (" paper 10-shot % |" if paper_column else ""), "|" + " --- |" * (9 if paper_column else 8)]
-    for key in keys:
-        r = results[key]
-        row = (f"| {r['label']} | `{r['timm_model']}` | {r['params_tower'] / 1e6:.2f}M / {r['params_total'] / 1e6:.2f}M"
-               f" | {r['flops_per_image'] / 1e9:.4f} | {1e3 * r['s_per_step']['mean']:.1f} ± "
-               f"{1e3 * r['s_per_step']['std']:.1f} | {r['train_s']['mean']:.1f} | {_pct(r['zeroshot_acc1'])} | "
-               f"{_pct(r['fewshot_10shot_acc1'])} |")
-        lines.append(row + (f" {PAPER_ROUTING_10SHOT.get(key, '')} |" if paper_column else ""))
-    return lines
+def run_all(budget: Budget, jobs: int) -> dict[str, list[dict]]:
+    """Every (variant, seed): in this process one at a time, or as `jobs` concurrent worker processes."""
+    pairs = [(v, s) for s in budget.seeds for v in budget.variants]  # seeds outside: load drifts hit all alike
+    if jobs <= 1:
+        task = GlyphTask(num_glyphs=budget.num_glyphs, glyphs_per_image=budget.glyphs_per_image)
+        results = []
+        for v, s in pairs:
+            print(f"[study] {v} seed {s}", file=sys.stderr, flush=True)
+            results.append(train_one(v, s, budget, task))
+    else:
+        def launch(pair: tuple[str, int]) -> dict:
+            cmd = [sys.executable, "-m", "benchmarks.study", "--worker", json.dumps([asdict(budget), *pair])]
+            return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+        with ThreadPoolExecutor(jobs) as pool:
+            results = list(pool.map(launch, pairs))
+    runs: dict[str, list[dict]] = {v: [] for v in budget.variants}
+    for (v, _), r in zip(pairs, results, strict=True):
+        runs[v].append(r)
+    return runs
+
+
+def summarize(budget: Budget, runs: dict[str, list[dict]]) -> dict:
+    variants = {}
+    base = [r["recall"] for r in runs["dense"]] if "dense" in runs else None
+    for v, rs in runs.items():
+        recalls = [r["recall"] for r in rs]
+        routing = {k: statistics.fmean(r["routing"][k] for r in rs) for k in rs[0]["routing"]}
+        variants[v] = {"label": VARIANTS[v].label, "group": VARIANTS[v].group, **cost(v, budget.num_glyphs),
+                       "recall_mean": statistics.fmean(recalls), "runs": rs, "routing": routing,
+                       "train_s_mean": statistics.fmean(r["train_s"] for r in rs),
+                       "vs_dense": paired(recalls, base) if base is not None else None}
+    claims = [{"better": a, "worse": b, **paired([r["recall"] for r in runs[a]], [r["recall"] for r in runs[b]])}
+              for a, b in CLAIMS if a in runs and b in runs]
+    return {"variants": variants, "claims": claims}
+
+
+def _fmt_se(p: dict | None) -> str:
+    if p is None:
+        return ""
+    return f"{100 * p['diff']:+.2f}" + ("" if p["se"] is None else f" ± {100 * p['se']:.2f}")
+
+
+def routing_text(routing: dict) -> str:
+    names = {"combine_entropy_rel": "H(combine)/max", "scale": "scale", "dropped_fraction": "dropped",
+             "processed_fraction": "processed"}
+    return ", ".join(f"{names[k]} {v:.3f}" for k, v in routing.items() if k in names) or "-"
 
 
 def markdown(report: dict) -> str:
-    s, results = report["settings"], report["variants"]
-    optim = s["run_config"]["optim"]
-    lines = [f"# Small-scale study: {s['size']} towers, {s['steps']} steps x batch {s['batch_size']}, "
-             f"seeds {s['seeds']}", "",
-             f"Same budget for every variant: lr {optim['lr']}, {optim['schedule']} schedule, "
-             f"{optim['warmup_steps']} warmup steps, {s['images_seen']} images seen; device "
-             f"{s['device']}, {s['threads']} threads, torch {s['torch_version']}. Load before "
-             f"{report['machine']['load_before']['loadavg_1_5_15']}, after "
-             f"{report['machine']['load_after']['loadavg_1_5_15']}.",
-             "Accuracy: mean ± sample std [min, max] over seeds; time: measured; FLOPs: counted.", ""]
-    if report["machine"]["load_warning"]:
-        lines += [f"**{report['machine']['load_warning']}**", ""]
-    lines += ["## Tower comparison at matched cost (paper Table 2 / Figure 3)", ""]
-    lines += table(results, [k for k, r in results.items() if r["group"] == "comparison"], paper_column=False)
-    if any(r["group"] == "ablation" for r in results.values()):
-        lines += ["", "## Soft MoE routing ablations (paper Table 3; paper: S/14 256E, ImageNet 10-shot)", ""]
-        lines += table(results, [k for k in PAPER_ROUTING_10SHOT if k in results], paper_column=True)
-    if report["claims"]:
-        lines += ["", "## The paper's claims, measured here (10-shot top-1, difference of means ± SE)", ""]
-        for c in report["claims"]:
-            se = "" if c["se"] is None else f" ± {100 * c['se']:.1f}"
-            lines.append(f"- {c['better']} > {c['worse']}: {100 * c['diff']:+.1f}{se} points: {c['verdict']}")
+    b, s = report["budget"], report["summary"]
+    lines = [f"# Small-scale study: glyph task ({b['num_glyphs']} glyphs, {b['glyphs_per_image']} per image), "
+             f"{b['steps']} steps x batch {b['batch_size']}, seeds {b['seeds']}", "",
+             f"Held-out {b['held_out']} images; metric top-k recall (%); differences paired by seed "
+             f"(mean ± SE over seeds). Router lr multiplier {b['router_lr_mult']}. Device {b['device']}; wall "
+             f"{report['wall_s'] / 60:.1f} min; load before {report['load_before']}, after {report['load_after']}.",
+             "", "| variant | group | GFLOPs/img | params total | recall % | vs dense (points) | routing | train s |",
+             "|" + " --- |" * 8]
+    for r in s["variants"].values():
+        lines.append(f"| {r['label']} | {r['group']} | {r['flops_per_image'] / 1e9:.4f} | {r['total'] / 1e6:.2f}M | "
+                     f"{100 * r['recall_mean']:.2f} | {_fmt_se(r['vs_dense'])} | {routing_text(r['routing'])} | "
+                     f"{r['train_s_mean']:.0f} |")
+    lines += ["", "## The paper's claims at this scale (A > B, paired difference ± SE, judged at 2 SE)", ""]
+    lines += [f"- {c['better']} > {c['worse']}: {_fmt_se(c)} points: {c['verdict']}" for c in s["claims"]]
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path) -> Path:
-    """Accuracy (rows: 10-shot, zero-shot) against training cost (columns: tower FLOPs, seconds), std bars."""
+def plot(summary: dict, path: Path) -> Path:
+    """Held-out recall against forward GFLOPs per image, one point per variant (paired SE vs dense as bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), squeeze=False)
-    for row, (metric, name) in enumerate((("fewshot_10shot_acc1", "10-shot"), ("zeroshot_acc1", "zero-shot"))):
-        for col, cost in enumerate(("flops", "seconds")):
-            ax = axes[row][col]
-            for i, r in enumerate(results.values()):
-                x = r["train_flops_tower"] / 1e12 if cost == "flops" else r["train_s"]["mean"]
-                xerr = 0.0 if cost == "flops" else r["train_s"]["std"]
-                y = r[metric]
-                ax.errorbar(x, 100 * y["mean"], yerr=100 * y["std"], xerr=xerr, capsize=3, color=f"C{i % 10}",
-                            marker="o" if r["group"] == "comparison" else "s", label=r["label"])
-            ax.set(xlabel="image-tower training TFLOPs (3x forward)" if cost == "flops" else
-                   "measured training time (s)", ylabel=f"{name} top-1 (%)")
-            ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
-    fig.suptitle("Quality vs training cost (mean ± std over seeds)")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from mmsoftmoe.figures import save_figure
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, r in enumerate(summary["variants"].values()):
+        se = (r["vs_dense"] or {}).get("se") or 0.0
+        ax.errorbar(r["flops_per_image"] / 1e9, 100 * r["recall_mean"], yerr=100 * se, capsize=3, marker="o",
+                    color=f"C{i % 10}", label=r["label"])
+    ax.set(xlabel="forward GFLOPs per image (counted)", ylabel="held-out top-k recall (%)",
+           title="Quality vs cost (bars: paired SE of the difference to dense)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path, dpi=120)
 
 
-def settings(args: argparse.Namespace, run_config: dict) -> dict:
-    """The study's arguments and one run's resolved config (runs differ only in model, seed and output_dir)."""
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"size": args.size, "steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds,
-            "variants": args.variants, "images_seen": args.steps * args.batch_size,
-            "overrides": args.overrides, "size_config": asdict(SIZES[args.size]), "run_config": run_config,
-            "device": device, "threads": torch.get_num_threads(), "torch_version": torch.__version__}
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> tuple[Budget, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--size", default="micro", choices=sorted(SIZES))
-    parser.add_argument("--steps", type=int, help="training steps per run (default: the size's)")
-    parser.add_argument("--batch-size", type=int, help="global batch (default: the size's)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, 2 seeds, small held-out set")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; --quick 0,1)")
+    parser.add_argument("--held-out", type=int, default=None, help="held-out images (default 10000)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--router-lr-mult", type=float, default=1.0, help="declared deviation: router lr multiplier")
+    parser.add_argument("--num-glyphs", type=int, default=256)
+    parser.add_argument("--glyphs-per-image", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="concurrent worker processes (GPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/study"))
-    parser.add_argument("overrides", nargs="*", help="extra run-config key=value overrides (e.g. precision=bf16)")
     args = parser.parse_args(argv)
-    size = SIZES[args.size]
-    args.steps = args.steps or size.steps
-    args.batch_size = args.batch_size or size.batch_size
-    args.variants = args.variants.split(",")
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    variants = tuple(args.variants.split(","))
+    unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-    return args
+    seeds = args.seeds or ("0,1" if args.quick else "0,1,2")
+    budget = Budget(steps=args.steps or (60 if args.quick else 600), batch_size=args.batch_size,
+                    seeds=tuple(int(s) for s in seeds.split(",")),
+                    held_out=args.held_out or (2000 if args.quick else 10000), variants=variants,
+                    router_lr_mult=args.router_lr_mult, num_glyphs=args.num_glyphs,
+                    glyphs_per_image=args.glyphs_per_image, device=args.device)
+    return budget, args
+
+
+def worker(spec: str) -> None:
+    """One (variant, seed) run for `run_all`'s process pool; prints its result as JSON."""
+    budget_dict, variant, seed = json.loads(spec)
+    budget = Budget(**{**budget_dict, "seeds": tuple(budget_dict["seeds"]),
+                       "variants": tuple(budget_dict["variants"])})
+    task = GlyphTask(num_glyphs=budget.num_glyphs, glyphs_per_image=budget.glyphs_per_image)
+    print(json.dumps(train_one(variant, seed, budget, task)))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train and evaluate every variant and seed; write and return the report."""
-    args = parse_args(argv)
-    load_before, warning = check_machine()
-    names = register_clip_configs(args.size, args.variants, args.out / "model_configs")
-    first = args.out / "runs" / args.variants[0] / f"seed{args.seeds[0]}"
-    run_config = to_dict(load_config(None, run_overrides(args, names[args.variants[0]], args.seeds[0], first)))
-    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
-    for seed in args.seeds:  # seeds outside, variants inside: a change of machine load hits every variant alike
-        for variant in args.variants:
-            print(f"[study] {variant} seed {seed}", file=sys.stderr, flush=True)
-            runs[variant].append(train_one(args, names[variant], seed, args.out / "runs" / variant / f"seed{seed}"))
-    tower = SIZES[args.size].tower
-    results = {v: summarize(v, tower, names[v], runs[v], tower_cost(Path(runs[v][0]["output_dir"]) / "final"),
-                            args.steps * args.batch_size) for v in args.variants}
-    report = {"settings": settings(args, run_config), "variants": results, "claims": claims(results),
-              "machine": {"load_before": load_before, "load_after": machine_load(measure_busy=False),
-                          "load_warning": warning}}
-    write_json(report, args.out / "study.json")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        worker(argv[1])
+        return {}
+    budget, args = parse_args(argv)
+    load_before = list(os.getloadavg())
+    start = time.perf_counter()
+    runs = run_all(budget, args.jobs)
+    report = {"budget": asdict(budget), "summary": summarize(budget, runs), "wall_s": time.perf_counter() - start,
+              "load_before": load_before, "load_after": list(os.getloadavg()), "threads": torch.get_num_threads(),
+              "torch_version": torch.__version__}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "study.json").write_text(json.dumps(report, indent=2))
     (args.out / "study.md").write_text(markdown(report))
-    plot(results, args.out / "study.png")
+    plot(report["summary"], args.out / "study.png")
     print(markdown(report))
-    print(f"wrote {args.out}/study.json, study.md, study.png")
     return report
 
 

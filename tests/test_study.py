@@ -1,100 +1,81 @@
-"""The small-scale study runner: its report against the runs' own files, FLOPs and statistics by hand."""
+"""The small-scale study: matched FLOPs by the accounting module, paired statistics by hand, a tiny end-to-end run."""
 
 from __future__ import annotations
 
 import json
 import math
 import statistics
-from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import study
 
-# The micro tower: m 64 tokens of width d 64 from 4x4x3 = 48-value patches, depth 4, MLP width 256, CLIP dim 64.
-M, D, PATCH_IN, DEPTH, H, EMBED = 64, 64, 48, 4, 256, 64
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+# The micro tower: m 64 tokens, width d 64, MoE in the last 2 of 4 blocks, 64 expert rows per image.
+M, D, MOE_LAYERS = 64, 64, 2
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("study")
-    study.main(["--variants", "dense,softmoe", "--seeds", "0", "--steps", "3", "--batch-size", "8",
-                "--out", str(out)])
-    return json.loads((out / "study.json").read_text()), out
+def costs() -> dict[str, dict]:
+    return {v: study.cost(v, num_classes=16) for v in study.VARIANTS}
 
 
-def test_outputs_written(report):
-    saved, out = report
-    assert list(saved["variants"]) == ["dense", "softmoe"]
-    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = (out / "study.md").read_text()
-    for result in saved["variants"].values():
-        assert f"| {result['label']} | `{result['timm_model']}` |" in table
-    assert "softmoe > dense" in table and "one seed" in table
+def test_matched_variants_spend_the_dense_expert_flops(costs):
+    dense = costs["dense"]["flops_per_image"]
+    for v in ("softmoe_p1", "softmoe_e16_s4", "uniform", "identity"):
+        # Soft MoE's expert MLPs cost exactly the dense MLPs (n p = m rows); the router adds logits, dispatch and
+        # combine, each 2 m d (n p) FLOPs per MoE layer.
+        assert costs[v]["flops_per_image"] - dense == MOE_LAYERS * 3 * 2 * M * D * M
+    for v in ("experts_choice", "tokens_choice_k1"):
+        # n C = m buffer rows; the gates add 2 m d n per MoE layer.
+        assert costs[v]["flops_per_image"] - dense == MOE_LAYERS * 2 * M * D * 64
+    sparse = costs["tokens_choice_k1"]["flops_per_image"]
+    assert costs["experts_choice"]["flops_per_image"] == pytest.approx(sparse, rel=0.02)
+    assert costs["tokens_choice_k2"]["flops_per_image"] - sparse == MOE_LAYERS * 2 * 2 * M * D * 4 * D
+    assert costs["softmoe_p1"]["flops_per_image"] == pytest.approx(dense, rel=0.11)
 
 
-def test_report_agrees_with_each_runs_files(report):
-    saved, _ = report
-    for result in saved["variants"].values():
-        (run,) = result["runs"]
-        run_dir = Path(run["output_dir"])
-        records = _records(run_dir)
-        final = json.loads((run_dir / "final" / "trainer_state.json").read_text())
-        model_cfg = json.loads((run_dir / "final" / "open_clip_config.json").read_text())["model_cfg"]
-        assert final["step"] == 3 and final["config"]["batch_size"] == 8 and final["config"]["seed"] == 0
-        assert final["config"]["model"]["name"] == result["clip_model"]
-        assert model_cfg["vision_cfg"]["timm_model_name"] == result["timm_model"]
-        for key, logged in (("zeroshot_acc1", "zeroshot/acc1"), ("fewshot_10shot_acc1", "fewshot/10shot/acc1")):
-            assert run[key] == pytest.approx(records[-1][logged]) == pytest.approx(final["metrics"][logged])
-            assert result[key] == {"mean": pytest.approx(run[key]), "std": 0.0, "min": run[key], "max": run[key],
-                                   "n": 1}
-        # log_every is 1 at 3 steps: three throughput records, the first (warm-up) dropped.
-        rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]
-        assert len(rates) == 3
-        assert run["s_per_step"] == pytest.approx(statistics.fmean(8 / r for r in rates[1:]))
-        assert run["train_s"] == pytest.approx(3 * run["s_per_step"])
+def test_more_parameters_at_equal_cost(costs):
+    dense = costs["dense"]["total"]
+    expert_mlp = 2 * D * 4 * D + 4 * D + D  # fc1 + fc2 weights and biases
+    # 64 experts replace one MLP in each MoE layer; Soft MoE adds phi (d, 64, 1) and a scale, the sparse gates (d, 64).
+    assert costs["softmoe_p1"]["total"] - dense == MOE_LAYERS * (63 * expert_mlp + D * 64 + 1)
+    assert costs["experts_choice"]["total"] - dense == MOE_LAYERS * (63 * expert_mlp + D * 64)
+    assert costs["dense_wide"]["total"] - dense == 4 * (2 * D * 12 * D + 12 * D)  # hidden 256 -> 1024, 4 blocks
 
 
-def test_flops_and_parameters_by_hand(report):
-    saved, _ = report
-    dense, soft = saved["variants"]["dense"], saved["variants"]["softmoe"]
-    # qkv, q k^T, attn v, proj, fc1 + fc2 per block; the patch embedding; the CLIP projection of the pooled token.
-    block = 2 * M * D * 3 * D + 2 * 2 * M * M * D + 2 * M * D * D + 2 * 2 * M * D * H
-    assert dense["flops_per_image"] == 2 * M * PATCH_IN * D + DEPTH * block + 2 * D * EMBED
-    # Soft MoE with s = m slots: the experts cost the dense MLP; the router adds logits, dispatch and combine
-    # (each 2 m d s FLOPs) in the last 2 blocks.
-    assert soft["flops_per_image"] - dense["flops_per_image"] == 2 * 3 * 2 * M * D * M
-    assert soft["train_flops_tower"] == 3 * soft["flops_per_image"] * 3 * 8
-    # 16 experts of (d h + h + h d + d) replace one MLP of the same size, plus phi (d, 16, 4) and a scale, x 2 blocks.
-    expert = 2 * D * H + H + D
-    assert soft["params_tower"] - dense["params_tower"] == 2 * (15 * expert + D * 16 * 4 + 1)
-    assert soft["params_total"] - soft["params_tower"] == dense["params_total"] - dense["params_tower"]
+def test_paired_difference_by_hand():
+    a, b = [0.50, 0.55, 0.62], [0.40, 0.47, 0.50]
+    diffs = [0.10, 0.08, 0.12]
+    se = statistics.stdev(diffs) / math.sqrt(3)
+    got = study.paired(a, b)
+    assert got["diff"] == pytest.approx(0.10) and got["se"] == pytest.approx(se) and got["verdict"] == "holds"
+    assert study.paired(b, a)["verdict"] == "reversed"
+    # Unpaired the spread between seeds (0.06) would hide this; paired the difference is large against its SE.
+    assert study.paired([0.5, 0.6, 0.4], [0.49, 0.62, 0.38])["verdict"] == "within 2 SE: not shown"
+    assert study.paired([0.5], [0.4])["se"] is None
 
 
-def test_matched_slots_and_tower_names():
-    assert study.timm_name("softmoe", "micro_patch4_32") == "softmoe_vit_micro_patch4_32_e16_s4"  # 16 x 4 = 64
-    assert study.timm_name("identity", "mini_patch8_64") == "softmoe_vit_mini_patch8_64_e32_s2_didentity_cidentity"
+def test_router_lr_multiplier_touches_only_router_parameters():
+    model = study.build_tower("softmoe_p1", num_classes=8)
+    opt = study.build_optimizer_with_router_mult(model, lr=1e-3, weight_decay=0.03, router_lr_mult=10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    boosted = {names[id(p)] for g in opt.param_groups if g["lr_mult"] == 10.0 for p in g["params"]}
+    assert boosted == {f"blocks.{i}.mlp.{p}" for i in (2, 3) for p in ("phi", "scale")}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
-def test_seconds_per_step_drops_the_warmup_interval():
-    records = [{"step": 2, "samples_per_s": 1.0}, {"step": 4, "samples_per_s": 4.0}, {"step": 5, "samples_per_s": 2.0},
-               {"step": 5, "zeroshot/acc1": 0.5}]
-    # batch 4: intervals of 2 steps in 2 s and 1 step in 2 s after the dropped first one.
-    assert study.seconds_per_step(records, batch_size=4) == pytest.approx(4 / 3)
-    assert study.seconds_per_step(records[:1], batch_size=4) == pytest.approx(4.0)
-
-
-def test_claim_verdicts_at_two_standard_errors():
-    stats = study.spread
-    high, low = stats([0.6, 0.7, 0.8]), stats([0.1, 0.2, 0.3])
-    se = math.sqrt(2 * 0.1**2 / 3)  # sample std 0.1 each, 3 seeds each
-    assert study.check_claim({"x": high}, {"x": low}, "x") == {"diff": pytest.approx(0.5), "se": pytest.approx(se),
-                                                               "verdict": "agrees"}
-    assert study.check_claim({"x": low}, {"x": high}, "x")["verdict"] == "contradicts"
-    close = stats([0.25, 0.3, 0.35])
-    assert study.check_claim({"x": close}, {"x": low}, "x")["verdict"] == "within 2 SE: inconclusive"
-    assert study.check_claim({"x": stats([0.9])}, {"x": low}, "x")["se"] is None
+def test_tiny_study_end_to_end(tmp_path):
+    torch.set_num_threads(1)
+    report = study.main(["--variants", "dense,softmoe_p1,tokens_choice_k1", "--seeds", "0,1", "--steps", "3",
+                         "--batch-size", "8", "--held-out", "40", "--num-glyphs", "16", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert saved["summary"]["variants"].keys() == report["summary"]["variants"].keys()
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    soft = saved["summary"]["variants"]["softmoe_p1"]
+    assert 0.0 < soft["routing"]["combine_entropy_rel"] <= 1.0 and soft["routing"]["scale"] > 0
+    assert 0.0 <= saved["summary"]["variants"]["tokens_choice_k1"]["routing"]["dropped_fraction"] <= 1.0
+    recalls = [r["recall"] for r in soft["runs"]]
+    dense = [r["recall"] for r in saved["summary"]["variants"]["dense"]["runs"]]
+    assert soft["vs_dense"]["diff"] == pytest.approx(statistics.fmean(recalls) - statistics.fmean(dense))
+    assert "softmoe_p1 > dense" in (tmp_path / "study.md").read_text()
