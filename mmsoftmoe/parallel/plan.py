@@ -14,7 +14,9 @@ Memory per process (bytes; P = parameters, fp32 master weights and AdamW, so 16 
     (input and output of the largest layer's dispatch, at the micro-batch).
   - activations: the bytes autograd saves in one forward at the micro-batch (per process), measured on the meta
     device and scaled linearly in the batch; with grad checkpointing only what the checkpointed blocks keep.
-    Not counted: the loss's logits (b x global b), temporaries that live only inside one op, the allocator's
+    Measured in fp32; under bf16 autocast taken as half (an approximation: autocast keeps some tensors fp32).
+    Not counted: one checkpointed block's activations, live while it is recomputed in backward; the loss's
+    logits (b x global b); temporaries that live only inside one op; the allocator's
     caching/fragmentation, CUDA context, the interpreter and libraries (CPU runs: see benchmarks/plan_check.py).
 
 Collective payload per step and process, the definition `benchmarks/dist_bench.py` traces (the largest tensor of
