@@ -85,6 +85,11 @@ def _consolidated(cwd: Path, out: str) -> None:
     assert got.keys() == final.keys() and all(torch.equal(got[k], final[k]) for k in final)
 
 
+def _plan(cwd: Path, out: str) -> None:
+    assert "13.452B parameters" in out and "fastest layout that fits: fsdp2+ep" in out
+    assert re.search(r"^ddp .* no$", out, re.M)  # L/16 does not fit 80 GB under DDP
+
+
 TRAIN_TWIN = f"{SMOKE} eval.dataset=none"
 # The GPU-cluster lines run at smoke size on 2 CPU processes with ep=2 (one process for `accelerate launch --cpu`).
 CLUSTER_TWIN = f"{TRAIN_TWIN} parallel.ep=2"
@@ -127,7 +132,8 @@ TWINS: dict[str, tuple[str, str, Callable | None]] = {
 }
 RUN_AS_WRITTEN = {"mmsoftmoe train --help-config": _help_config,
                   "mmsoftmoe train --config demo --print-config": _print_config,
-                  "mmsoftmoe consolidate runs/smoke/checkpoints/step_00000020 runs/smoke_step20": _consolidated}
+                  "mmsoftmoe consolidate runs/smoke/checkpoints/step_00000020 runs/smoke_step20": _consolidated,
+                  "mmsoftmoe plan --config softmoe_l16_sigmoid --gpus 64 --gpu-memory 80": _plan}
 
 
 @pytest.fixture(scope="module")
