@@ -109,7 +109,7 @@ class Budget:
     lr: float = 2e-3
     weight_decay: float = 0.03
     router_lr_mult: float = 1.0
-    num_glyphs: int = 256
+    num_glyphs: int = 64
     glyphs_per_image: int = 3
     device: str = "cpu"
 
@@ -305,12 +305,12 @@ def parse_args(argv: list[str] | None) -> tuple[Budget, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, 2 seeds, small held-out set")
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, help="default 128; --quick 64")
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; --quick 0,1)")
     parser.add_argument("--held-out", type=int, default=None, help="held-out images (default 10000)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--router-lr-mult", type=float, default=1.0, help="declared deviation: router lr multiplier")
-    parser.add_argument("--num-glyphs", type=int, default=256)
+    parser.add_argument("--num-glyphs", type=int, default=64)
     parser.add_argument("--glyphs-per-image", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=1, help="concurrent worker processes (GPU)")
@@ -321,7 +321,8 @@ def parse_args(argv: list[str] | None) -> tuple[Budget, argparse.Namespace]:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     seeds = args.seeds or ("0,1" if args.quick else "0,1,2")
-    budget = Budget(steps=args.steps or (60 if args.quick else 600), batch_size=args.batch_size,
+    budget = Budget(steps=args.steps or (40 if args.quick else 250),
+                    batch_size=args.batch_size or (64 if args.quick else 128),
                     seeds=tuple(int(s) for s in seeds.split(",")),
                     held_out=args.held_out or (2000 if args.quick else 10000), variants=variants,
                     router_lr_mult=args.router_lr_mult, num_glyphs=args.num_glyphs,
