@@ -163,9 +163,17 @@ def worker(model_name: str, layout: str, batch_size: int, steps: int, out_dir: P
     accelerator.wait_for_everyone()
 
 
+# glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in the heap, so resident memory would
+# hold on to every FSDP2 all-gather / reduce-scatter output ever freed. Served by mmap from 64 KiB and trimmed at
+# free, a freed tensor leaves the resident set, and the peak RSS measures the live peak (what a GPU caching
+# allocator reports as peak allocated). Measured at the mini size, 2 processes: FSDP2 peak 581 -> 311 MiB.
+RSS_TRACKS_LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
 def launch(model: str, procs: int, layout: str, batch: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+               **RSS_TRACKS_LIVE_MEMORY}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
                "-m", "benchmarks.dist_bench", "--worker", layout, "--model", model, "--batch", str(batch),
                "--steps", str(steps), "--out", tmp]

@@ -8,11 +8,12 @@ per-process memory at the micro-batch (fp32, as the runs are) is compared with t
 memory above the start, and its collective payload per kind with the bytes dist_bench traces in one step. Exits
 with status 1 if any byte count differs; memory is reported (ratio and whether it lands within 15%), not asserted.
 
-What the planner does not model and the CPU runs contain: glibc's allocator keeps freed blocks of the FSDP2
-all-gather / reduce-scatter outputs in its heap (its mmap threshold grows after the first large free), so
-resident memory keeps unsharded copies that a CUDA caching allocator would reuse; gloo's send/receive buffers;
-rank 0's full model that `materialize_from_rank0` builds and broadcasts; the loss's logits and the transient
-tensors inside ops; the interpreter's and torch's lazily loaded modules.
+The runs serve large blocks by mmap (dist_bench's `RSS_TRACKS_LIVE_MEMORY`), so the peak RSS is the live peak;
+otherwise glibc keeps freed FSDP2 all-gather outputs resident and sharded runs measured 2-4x the plan. Measured
+(2 cores, load 2-4): at the mini size plan/peak 0.94-0.99 for DDP, FSDP2 and FSDP2+EP at 2 processes, 0.91 DDP and
+0.88 FSDP2+ep=4 at 4, 0.85 (FSDP2+ep=2) and 0.79 (FSDP2) at 4, and 1.27 for one process; at the micro size 0.55-0.85
+(fixed interpreter, gloo and allocator overhead dominate a 17 MB model). Not modelled: gloo's buffers, rank 0's full
+model that `materialize_from_rank0` builds, the loss's logits and transient tensors inside ops.
 """
 
 from __future__ import annotations
