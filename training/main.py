@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -302,17 +302,18 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> di
                          rank=accelerator.process_index, world_size=accelerator.num_processes)
     log_summary(cfg, accelerator, unwrapped, dataset, state)
 
-    def run_eval(final: bool) -> dict[str, float]:
+    def whole_model() -> torch.nn.Module | None:
+        """The model to evaluate and save: itself, or a sharded one's whole copy on rank 0 (None elsewhere)."""
+        return gather_plain_model(unwrapped, model_cfg, accelerator) if sharded else unwrapped
+
+    def run_eval(final: bool, whole: Callable[[], torch.nn.Module | None] = whole_model) -> dict[str, float]:
         if cfg.eval.dataset is None:
             return {}
         tasks = ("zeroshot", "fewshot") if final and cfg.eval.fewshot else ("zeroshot",)
-        evaluated, eval_accelerator = unwrapped, accelerator
-        if sharded:  # rank 0 evaluates a gathered whole copy; the others wait for its results
-            evaluated, eval_accelerator = gather_plain_model(unwrapped, model_cfg, accelerator), None
-        results = {}
-        if evaluated is not None:
+        evaluated, results = whole(), {}
+        if evaluated is not None:  # sharded: rank 0 evaluates the gathered copy; the others wait for its results
             results = run_evaluation(evaluated, tokenizer, dataset=cfg.eval.dataset, tasks=tasks, preprocess=eval_tf,
-                                     batch_size=micro_batch, accelerator=eval_accelerator,
+                                     batch_size=micro_batch, accelerator=None if sharded else accelerator,
                                      shots=(10,))[cfg.eval.dataset]
             results = flat_metrics({k: v for k, v in results.items() if k in tasks})
         return broadcast_object_list([results])[0] if sharded else results
@@ -362,10 +363,10 @@ def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> di
             checkpoint()
     progress.close()
 
-    last_eval = run_eval(final=True)
+    whole = whole_model()  # gathered once (sharded): evaluated, then saved as final/
+    last_eval = run_eval(final=True, whole=lambda: whole)
     metrics_log.log(state.step, dict(last_eval))
     checkpoint()
-    whole = gather_plain_model(unwrapped, model_cfg, accelerator) if sharded else unwrapped
     if accelerator.is_main_process:
         save_final_model(whole, model_cfg, out, trainer_state())
         plot_training(metrics_log.read(), out / "training.png")
