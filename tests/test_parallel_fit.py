@@ -18,16 +18,19 @@ from safetensors.torch import load_file
 import training.main as train_main
 from mmsoftmoe.checkpoint import CheckpointError
 from mmsoftmoe.models.clip import load_clip
+from tests.checkpoint_fixtures import losses
 from tests.test_export import load_timm
+from tests.test_parallel import failure
 from training.config import load_config
 from training.logger import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MMSOFTMOE = str(Path(sys.executable).parent / "mmsoftmoe")
 STEPS = 8
-# The smoke run (micro Soft MoE CLIP, 16 experts), every step logged, a checkpoint every 2 steps, no evaluation.
+# The smoke run (micro Soft MoE CLIP, 16 experts), every step logged, a checkpoint every 2 steps, zero-shot
+# evaluation on the built-in shapes at the end (a sharded run evaluates a copy gathered on rank 0).
 COMMON = ["--config", "smoke", f"steps={STEPS}", "batch_size=16", "log_every=1", "checkpoint_every=2",
-          "keep_checkpoints=8", "eval.dataset=none", "data.num_workers=0", "trackers=[]"]
+          "keep_checkpoints=8", "data.num_workers=0", "trackers=[]"]
 EP2 = ["parallel.dp_shard=2", "parallel.ep=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -40,12 +43,7 @@ def torchrun(nproc: int, *args: str) -> list[str]:
 
 def run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    errors = "\n".join(line for line in proc.stderr.splitlines() if "rror" in line)
-    assert proc.returncode == 0, errors[-4000:] or proc.stderr[-4000:]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+    assert proc.returncode == 0, failure(proc.stderr) or proc.stderr[-4000:]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -112,6 +110,10 @@ def test_killed_expert_parallel_run_resumes_on_the_uninterrupted_trajectory(refe
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step
     assert_weights_close(final_weights(resumed), final_weights(reference), atol=1e-5)
+    # The final zero-shot evaluation (rank 0's gathered copy) equals the unsharded run's, within one of 500 images.
+    sharded_eval, reference_eval = ({k: v for k, v in read_metrics(d)[-1].items() if k.startswith("zeroshot/")}
+                                    for d in (resumed, reference))
+    assert len(reference_eval) == 3 and sharded_eval == pytest.approx(reference_eval, abs=1 / 500 + 1e-6)
     # Routing statistics are over both processes' examples: those of the one process that sees the whole batch.
     expected_stats = {r["step"]: r for r in read_metrics(reference) if "loss" in r}
     for record in (r for r in read_metrics(resumed) if "loss" in r):
