@@ -90,13 +90,16 @@ VARIANTS = {
                         dict(_SOFT_P1, dispatch="identity", combine="identity")),
     "tokens_choice_k2": Variant("Tokens Choice 64E k=2 (2x expert FLOPs)", "2x cost", "tokens_choice",
                                 dict(_SPARSE, top_k=2)),
-    "dense_wide": Variant("Dense ViT, 4x wider MLP (calibration)", "calibration", mlp_ratio=16.0),
+    "dense_wide": Variant("Dense ViT, 4x wider MLP, muP (calibration)", "calibration", mlp_ratio=16.0),
+    "softmoe_p1_vmoe_experts": Variant("Soft MoE 64E x 1, experts one shared xavier draw (vmoe)", "init",
+                                       "soft", dict(_SOFT_P1, expert_init="vmoe")),
 }
 # The paper's claims as (better, worse) pairs: Table 2 / Figure 3 at equal cost, Table 3's routing ablation, and the
 # calibration of the task.
 CLAIMS = [("dense_wide", "dense"), ("softmoe_p1", "dense"), ("softmoe_p1", "experts_choice"),
           ("softmoe_p1", "tokens_choice_k1"), ("softmoe_p1", "tokens_choice_k2"), ("softmoe_p1", "softmoe_e16_s4"),
-          ("softmoe_p1", "uniform"), ("softmoe_p1", "identity"), ("uniform", "dense"), ("identity", "dense")]
+          ("softmoe_p1", "uniform"), ("softmoe_p1", "identity"), ("uniform", "dense"), ("identity", "dense"),
+          ("softmoe_p1", "softmoe_p1_vmoe_experts")]
 
 
 @dataclass(frozen=True)
@@ -110,17 +113,48 @@ class Budget:
     weight_decay: float = 0.03
     router_lr_mult: float = 1.0
     num_glyphs: int = 64
+    num_classes: int | None = None  # None: every glyph its own class
     glyphs_per_image: int = 3
+    glyph_size: int = 6
+    grid: int = 1
+    noise_std: float = 0.2
+    init: str = "timm"
     device: str = "cpu"
 
+    def task(self) -> GlyphTask:
+        return GlyphTask(num_glyphs=self.num_glyphs, num_classes=self.num_classes,
+                         glyphs_per_image=self.glyphs_per_image, glyph_size=self.glyph_size, grid=self.grid,
+                         noise_std=self.noise_std)
 
-def build_tower(variant: str, num_classes: int) -> MoEVisionTransformer:
-    """The micro tower with `variant`'s MLPs in the last half of the blocks and a `num_classes` head."""
+
+BASE_MLP_RATIO = 4.0
+INITS = ("timm", "vmoe")
+
+
+def build_tower(variant: str, num_classes: int, init: str = "timm") -> MoEVisionTransformer:
+    """The micro tower with `variant`'s MLPs in the last half of the blocks and a `num_classes` head.
+
+    `init` "timm": timm's ViT init everywhere and experts drawn like the dense MLPs they replace (`expert_init=
+    "independent"`: truncated normal, std 0.02), so every variant's MLPs start alike. "vmoe": the reference's init
+    throughout (timm's `weight_init="jax"`: xavier-uniform kernels, N(0, 1e-6) MLP biases, zero head; experts one
+    shared xavier draw, `expert_init="vmoe"`). A wider MLP (calibration) has its second matrix scaled by
+    1/sqrt(width multiplier) at init (muP, Yang et al. 2021) and its learning rate by 1/multiplier (`lr_multipliers`).
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     v = VARIANTS[variant]
     kwargs = dict(MODEL_ARGS[TOWER], mlp_ratio=v.mlp_ratio, num_classes=num_classes)
+    if init == "vmoe":
+        kwargs["weight_init"] = "jax"
     if v.moe_layer != "dense":
-        kwargs.update(moe_layer=v.moe_layer, moe_blocks=MOE_BLOCKS, moe_kwargs=dict(v.moe_kwargs))
-    return MoEVisionTransformer(**kwargs)
+        moe_kwargs = {"expert_init": "independent" if init == "timm" else "vmoe", **v.moe_kwargs}
+        kwargs.update(moe_layer=v.moe_layer, moe_blocks=MOE_BLOCKS, moe_kwargs=moe_kwargs)
+    model = MoEVisionTransformer(**kwargs)
+    if v.mlp_ratio != BASE_MLP_RATIO:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.mlp.fc2.weight.mul_((v.mlp_ratio / BASE_MLP_RATIO) ** -0.5)
+    return model
 
 
 def router_parameters(model: nn.Module) -> set[str]:
@@ -129,17 +163,29 @@ def router_parameters(model: nn.Module) -> set[str]:
             for p, _ in layer.named_parameters() if not p.startswith("experts.")}
 
 
-def build_optimizer_with_router_mult(model: nn.Module, lr: float, weight_decay: float,
-                                     router_lr_mult: float) -> torch.optim.AdamW:
-    """`build_optimizer`'s AdamW, the router parameters split into groups whose `lr_mult` is `router_lr_mult`."""
+def lr_multipliers(model: nn.Module, variant: str, router_lr_mult: float = 1.0) -> dict[str, float]:
+    """Per parameter name, its learning-rate multiplier where it is not 1: the routers' (`--router-lr-mult`, a
+    declared deviation) and a wider MLP's second matrix (muP's 1/width multiplier under Adam)."""
+    mults = {name: router_lr_mult for name in router_parameters(model)} if router_lr_mult != 1.0 else {}
+    width = VARIANTS[variant].mlp_ratio / BASE_MLP_RATIO
+    if width != 1.0:
+        mults.update({f"blocks.{i}.mlp.fc2.weight": 1.0 / width for i in range(len(model.blocks))})
+    return mults
+
+
+def build_optimizer_with_lr_mults(model: nn.Module, lr: float, weight_decay: float,
+                                  lr_mults: dict[str, float]) -> torch.optim.AdamW:
+    """`build_optimizer`'s AdamW (its no-decay rules), split into groups by `lr_mult` (1 where not named)."""
     opt = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    router = {id(p) for n, p in model.named_parameters() if n in router_parameters(model)}
+    mult_of = {id(p): lr_mults.get(n, 1.0) for n, p in model.named_parameters()}
+    unknown = sorted(set(lr_mults) - {n for n, _ in model.named_parameters()})
+    if unknown:
+        raise ValueError(f"lr multipliers for parameters the model does not have: {unknown}")
     groups = []
     for group in opt.param_groups:
-        for mult, params in ((1.0, [p for p in group["params"] if id(p) not in router]),
-                             (router_lr_mult, [p for p in group["params"] if id(p) in router])):
-            if params:
-                groups.append({"params": params, "weight_decay": group["weight_decay"], "lr_mult": mult})
+        for mult in sorted({mult_of[id(p)] for p in group["params"]}):
+            groups.append({"params": [p for p in group["params"] if mult_of[id(p)] == mult],
+                           "weight_decay": group["weight_decay"], "lr_mult": mult})
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
@@ -165,11 +211,12 @@ def train_one(variant: str, seed: int, budget: Budget, task: GlyphTask) -> dict:
     """Train one tower on stream `seed`; held-out top-k recall, routing check, wall time."""
     torch.manual_seed(seed)
     device = torch.device(budget.device)
-    model = build_tower(variant, task.num_glyphs).to(device)
+    model = build_tower(variant, task.num_classes, budget.init).to(device)
     with torch.no_grad():  # start at the label prior k / g, so the first steps do not just learn the bias
-        model.head.bias.fill_(math.log(task.glyphs_per_image / (task.num_glyphs - task.glyphs_per_image)))
+        model.head.bias.fill_(math.log(task.glyphs_per_image / (task.num_classes - task.glyphs_per_image)))
     set_record_stats(model, False)
-    opt = build_optimizer_with_router_mult(model, budget.lr, budget.weight_decay, budget.router_lr_mult)
+    opt = build_optimizer_with_lr_mults(model, budget.lr, budget.weight_decay,
+                                        lr_multipliers(model, variant, budget.router_lr_mult))
     warmup = max(1, budget.steps // 20)
     start = time.perf_counter()
     model.train()
@@ -217,15 +264,24 @@ def run_all(budget: Budget, jobs: int) -> dict[str, list[dict]]:
     """Every (variant, seed): in this process one at a time, or as `jobs` concurrent worker processes."""
     pairs = [(v, s) for s in budget.seeds for v in budget.variants]  # seeds outside: load drifts hit all alike
     if jobs <= 1:
-        task = GlyphTask(num_glyphs=budget.num_glyphs, glyphs_per_image=budget.glyphs_per_image)
+        task = budget.task()
         results = []
         for v, s in pairs:
             print(f"[study] {v} seed {s}", file=sys.stderr, flush=True)
             results.append(train_one(v, s, budget, task))
     else:
+        # On CPU the workers share the cores: one thread each unless cores are left over (2 small single-threaded
+        # processes train ~1.4x faster than one 2-thread process on 2 cores, measured for the micro tower).
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
         def launch(pair: tuple[str, int]) -> dict:
+            print(f"[study] {pair[0]} seed {pair[1]}", file=sys.stderr, flush=True)
             cmd = [sys.executable, "-m", "benchmarks.study", "--worker", json.dumps([asdict(budget), *pair])]
-            return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"study worker {pair} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+            return json.loads(done.stdout)
 
         with ThreadPoolExecutor(jobs) as pool:
             results = list(pool.map(launch, pairs))
@@ -241,7 +297,8 @@ def summarize(budget: Budget, runs: dict[str, list[dict]]) -> dict:
     for v, rs in runs.items():
         recalls = [r["recall"] for r in rs]
         routing = {k: statistics.fmean(r["routing"][k] for r in rs) for k in rs[0]["routing"]}
-        variants[v] = {"label": VARIANTS[v].label, "group": VARIANTS[v].group, **cost(v, budget.num_glyphs),
+        variants[v] = {"label": VARIANTS[v].label, "group": VARIANTS[v].group,
+                       **cost(v, budget.num_classes or budget.num_glyphs),
                        "recall_mean": statistics.fmean(recalls), "runs": rs, "routing": routing,
                        "train_s_mean": statistics.fmean(r["train_s"] for r in rs),
                        "vs_dense": paired(recalls, base) if base is not None else None}
@@ -264,8 +321,11 @@ def routing_text(routing: dict) -> str:
 
 def markdown(report: dict) -> str:
     b, s = report["budget"], report["summary"]
-    lines = [f"# Small-scale study: glyph task ({b['num_glyphs']} glyphs, {b['glyphs_per_image']} per image), "
+    classes = b["num_classes"] or b["num_glyphs"]
+    lines = [f"# Small-scale study: glyph task ({b['num_glyphs']} glyphs of {b['glyph_size']} px in {classes} classes, "
+             f"{b['glyphs_per_image']} per image, offsets on a {b['grid']} px grid, noise {b['noise_std']}), "
              f"{b['steps']} steps x batch {b['batch_size']}, seeds {b['seeds']}", "",
+             f"AdamW lr {b['lr']}, weight decay {b['weight_decay']}, cosine; init {b['init']}.", "",
              f"Held-out {b['held_out']} images; metric top-k recall (%); differences paired by seed "
              f"(mean ± SE over seeds). Router lr multiplier {b['router_lr_mult']}. Device {b['device']}; wall "
              f"{report['wall_s'] / 60:.1f} min; load before {report['load_before']}, after {report['load_after']}.",
@@ -305,15 +365,23 @@ def parse_args(argv: list[str] | None) -> tuple[Budget, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, 2 seeds, small held-out set")
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--batch-size", type=int, help="default 128; --quick 64")
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; --quick 0,1)")
     parser.add_argument("--held-out", type=int, default=None, help="held-out images (default 10000)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--router-lr-mult", type=float, default=1.0, help="declared deviation: router lr multiplier")
-    parser.add_argument("--num-glyphs", type=int, default=64)
+    parser.add_argument("--num-glyphs", type=int, default=256)
     parser.add_argument("--glyphs-per-image", type=int, default=3)
+    parser.add_argument("--num-classes", type=int, default=16,
+                        help="glyphs dealt into this many classes (0: every glyph its own class)")
+    parser.add_argument("--glyph-size", type=int, default=4)
+    parser.add_argument("--grid", type=int, default=4, help="glyph offsets are multiples of this (pixels; 1: anywhere)")
+    parser.add_argument("--noise-std", type=float, default=0.2)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--init", choices=INITS, default="timm",
+                        help="timm: every MLP and expert drawn alike (default); vmoe: the reference's init throughout")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--jobs", type=int, default=1, help="concurrent worker processes (GPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="concurrent worker processes, each with cores / N threads")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/study"))
     args = parser.parse_args(argv)
     variants = tuple(args.variants.split(","))
@@ -321,12 +389,13 @@ def parse_args(argv: list[str] | None) -> tuple[Budget, argparse.Namespace]:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     seeds = args.seeds or ("0,1" if args.quick else "0,1,2")
-    budget = Budget(steps=args.steps or (40 if args.quick else 250),
-                    batch_size=args.batch_size or (64 if args.quick else 128),
+    budget = Budget(steps=args.steps or (100 if args.quick else 800), batch_size=args.batch_size,
                     seeds=tuple(int(s) for s in seeds.split(",")),
                     held_out=args.held_out or (2000 if args.quick else 10000), variants=variants,
                     router_lr_mult=args.router_lr_mult, num_glyphs=args.num_glyphs,
-                    glyphs_per_image=args.glyphs_per_image, device=args.device)
+                    num_classes=args.num_classes or None,
+                    glyphs_per_image=args.glyphs_per_image, glyph_size=args.glyph_size, grid=args.grid,
+                    noise_std=args.noise_std, lr=args.lr, init=args.init, device=args.device)
     return budget, args
 
 
@@ -335,8 +404,7 @@ def worker(spec: str) -> None:
     budget_dict, variant, seed = json.loads(spec)
     budget = Budget(**{**budget_dict, "seeds": tuple(budget_dict["seeds"]),
                        "variants": tuple(budget_dict["variants"])})
-    task = GlyphTask(num_glyphs=budget.num_glyphs, glyphs_per_image=budget.glyphs_per_image)
-    print(json.dumps(train_one(variant, seed, budget, task)))
+    print(json.dumps(train_one(variant, seed, budget, budget.task())))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmsoftmoe.data.glyphs import GlyphTask, top_k_recall
@@ -54,3 +55,45 @@ def test_top_k_recall_by_hand():
     labels = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
     logits = torch.tensor([[5.0, 1.0, 2.0, 0.0], [0.0, 3.0, 1.0, 2.0]])
     assert torch.equal(top_k_recall(logits, labels), torch.tensor([0.5, 1.0]))
+
+
+def test_grid_puts_each_glyph_in_one_patch():
+    task = GlyphTask(num_glyphs=16, glyphs_per_image=2, glyph_size=4, grid=4, noise_std=0.0)
+    images, labels, offsets = task.batch(0, 0, 300)
+    assert set(offsets.unique().tolist()) == set(range(0, 29, 4))  # patch corners only, every one of them
+    # A glyph's pixels lie inside the one 4x4 patch at its offset: outside every pasted glyph the image is background.
+    covered = torch.zeros(300, 32, 32, dtype=torch.bool)
+    for i in range(300):
+        for y, x in offsets[i].tolist():
+            covered[i, y:y + 4, x:x + 4] = True
+    background = images[:, :, 0, 0].clone()
+    for i in range(300):  # (0, 0) may be covered; take a background pixel from an uncovered place
+        y, x = (~covered[i]).nonzero()[0].tolist()
+        background[i] = images[i, :, y, x]
+    expected = background[:, None, None, :].expand(300, 32, 32, 3)
+    assert torch.equal(images.permute(0, 2, 3, 1)[~covered], expected[~covered])
+    with pytest.raises(ValueError, match="grid"):
+        GlyphTask(grid=0)
+
+
+def test_classes_group_glyphs_and_labels_name_the_classes_drawn():
+    task = GlyphTask(num_glyphs=64, num_classes=8, glyphs_per_image=3, glyph_size=4, grid=4, noise_std=0.0)
+    assert sorted(task.members_cm.flatten().tolist()) == list(range(64))  # every glyph in exactly one class
+    assert all((task.class_of_glyph[task.members_cm[c]] == c).all() for c in range(8))
+    images, labels, offsets = task.batch(0, 0, 100)
+    assert labels.shape == (100, 8) and torch.equal(labels.sum(dim=1), torch.full((100,), 3.0))
+    # Read the glyphs back from the pixels (the last-drawn glyph at each offset is intact where not overlapped):
+    # each image's classes are the classes of the glyphs its pixels show.
+    found = 0
+    for image, label, corners in zip(images, labels, offsets, strict=True):
+        for y, x in corners.tolist():
+            window = image[:, y:y + 4, x:x + 4]
+            for g in range(64):
+                mask = task.mask_gss[g]
+                if torch.allclose(window[:, mask], task.colour_g3[g][:, None].expand(3, int(mask.sum()))):
+                    assert label[task.class_of_glyph[g]] == 1.0
+                    found += 1
+                    break
+    assert found > 250  # most of the 300 glyphs are intact (some are drawn over by a later one at the same corner)
+    with pytest.raises(ValueError, match="must divide"):
+        GlyphTask(num_glyphs=64, num_classes=10)

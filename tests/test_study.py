@@ -58,11 +58,50 @@ def test_paired_difference_by_hand():
 
 def test_router_lr_multiplier_touches_only_router_parameters():
     model = study.build_tower("softmoe_p1", num_classes=8)
-    opt = study.build_optimizer_with_router_mult(model, lr=1e-3, weight_decay=0.03, router_lr_mult=10.0)
+    mults = study.lr_multipliers(model, "softmoe_p1", router_lr_mult=10.0)
+    opt = study.build_optimizer_with_lr_mults(model, lr=1e-3, weight_decay=0.03, lr_mults=mults)
     names = {id(p): n for n, p in model.named_parameters()}
     boosted = {names[id(p)] for g in opt.param_groups if g["lr_mult"] == 10.0 for p in g["params"]}
     assert boosted == {f"blocks.{i}.mlp.{p}" for i in (2, 3) for p in ("phi", "scale")}
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert study.lr_multipliers(model, "softmoe_p1") == {}
+    with pytest.raises(ValueError, match="does not have"):
+        study.build_optimizer_with_lr_mults(model, 1e-3, 0.03, {"blocks.9.mlp.phi": 2.0})
+
+
+def test_wide_calibration_mlp_is_mup_scaled():
+    torch.manual_seed(0)
+    dense, wide = study.build_tower("dense", 8), study.build_tower("dense_wide", 8)
+    # 4x the hidden width: fc2 starts at 1/sqrt(4) of timm's std 0.02 and learns at lr / 4; fc1 is timm's.
+    for block_d, block_w in zip(dense.blocks, wide.blocks, strict=True):
+        assert block_w.mlp.fc1.weight.std().item() == pytest.approx(block_d.mlp.fc1.weight.std().item(), rel=0.05)
+        assert block_w.mlp.fc2.weight.std().item() == pytest.approx(block_d.mlp.fc2.weight.std().item() / 2,
+                                                                     rel=0.05)
+    assert study.lr_multipliers(wide, "dense_wide") == {f"blocks.{i}.mlp.fc2.weight": 0.25 for i in range(4)}
+    opt = study.build_optimizer_with_lr_mults(wide, 1e-3, 0.03, study.lr_multipliers(wide, "dense_wide"))
+    quarter = [p for g in opt.param_groups if g["lr_mult"] == 0.25 for p in g["params"]]
+    assert {id(p) for p in quarter} == {id(b.mlp.fc2.weight) for b in wide.blocks}
+
+
+def test_inits_draw_experts_like_the_mlps_they_replace_or_as_vmoe():
+    torch.manual_seed(0)
+    timm_tower = study.build_tower("softmoe_p1", 8, init="timm")
+    experts = timm_tower.blocks[3].mlp.experts
+    dense_fc1 = timm_tower.blocks[0].mlp.fc1.weight
+    assert experts.w1.std().item() == pytest.approx(dense_fc1.std().item(), rel=0.05)  # timm: std 0.02 alike
+    assert not torch.equal(experts.w1[0], experts.w1[1])  # drawn per expert
+    vmoe_tower = study.build_tower("softmoe_p1", 8, init="vmoe")
+    experts, fc1 = vmoe_tower.blocks[3].mlp.experts, vmoe_tower.blocks[0].mlp.fc1
+    assert torch.equal(experts.w1[0], experts.w1[63])  # one shared draw
+    bound = math.sqrt(6 / (D + 4 * D))  # xavier-uniform, the same for the dense MLPs (timm's jax init)
+    assert experts.w1.abs().max() <= bound and experts.w1.abs().max() > 0.95 * bound
+    assert fc1.weight.abs().max() <= bound and fc1.weight.abs().max() > 0.95 * bound
+    assert torch.count_nonzero(vmoe_tower.head.weight) == 0
+    # The init variant keeps vmoe's shared draw inside the timm tower.
+    mixed = study.build_tower("softmoe_p1_vmoe_experts", 8, init="timm").blocks[3].mlp.experts
+    assert torch.equal(mixed.w1[0], mixed.w1[1])
+    with pytest.raises(ValueError, match="init must be one of"):
+        study.build_tower("dense", 8, init="xavier")
 
 
 def test_tiny_study_end_to_end(tmp_path):

@@ -36,28 +36,53 @@ class GlyphTask:
         density: Probability that a glyph pixel is on.
         noise_std: Std of the Gaussian pixel noise, on the [-1, 1] image scale.
         vocab_seed: Seed of the glyph vocabulary (the "world"); streams differ by their own seed.
+        num_classes: Labels: None (default) makes every glyph its own class; otherwise the glyphs are dealt at random
+            (fixed by `vocab_seed`) into `num_classes` equal classes, and an image holds glyphs of k distinct classes,
+            each a random member of its class: the model must store which class each of `num_glyphs` arbitrary
+            patterns belongs to (a lookup table, the memory that MLP and expert parameters hold), while its output
+            stays `num_classes` wide.
+        grid: Offsets are multiples of `grid` pixels: 1 (default) places glyphs anywhere; the patch size with
+            `glyph_size` equal to it puts each glyph in exactly one patch.
     """
 
     def __init__(self, *, num_glyphs: int = 256, glyphs_per_image: int = 3, img_size: int = 32,
-                 glyph_size: int = 6, density: float = 0.5, noise_std: float = 0.2, vocab_seed: int = 0) -> None:
-        if glyphs_per_image > num_glyphs:
-            raise ValueError(f"glyphs_per_image ({glyphs_per_image}) must not exceed num_glyphs ({num_glyphs})")
+                 glyph_size: int = 6, density: float = 0.5, noise_std: float = 0.2, vocab_seed: int = 0, grid: int = 1,
+                 num_classes: int | None = None) -> None:
+        num_classes = num_glyphs if num_classes is None else num_classes
+        if num_classes < 1 or num_glyphs % num_classes:
+            raise ValueError(f"num_classes ({num_classes}) must divide num_glyphs ({num_glyphs})")
+        if glyphs_per_image > num_classes:
+            raise ValueError(f"glyphs_per_image ({glyphs_per_image}) must not exceed the classes ({num_classes})")
         if glyph_size > img_size:
             raise ValueError(f"glyph_size ({glyph_size}) must not exceed img_size ({img_size})")
-        self.num_glyphs, self.glyphs_per_image = num_glyphs, glyphs_per_image
+        if grid < 1:
+            raise ValueError(f"grid must be a positive number of pixels, got {grid}")
+        self.num_glyphs, self.glyphs_per_image, self.grid = num_glyphs, glyphs_per_image, grid
         self.img_size, self.glyph_size, self.noise_std = img_size, glyph_size, noise_std
         g = _generator(vocab_seed, 0x61797068)
         mask_gss = torch.rand(num_glyphs, glyph_size, glyph_size, generator=g) < density
         self.mask_gss = mask_gss
         self.colour_g3 = torch.rand(num_glyphs, 3, generator=g) * 2 - 1
+        self.num_classes = num_classes
+        # members_cm[c] are the glyphs of class c; class_of_glyph inverts it.
+        self.members_cm = torch.randperm(num_glyphs, generator=g).view(num_classes, num_glyphs // num_classes)
+        self.class_of_glyph = torch.empty(num_glyphs, dtype=torch.long)
+        self.class_of_glyph[self.members_cm.flatten()] = torch.arange(num_classes).repeat_interleave(
+            num_glyphs // num_classes)
 
     def batch(self, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images (b, 3, s, s) in [-1, 1]-ish, multi-hot labels (b, g), and the glyph offsets (b, k, 2) as (y, x)."""
+        """Images (b, 3, s, s) in [-1, 1]-ish, multi-hot labels (b, classes), and the glyph offsets (b, k, 2) (y, x)."""
         g = _generator(seed, step)
         b, k, s, gs = batch_size, self.glyphs_per_image, self.img_size, self.glyph_size
         # k distinct glyphs per image: the first k of a random permutation (argsort of uniform noise).
-        ids_bk = torch.rand(b, self.num_glyphs, generator=g).argsort(dim=1)[:, :k]
-        offsets_bk2 = torch.randint(0, s - gs + 1, (b, k, 2), generator=g)
+        if self.num_classes == self.num_glyphs:
+            ids_bk = torch.rand(b, self.num_glyphs, generator=g).argsort(dim=1)[:, :k]
+            classes_bk = ids_bk
+        else:  # k distinct classes, then one random member glyph of each
+            classes_bk = torch.rand(b, self.num_classes, generator=g).argsort(dim=1)[:, :k]
+            member_bk = torch.randint(0, self.members_cm.shape[1], (b, k), generator=g)
+            ids_bk = self.members_cm[classes_bk, member_bk]
+        offsets_bk2 = torch.randint(0, (s - gs) // self.grid + 1, (b, k, 2), generator=g) * self.grid
         background_b3 = (torch.rand(b, 3, generator=g) - 0.5) * 0.4
         images = background_b3[:, :, None, None].expand(b, 3, s, s).clone()
         noise = torch.randn(b, 3, s, s, generator=g) * self.noise_std
@@ -71,7 +96,7 @@ class GlyphTask:
             colour = self.colour_g3[ids_bk[:, j]][:, None, None, :]
             patch = torch.where(mask_bgg[..., None], colour, patch)
             images[batch_index[:, None, None], :, y_bg[:, :, None], x_bg[:, None, :]] = patch
-        labels = torch.zeros(b, self.num_glyphs).scatter_(1, ids_bk, 1.0)
+        labels = torch.zeros(b, self.num_classes).scatter_(1, classes_bk, 1.0)
         return images + noise, labels, offsets_bk2
 
     def held_out(self, seed: int, size: int, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:

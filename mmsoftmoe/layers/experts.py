@@ -62,7 +62,7 @@ class StackedExperts(nn.Module):
         """See the module docstring: one shared vmoe draw, or timm's init per expert."""
         for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
             if self.expert_init == "independent":
-                nn.init.trunc_normal_(w, std=0.02, a=-2 * 0.02, b=2 * 0.02)
+                nn.init.trunc_normal_(w, std=0.02)  # timm's init_weights_vit_timm: bounds +-2 absolute (100 std)
                 if b is not None:
                     nn.init.zeros_(b)
                 continue
