@@ -1,4 +1,4 @@
-"""The glyph task: deterministic in (seed, step), fresh across steps, off the patch grid, labels match the pixels."""
+"""The glyph task: deterministic in (seed, step), fresh per step, off or on the patch grid, labels match the pixels."""
 
 from __future__ import annotations
 

@@ -118,3 +118,16 @@ def test_tiny_study_end_to_end(tmp_path):
     dense = [r["recall"] for r in saved["summary"]["variants"]["dense"]["runs"]]
     assert soft["vs_dense"]["diff"] == pytest.approx(statistics.fmean(recalls) - statistics.fmean(dense))
     assert "softmoe_p1 > dense" in (tmp_path / "study.md").read_text()
+
+
+def test_worker_processes_give_the_in_process_results(tmp_path):
+    """`--jobs 2` (the CPU command of the full study) trains each (variant, seed) in its own 1-thread process; the
+    runs are deterministic in (variant, seed), so they must equal this process's."""
+    torch.set_num_threads(1)
+    args = ["--variants", "dense,softmoe_p1", "--seeds", "3", "--steps", "2", "--batch-size", "8", "--held-out", "30",
+            "--num-glyphs", "32", "--num-classes", "8"]
+    here = study.main([*args, "--out", str(tmp_path / "here")])["summary"]["variants"]
+    pooled = study.main([*args, "--jobs", "2", "--out", str(tmp_path / "pool")])["summary"]["variants"]
+    for v in ("dense", "softmoe_p1"):
+        a, b = here[v]["runs"][0], pooled[v]["runs"][0]
+        assert a["recall"] == b["recall"] and a["final_train_loss"] == pytest.approx(b["final_train_loss"], rel=1e-5)

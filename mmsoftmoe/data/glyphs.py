@@ -1,16 +1,18 @@
-"""An unbounded generated recognition task that rewards memory: random glyphs at arbitrary pixel offsets.
+"""An unbounded generated recognition task that rewards memory: random glyphs, optionally dealt into classes.
 
 The small-scale study (benchmarks/study.py, issue 13) needs a task where more parameters at equal FLOPs can help,
 as JFT does for Puigcerver et al. 2024 (section 3: Soft MoE is data-hungry; its gain is parameters at equal cost).
 Shapes of a few colours are learned from a handful of images and leave extra experts nothing to store; here the
 model must memorise a vocabulary of `num_glyphs` arbitrary patterns (random binary masks in random colours, fixed
-by `vocab_seed`) and find several of them per image, pasted at uniformly random pixel offsets, so a glyph rarely
-lines up with the patch grid and is often split over two to four patches. Later glyphs are drawn over earlier ones.
-Pixel noise is added to the whole image.
+by `vocab_seed`) and find several of them per image. By default they are pasted at uniformly random pixel offsets,
+so a glyph rarely lines up with the patch grid and is often split over two to four patches; `grid` snaps the offsets
+(with `grid = glyph_size = patch size` every glyph fills one patch). With `num_classes` the glyphs are dealt into
+classes and the labels name classes: a lookup table from patterns to classes, behind a narrow output. Later glyphs
+are drawn over earlier ones. Pixel noise is added to the whole image.
 
 Batches are drawn on the fly, vectorised in torch: batch `step` of stream `seed` depends on (seed, step) alone, so
 every variant of a study sees the same stream, and a held-out set is the same generator under a different seed.
-Labels are multi-hot over the vocabulary (sigmoid cross-entropy, as the paper's JFT pretraining).
+Labels are multi-hot over the classes (sigmoid cross-entropy, as the paper's JFT pretraining).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class GlyphTask:
     """Generates (images, multi-hot labels) batches; see the module docstring.
 
     Args:
-        num_glyphs: Vocabulary size (classes).
+        num_glyphs: Vocabulary size (the classes, unless `num_classes` groups them).
         glyphs_per_image: Distinct glyphs pasted into each image.
         img_size: Side of the square image, pixels.
         glyph_size: Side of a glyph, pixels.
