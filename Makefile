@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests --durations=25
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests -n auto --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(PY) -m ruff check mmsoftmoe training eval benchmarks tests

@@ -63,6 +63,7 @@ from types import SimpleNamespace  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
 from torch import nn  # noqa: E402
 
 import mmsoftmoe  # noqa: E402, F401  (registers the towers and CLIP configs)
@@ -479,6 +480,7 @@ def part_process(name: str, sizes: Sizes, path: Path, deadline: float) -> None:
     gc.freeze()  # what the parent holds is never garbage here; the rows' collections then take no time
     recorder = Recorder(name, path, deadline)
     recorder.save()
+    AcceleratorState._reset_state(True)  # a fork inherits the parent's state (another precision, if it made one)
     accelerator = Accelerator(cpu=sizes.cpu, mixed_precision="bf16")
     PARTS[name](Part(sizes, accelerator, recorder))
     recorder.save()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -198,8 +200,14 @@ def test_a_part_over_its_budget_is_killed_and_keeps_its_finished_rows(tmp_path, 
         time.sleep(120)
 
     monkeypatch.setitem(gpu_suite.PARTS, "layer", slow_layer)  # the forked part process inherits it
+    AcceleratorState._reset_state(True)
+    Accelerator(cpu=True, mixed_precision="no")  # the parent holds another precision: a part must start clean
     start = time.perf_counter()
-    report = gpu_suite.main(["--cpu-smoke", "--parts", "layer", "--part-budget", "layer=6", "--out", str(tmp_path)])
+    try:
+        report = gpu_suite.main(["--cpu-smoke", "--parts", "layer", "--part-budget", "layer=6", "--out",
+                                 str(tmp_path)])
+    finally:
+        AcceleratorState._reset_state(True)
     assert time.perf_counter() - start < 30
     layer = report["parts"]["layer"]
     assert layer["killed"] == "killed at its 6 s budget while measuring the hang"
