@@ -12,6 +12,7 @@ if XDIST_WORKER:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
 
 if XDIST_WORKER:
     torch.set_num_threads(1)
@@ -21,3 +22,12 @@ if XDIST_WORKER:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one state (one precision) per process: a test that makes an Accelerator neither inherits
+    another test's nor leaves its own."""
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

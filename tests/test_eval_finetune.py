@@ -5,7 +5,6 @@ import pytest
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from torch import nn
 
 import mmsoftmoe  # noqa: F401  (registers the towers in timm)
@@ -21,11 +20,7 @@ TOWER = "softmoe_vit_micro_patch4_32_e16"
 TRANSFORM = eval_transform(32, mean=(0.5,) * 3, std=(0.5,) * 3)  # digits: 8x8 upsampled to the tower's 32
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def frozen_probe_accuracy(tower: nn.Module) -> float:

@@ -26,12 +26,7 @@ SHOTS = (1, 5, 10)
 CAPTIONS = 3
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each CLI call makes an Accelerator; don't inherit (or leave) another test's precision."""
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each CLI call makes an Accelerator
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -190,7 +189,7 @@ def test_no_time_left_runs_nothing_and_says_so(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_initialized(), reason="parts are spawned, not forked, once CUDA is initialised "
                     "here: the patched part would not reach them")
-def test_a_part_over_its_budget_is_killed_and_keeps_its_finished_rows(tmp_path, monkeypatch):
+def test_a_part_over_its_budget_is_killed_and_keeps_its_finished_rows(tmp_path, monkeypatch, fresh_accelerate_state):
     def slow_layer(part):  # one finished row, one row too long for the budget, then a hang
         part.recorder.run(("tiny", "soft_moe", "eager"), 0, lambda: {
             "fwd_bwd": {"seconds": 0.5, "flops": 10**9, "batch": 2, "first_call_s": 0.5}, "setting": {"batch": 2}})
@@ -200,14 +199,9 @@ def test_a_part_over_its_budget_is_killed_and_keeps_its_finished_rows(tmp_path, 
         time.sleep(120)
 
     monkeypatch.setitem(gpu_suite.PARTS, "layer", slow_layer)  # the forked part process inherits it
-    AcceleratorState._reset_state(True)
     Accelerator(cpu=True, mixed_precision="no")  # the parent holds another precision: a part must start clean
     start = time.perf_counter()
-    try:
-        report = gpu_suite.main(["--cpu-smoke", "--parts", "layer", "--part-budget", "layer=6", "--out",
-                                 str(tmp_path)])
-    finally:
-        AcceleratorState._reset_state(True)
+    report = gpu_suite.main(["--cpu-smoke", "--parts", "layer", "--part-budget", "layer=6", "--out", str(tmp_path)])
     assert time.perf_counter() - start < 30
     layer = report["parts"]["layer"]
     assert layer["killed"] == "killed at its 6 s budget while measuring the hang"

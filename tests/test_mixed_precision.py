@@ -13,6 +13,7 @@ from tests.test_training import _fit
 # Largest |bf16 loss - fp32 loss| over the 20 steps below, measured on CPU (torch 2.14): 0.0072 on losses of 2-3.
 # The tolerance leaves 4x margin; a bf16 run that diverged would be off by tenths.
 BF16_LOSS_TOLERANCE = 0.03
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_soft_moe_routes_in_float32_and_runs_experts_in_bf16_under_autocast():
@@ -36,10 +37,7 @@ def test_soft_moe_routes_in_float32_and_runs_experts_in_bf16_under_autocast():
 def test_bf16_run_tracks_the_fp32_run_and_checkpoints_stay_fp32(tmp_path: Path):
     fp32 = _fit(tmp_path / "fp32", "steps=20", "checkpoint_every=10")
     AcceleratorState._reset_state(True)  # accelerate keeps one precision per process
-    try:
-        bf16 = _fit(tmp_path / "bf16", "steps=20", "checkpoint_every=10", "precision=bf16")
-    finally:
-        AcceleratorState._reset_state(True)
+    bf16 = _fit(tmp_path / "bf16", "steps=20", "checkpoint_every=10", "precision=bf16")
     deviation = [abs(bf16[s]["loss"] - fp32[s]["loss"]) for s in range(1, 21)]
     assert max(deviation) <= BF16_LOSS_TOLERANCE, deviation
     assert max(deviation) > 1e-4  # it was a bf16 run
@@ -51,8 +49,3 @@ def test_bf16_run_tracks_the_fp32_run_and_checkpoints_stay_fp32(tmp_path: Path):
         dtypes = {t.dtype for t in load_file(path).values() if t.is_floating_point()}
         assert dtypes == {torch.float32}, path
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    yield
