@@ -17,12 +17,12 @@ import os
 import sys
 
 COMMANDS = {
-    "train": ("training.main", "contrastive pretraining (accelerate; one CPU to many nodes)"),
-    "eval": ("eval.main", "zero-shot, retrieval, few-shot, linear probe and fine-tuning evaluation"),
+    "train": ("mmsoftmoe_training.main", "contrastive pretraining (accelerate; one CPU to many nodes)"),
+    "eval": ("mmsoftmoe_eval.main", "zero-shot, retrieval, few-shot, linear probe and fine-tuning evaluation"),
     "export": ("mmsoftmoe.export", "export the image encoder (timm, open_clip, hf, onnx, torchscript)"),
-    "demo": ("training.demo", "pretrain on built-in data, evaluate, export, print a results table"),
+    "demo": ("mmsoftmoe_training.demo", "pretrain on built-in data, evaluate, export, print a results table"),
     "consolidate": ("mmsoftmoe.parallel.checkpoint", "a sharded (FSDP2/EP) checkpoint -> the single-file model"),
-    "plan": ("training.plan", "per-GPU memory and step time of DDP / FSDP2 / FSDP2+EP layouts; the fastest that fits"),
+    "plan": ("mmsoftmoe_training.plan", "per-GPU memory and step time of DDP / FSDP2 / FSDP2+EP layouts; the fastest that fits"),
 }
 
 # What a user can cause: bad values and arguments, missing or unreadable files, training that diverged.

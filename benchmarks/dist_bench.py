@@ -48,8 +48,8 @@ from mmsoftmoe.parallel import (
     materialize_from_rank0,
     parallelize,
 )
-from training.loop import build_loss, train_step
-from training.optim import build_optimizer
+from mmsoftmoe_training.loop import build_loss, train_step
+from mmsoftmoe_training.optim import build_optimizer
 
 # name -> (dp_shard, ep) as functions of the process count; None: not sharded (DDP, or one plain process).
 LAYOUTS = {

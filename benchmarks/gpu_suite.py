@@ -83,9 +83,9 @@ from mmsoftmoe.layers import set_record_stats  # noqa: E402
 from mmsoftmoe.machine import cpu_name, gemm_peak_gflops  # noqa: E402
 from mmsoftmoe.models.accounting import count_flops, count_parameters, image_flops  # noqa: E402
 from mmsoftmoe.models.clip import build_clip, preprocess_config  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.loop import build_loss, loss_terms, optimizer_step  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
+from mmsoftmoe_training.config import load_config  # noqa: E402
+from mmsoftmoe_training.loop import build_loss, loss_terms, optimizer_step  # noqa: E402
+from mmsoftmoe_training.optim import build_optimizer  # noqa: E402
 
 PARTS_ORDER = ("peak", "towers", "clip", "sweep", "layer")
 MODES = ("eager", "compiled")

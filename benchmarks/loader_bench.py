@@ -39,9 +39,9 @@ from benchmarks.layer_bench import check_machine, machine_load
 from benchmarks.train_bench import make_batch, ours_step
 from mmsoftmoe.data import ShardStream, list_shards, load_pairs, transforms_from_preprocess_cfg
 from mmsoftmoe.models.clip import build_clip, preprocess_config
-from training.data import PREFETCH_FACTOR, build_train_loader
-from training.loop import build_loss
-from training.optim import build_optimizer
+from mmsoftmoe_training.data import PREFETCH_FACTOR, build_train_loader
+from mmsoftmoe_training.loop import build_loss
+from mmsoftmoe_training.optim import build_optimizer
 
 SHUFFLE_BUFFER = 256
 

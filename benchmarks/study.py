@@ -89,7 +89,7 @@ from mmsoftmoe.layers import collect_aux_loss, collect_routing_stats, routed_lay
 from mmsoftmoe.models.accounting import image_flops, parameter_counts
 from mmsoftmoe.models.mmsoftmoe_vit import MODEL_ARGS
 from mmsoftmoe.models.vit import MoEVisionTransformer
-from training.optim import build_optimizer, lr_multiplier
+from mmsoftmoe_training.optim import build_optimizer, lr_multiplier
 
 TOWER = "dense_vit_micro_patch4_32"  # m = 64 tokens: the matched MoEs use n * p = 64 expert rows per image
 HELD_OUT_SEED = 1_000_003  # the evaluation stream; training streams use the run seeds

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from benchmarks.layer_bench import check_machine, machine_load
 from mmsoftmoe.machine import describe_machine
-from training.config import load_config
-from training.logger import read_metrics
-from training.main import fit
+from mmsoftmoe_training.config import load_config
+from mmsoftmoe_training.logger import read_metrics
+from mmsoftmoe_training.main import fit
 
 DENSE, MOE = "Dense-Micro-4-32", "SoftMoE-Micro-4-32"
 

@@ -15,7 +15,7 @@ dispatch pictures (``eval.plots``); ``run_suite`` (``eval.suite``) runs a list o
 include CLIP_benchmark's ``wds/`` layout (``eval.wds``), with class names and templates from files (``eval.prompts``).
 """
 
-from eval.datasets import (
+from mmsoftmoe_eval.datasets import (
     ClassificationDataset,
     DigitsDataset,
     HFClassificationDataset,
@@ -24,7 +24,7 @@ from eval.datasets import (
     digits_split,
     load_hf_split,
 )
-from eval.features import (
+from mmsoftmoe_eval.features import (
     UNREADABLE_LABEL,
     FeatureCacheKey,
     eval_mode,
@@ -32,8 +32,8 @@ from eval.features import (
     make_loader,
     sha256_file,
 )
-from eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS, L2_SWEEP, RidgeProbe, evaluate_fewshot
-from eval.finetune import (
+from mmsoftmoe_eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS, L2_SWEEP, RidgeProbe, evaluate_fewshot
+from mmsoftmoe_eval.finetune import (
     FinetuneConfig,
     build_classifier,
     evaluate_classifier,
@@ -41,16 +41,16 @@ from eval.finetune import (
     load_classifier,
     save_classifier,
 )
-from eval.linear_probe import WEIGHT_DECAYS, evaluate_linear_probe, fit_logistic, select_weight_decay
-from eval.main import TASKS, run_evaluation
-from eval.metrics import classification_metrics
-from eval.plots import dispatch_maps, plot_dispatch
-from eval.protocol import EVALUATORS, Evaluator, TaskInputs, register
-from eval.report import markdown_table, plot_fewshot, write_json, write_report
-from eval.retrieval import evaluate_retrieval, retrieval_metrics
-from eval.suite import load_suite, run_suite
-from eval.wds import WdsDataset
-from eval.zero_shot import evaluate_zero_shot, zero_shot_classifier, zero_shot_metrics
+from mmsoftmoe_eval.linear_probe import WEIGHT_DECAYS, evaluate_linear_probe, fit_logistic, select_weight_decay
+from mmsoftmoe_eval.main import TASKS, run_evaluation
+from mmsoftmoe_eval.metrics import classification_metrics
+from mmsoftmoe_eval.plots import dispatch_maps, plot_dispatch
+from mmsoftmoe_eval.protocol import EVALUATORS, Evaluator, TaskInputs, register
+from mmsoftmoe_eval.report import markdown_table, plot_fewshot, write_json, write_report
+from mmsoftmoe_eval.retrieval import evaluate_retrieval, retrieval_metrics
+from mmsoftmoe_eval.suite import load_suite, run_suite
+from mmsoftmoe_eval.wds import WdsDataset
+from mmsoftmoe_eval.zero_shot import evaluate_zero_shot, zero_shot_classifier, zero_shot_metrics
 
 __all__ = [
     "EVALUATORS",

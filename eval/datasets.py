@@ -37,8 +37,8 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from eval.features import UNREADABLE_LABEL
-from eval.prompts import apply_text_files
+from mmsoftmoe_eval.features import UNREADABLE_LABEL
+from mmsoftmoe_eval.prompts import apply_text_files
 from mmsoftmoe.data import DECODE_ERRORS, decode_image
 
 logger = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def _build_hf(arg: str, split: str, transform: Transform | None) -> Classificati
 
 
 def _build_wds(arg: str, split: str, transform: Transform | None) -> ClassificationDataset:
-    from eval.wds import WdsDataset
+    from mmsoftmoe_eval.wds import WdsDataset
 
     return WdsDataset(arg, split, transform)
 

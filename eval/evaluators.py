@@ -10,13 +10,13 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from eval.datasets import SHAPES_SPLITS
-from eval.fewshot import evaluate_fewshot
-from eval.finetune import finetune
-from eval.linear_probe import evaluate_linear_probe
-from eval.protocol import PAIRS_PREFIX, WDS_PREFIX, Evaluator, Session, TaskInputs, register, slug
-from eval.retrieval import evaluate_retrieval
-from eval.zero_shot import zero_shot_classifier, zero_shot_metrics
+from mmsoftmoe_eval.datasets import SHAPES_SPLITS
+from mmsoftmoe_eval.fewshot import evaluate_fewshot
+from mmsoftmoe_eval.finetune import finetune
+from mmsoftmoe_eval.linear_probe import evaluate_linear_probe
+from mmsoftmoe_eval.protocol import PAIRS_PREFIX, WDS_PREFIX, Evaluator, Session, TaskInputs, register, slug
+from mmsoftmoe_eval.retrieval import evaluate_retrieval
+from mmsoftmoe_eval.zero_shot import zero_shot_classifier, zero_shot_metrics
 from mmsoftmoe.data import ShapesCaptions, load_pairs
 from mmsoftmoe.models.clip import image_tower
 

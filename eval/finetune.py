@@ -38,9 +38,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from eval.datasets import ClassificationDataset
-from eval.features import UNREADABLE_LABEL, eval_mode, extract_features
-from eval.metrics import classification_metrics
+from mmsoftmoe_eval.datasets import ClassificationDataset
+from mmsoftmoe_eval.features import UNREADABLE_LABEL, eval_mode, extract_features
+from mmsoftmoe_eval.metrics import classification_metrics
 from mmsoftmoe.layers import collect_aux_loss
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.metrics import classification_metrics
+from mmsoftmoe_eval.metrics import classification_metrics
 
 WEIGHT_DECAYS = tuple(torch.logspace(-6, 2, 97, dtype=torch.float64).tolist())
 

@@ -43,15 +43,15 @@ from accelerate import Accelerator
 from torch import nn
 from torchvision.transforms import Normalize
 
-import eval.evaluators  # noqa: F401  (registers the evaluators)
-from eval.datasets import SPEC_HELP, dataset_name
-from eval.features import sha256_file
-from eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS, L2_SWEEP
-from eval.finetune import FinetuneConfig
-from eval.plots import dispatch_maps, last_soft_moe, num_tokens, plot_dispatch, spread_slots
-from eval.protocol import EVALUATORS, Session, TaskInputs, Transform, slug
-from eval.report import Provenance, markdown_table, plot_fewshot, write_report, write_task_files
-from eval.zero_shot import Tokenizer
+import mmsoftmoe_eval.evaluators  # noqa: F401  (registers the evaluators)
+from mmsoftmoe_eval.datasets import SPEC_HELP, dataset_name
+from mmsoftmoe_eval.features import sha256_file
+from mmsoftmoe_eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS, L2_SWEEP
+from mmsoftmoe_eval.finetune import FinetuneConfig
+from mmsoftmoe_eval.plots import dispatch_maps, last_soft_moe, num_tokens, plot_dispatch, spread_slots
+from mmsoftmoe_eval.protocol import EVALUATORS, Session, TaskInputs, Transform, slug
+from mmsoftmoe_eval.report import Provenance, markdown_table, plot_fewshot, write_report, write_task_files
+from mmsoftmoe_eval.zero_shot import Tokenizer
 from mmsoftmoe.checkpoint import CONFIG_NAME, model_weights
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.models.clip import image_tower, load_clip, preprocess_config
@@ -273,7 +273,7 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
 def run_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Loads the checkpoint named by ``args`` and evaluates it; writes the report under ``args.out``."""
-    from eval.suite import load_suite, run_suite
+    from mmsoftmoe_eval.suite import load_suite, run_suite
 
     tasks = parse_tasks(args.tasks)
     entries = load_suite(args.suite, tasks) if args.suite else None

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval.features import eval_mode
+from mmsoftmoe_eval.features import eval_mode
 from mmsoftmoe.figures import save_figure
 
 

@@ -31,11 +31,11 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from eval.datasets import build_dataset
-from eval.features import FeatureCacheKey, eval_mode, extract_features, make_loader, resolve_device
-from eval.finetune import FinetuneConfig
-from eval.wds import is_retrieval
-from eval.zero_shot import Tokenizer
+from mmsoftmoe_eval.datasets import build_dataset
+from mmsoftmoe_eval.features import FeatureCacheKey, eval_mode, extract_features, make_loader, resolve_device
+from mmsoftmoe_eval.finetune import FinetuneConfig
+from mmsoftmoe_eval.wds import is_retrieval
+from mmsoftmoe_eval.zero_shot import Tokenizer
 
 PAIRS_PREFIX = "pairs:"
 WDS_PREFIX = "wds:"

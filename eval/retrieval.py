@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from eval.features import FeatureCacheKey, eval_mode, extract_features, make_loader, resolve_device
+from mmsoftmoe_eval.features import FeatureCacheKey, eval_mode, extract_features, make_loader, resolve_device
 
 DEFAULT_KS = (1, 5, 10)
 

@@ -30,11 +30,11 @@ from typing import Any
 
 import yaml
 
-from eval.datasets import dataset_name
-from eval.fewshot import DEFAULT_L2_REG, L2_SWEEP
-from eval.main import parse_tasks, run_evaluation
-from eval.protocol import EVALUATORS, slug
-from eval.report import write_json
+from mmsoftmoe_eval.datasets import dataset_name
+from mmsoftmoe_eval.fewshot import DEFAULT_L2_REG, L2_SWEEP
+from mmsoftmoe_eval.main import parse_tasks, run_evaluation
+from mmsoftmoe_eval.protocol import EVALUATORS, slug
+from mmsoftmoe_eval.report import write_json
 
 ENTRY_KEYS = {"dataset", "name", "tasks", "classnames", "templates"}
 

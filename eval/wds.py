@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from eval.datasets import DEFAULT_TEMPLATES, Transform, _open_rgb, _sample
-from eval.prompts import read_entries
+from mmsoftmoe_eval.datasets import DEFAULT_TEMPLATES, Transform, _open_rgb, _sample
+from mmsoftmoe_eval.prompts import read_entries
 from mmsoftmoe.data.shards import index_shard
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")

@@ -15,8 +15,8 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from eval.features import FeatureCacheKey, eval_mode, extract_features, resolve_device
-from eval.metrics import classification_metrics
+from mmsoftmoe_eval.features import FeatureCacheKey, eval_mode, extract_features, resolve_device
+from mmsoftmoe_eval.metrics import classification_metrics
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 

@@ -28,8 +28,8 @@ from mmsoftmoe.parallel import (
     parallelize,
 )
 from tests.training_fixtures import rank_slice, split
-from training.loop import build_loss, train_step
-from training.optim import build_optimizer
+from mmsoftmoe_training.loop import build_loss, train_step
+from mmsoftmoe_training.optim import build_optimizer
 
 MODELS = ("SoftMoE-Micro-4-32", "TokensChoiceK1-Micro-4-32")
 STEPS, GLOBAL_BATCH, MAX_NORM = 3, 8, 0.05

@@ -11,7 +11,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
 from tests.training_fixtures import global_batch, make_model, rank_slice
-from training.loop import build_loss, train_step
+from mmsoftmoe_training.loop import build_loss, train_step
 
 
 def main(out_path: str, global_size: int) -> None:

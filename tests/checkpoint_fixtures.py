@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from accelerate.state import AcceleratorState
 
-import training.main as train_main
-from training.config import load_config
-from training.logger import read_metrics
+import mmsoftmoe_training.main as train_main
+from mmsoftmoe_training.config import load_config
+from mmsoftmoe_training.logger import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"

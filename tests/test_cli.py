@@ -14,8 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 import mmsoftmoe_cli as cli
-import training.main as train_main
-from training.config import config_yaml, load_config, valid_keys
+import mmsoftmoe_training.main as train_main
+from mmsoftmoe_training.config import config_yaml, load_config, valid_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-import training.main as train_main
-from training.config import load_config, valid_keys
+import mmsoftmoe_training.main as train_main
+from mmsoftmoe_training.config import load_config, valid_keys
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

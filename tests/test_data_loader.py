@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mmsoftmoe.data import PairDataset, count_skipped, eval_transform
-from training.data import StepSampler, build_train_loader
+from mmsoftmoe_training.data import StepSampler, build_train_loader
 
 
 def global_rows(sampler_args: dict, world: int, step: int) -> list[tuple[int, int]]:
@@ -82,8 +82,8 @@ def test_skips_are_counted_once_each_across_workers_and_resumes(tmp_path, worker
 
 
 def test_run_config_reaches_the_readers(tmp_path):
-    from training.config import DataConfig
-    from training.data import build_pair_dataset
+    from mmsoftmoe_training.config import DataConfig
+    from mmsoftmoe_training.data import build_pair_dataset
 
     (tmp_path / "img").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
@@ -102,9 +102,9 @@ def test_run_config_reaches_the_readers(tmp_path):
 
 
 def test_trainer_state_counts_distinct_skips_with_workers_and_resume(tmp_path):
-    import training.main as train_main
+    import mmsoftmoe_training.main as train_main
     from tests.training_fixtures import shapes_image_folder, write_metadata
-    from training.config import load_config
+    from mmsoftmoe_training.config import load_config
 
     folder = tmp_path / "pairs"
     rows = shapes_image_folder(folder, 14)

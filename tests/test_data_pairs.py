@@ -344,7 +344,7 @@ def test_very_large_images_are_bounded(tmp_path, cache):
 
 
 def test_eval_reads_images_with_the_same_decoder(tmp_path, monkeypatch):
-    from eval.datasets import _open_rgb
+    from mmsoftmoe_eval.datasets import _open_rgb
 
     png16 = encode(Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16)), "PNG")
     assert np.array_equal(np.asarray(_open_rgb(png16)), np.asarray(decode_image(png16)))

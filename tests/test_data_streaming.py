@@ -19,7 +19,7 @@ from PIL import Image
 
 from mmsoftmoe.data import ShardStream, count_skipped, train_transform
 from mmsoftmoe.data.shards import _ShardReader
-from training.data import build_train_loader
+from mmsoftmoe_training.data import build_train_loader
 
 SHARD_SIZE = 4
 
@@ -185,8 +185,8 @@ def test_resume_reads_one_window_not_the_samples_consumed(tmp_path, monkeypatch)
 
 
 def test_a_streaming_training_run_outlasts_its_data(tmp_path):
-    import training.main as train_main
-    from training.config import load_config
+    import mmsoftmoe_training.main as train_main
+    from mmsoftmoe_training.config import load_config
 
     write_shards(tmp_path / "shards", 2)  # 8 pairs; 5 steps of 4 read them 2.5 times
     cfg = load_config(Path(train_main.__file__).parents[1] / "configs" / "smoke.yaml", [

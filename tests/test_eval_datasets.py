@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from eval.datasets import _folder_classnames, build_dataset, digits_split
-from eval.features import extract_features, make_loader
+from mmsoftmoe_eval.datasets import _folder_classnames, build_dataset, digits_split
+from mmsoftmoe_eval.features import extract_features, make_loader
 
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "sea_lion": (30, 30, 200)}
 

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from eval.features import (
+from mmsoftmoe_eval.features import (
     UNREADABLE_LABEL,
     FeatureCacheKey,
     eval_mode,

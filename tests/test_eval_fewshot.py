@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.fewshot import BIAS_CONSTANT, L2_SWEEP, RidgeProbe, class_ranks, evaluate_fewshot
+from mmsoftmoe_eval.fewshot import BIAS_CONSTANT, L2_SWEEP, RidgeProbe, class_ranks, evaluate_fewshot
 
 
 def reference_weights(features, labels, num_classes, l2, dual):

@@ -8,11 +8,11 @@ from accelerate import Accelerator
 from torch import nn
 
 import mmsoftmoe  # noqa: F401  (registers the towers in timm)
-from eval.datasets import DigitsDataset
-from eval.features import eval_mode, extract_features, make_loader
-from eval.finetune import FinetuneConfig, _train_step, build_classifier, finetune, load_classifier
-from eval.linear_probe import evaluate_linear_probe
-from eval.metrics import classification_metrics
+from mmsoftmoe_eval.datasets import DigitsDataset
+from mmsoftmoe_eval.features import eval_mode, extract_features, make_loader
+from mmsoftmoe_eval.finetune import FinetuneConfig, _train_step, build_classifier, finetune, load_classifier
+from mmsoftmoe_eval.linear_probe import evaluate_linear_probe
+from mmsoftmoe_eval.metrics import classification_metrics
 from mmsoftmoe.data import eval_transform
 from mmsoftmoe.layers import RoutingStatsMixin
 
@@ -101,8 +101,8 @@ def test_train_step_adds_router_aux_losses():
 
 
 def test_unreadable_images_are_dropped_from_training_batches():
-    from eval.features import UNREADABLE_LABEL
-    from eval.finetune import _drop_unreadable
+    from mmsoftmoe_eval.features import UNREADABLE_LABEL
+    from mmsoftmoe_eval.finetune import _drop_unreadable
 
     images = torch.arange(5.0).view(5, 1)
     labels = torch.tensor([0, UNREADABLE_LABEL, 2, 3, 4])

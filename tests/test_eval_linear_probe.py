@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
-from eval.linear_probe import evaluate_linear_probe, fit_logistic, select_weight_decay
+from mmsoftmoe_eval.linear_probe import evaluate_linear_probe, fit_logistic, select_weight_decay
 
 
 def clusters(num_classes, per_class, dim, spread, seed):

@@ -11,13 +11,13 @@ import torch
 from accelerate.state import AcceleratorState
 
 import mmsoftmoe_cli
-from eval.datasets import SHAPES_SPLITS, DigitsDataset
-from eval.fewshot import evaluate_fewshot
-from eval.linear_probe import evaluate_linear_probe
-from eval.main import TASKS, main, parse_tasks, run_evaluation
-from eval.plots import dispatch_maps
-from eval.retrieval import retrieval_metrics
-from eval.zero_shot import zero_shot_metrics
+from mmsoftmoe_eval.datasets import SHAPES_SPLITS, DigitsDataset
+from mmsoftmoe_eval.fewshot import evaluate_fewshot
+from mmsoftmoe_eval.linear_probe import evaluate_linear_probe
+from mmsoftmoe_eval.main import TASKS, main, parse_tasks, run_evaluation
+from mmsoftmoe_eval.plots import dispatch_maps
+from mmsoftmoe_eval.retrieval import retrieval_metrics
+from mmsoftmoe_eval.zero_shot import zero_shot_metrics
 from mmsoftmoe.data import ShapesCaptions
 from mmsoftmoe.models.clip import build_clip, image_tower, load_clip, resolve_clip_config, save_clip
 
@@ -170,7 +170,7 @@ def test_cached_second_run_gives_the_same_numbers(checkpoint, cli_out, results, 
     out = cli_out / "rerun"
     argv = ["--checkpoint", str(checkpoint), "--dataset", "digits", "--tasks", "fewshot", "--shots", "1,5,10",
             "--seeds", "2", "--out", str(out), "--cache-dir", str(cli_out / "features")]
-    with caplog.at_level(logging.INFO, logger="eval.features"):
+    with caplog.at_level(logging.INFO, logger="mmsoftmoe_eval.features"):
         assert main(argv) == 0
     assert caplog.text.count("cached features") == 2  # train and test
     rerun = json.loads((out / "results.json").read_text())["digits"]["fewshot"]

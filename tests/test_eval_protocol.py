@@ -7,11 +7,11 @@ import open_clip
 import pytest
 import torch
 
-from eval.datasets import DigitsDataset
-from eval.main import TASKS, run_evaluation
-from eval.protocol import EVALUATORS, Evaluator, TaskInputs, register
+from mmsoftmoe_eval.datasets import DigitsDataset
+from mmsoftmoe_eval.main import TASKS, run_evaluation
+from mmsoftmoe_eval.protocol import EVALUATORS, Evaluator, TaskInputs, register
 from mmsoftmoe.models.clip import build_clip, preprocess_config
-from training.demo import results_table
+from mmsoftmoe_training.demo import results_table
 
 
 class MeanNorm(Evaluator):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.plots import dispatch_norm, plot_dispatch
-from eval.report import markdown_table, plot_fewshot, write_report
+from mmsoftmoe_eval.plots import dispatch_norm, plot_dispatch
+from mmsoftmoe_eval.report import markdown_table, plot_fewshot, write_report
 
 RESULTS = {
     "digits": {

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.features import make_loader
-from eval.retrieval import evaluate_retrieval, retrieval_metrics
+from mmsoftmoe_eval.features import make_loader
+from mmsoftmoe_eval.retrieval import evaluate_retrieval, retrieval_metrics
 
 
 def brute_force_recall(image_features, text_features, text_to_image, k):

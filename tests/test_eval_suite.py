@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
-from eval.datasets import SHAPES_SPLITS, DigitsDataset
-from eval.fewshot import L2_SWEEP, evaluate_fewshot
-from eval.suite import load_suite, mean_ranks, run_suite
+from mmsoftmoe_eval.datasets import SHAPES_SPLITS, DigitsDataset
+from mmsoftmoe_eval.fewshot import L2_SWEEP, evaluate_fewshot
+from mmsoftmoe_eval.suite import load_suite, mean_ranks, run_suite
 from mmsoftmoe.data.synthetic import ShapesClassification
 from mmsoftmoe.models.clip import build_clip, preprocess_config
 

@@ -17,9 +17,9 @@ from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from eval.datasets import build_dataset
-from eval.fewshot import evaluate_fewshot
-from eval.main import run_evaluation
+from mmsoftmoe_eval.datasets import build_dataset
+from mmsoftmoe_eval.fewshot import evaluate_fewshot
+from mmsoftmoe_eval.main import run_evaluation
 from mmsoftmoe.models.clip import build_clip, preprocess_config
 
 MODEL = "SoftMoE-Micro-4-32"

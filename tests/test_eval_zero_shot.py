@@ -9,9 +9,9 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from eval.features import make_loader
-from eval.metrics import classification_metrics
-from eval.zero_shot import evaluate_zero_shot, zero_shot_classifier, zero_shot_metrics
+from mmsoftmoe_eval.features import make_loader
+from mmsoftmoe_eval.metrics import classification_metrics
+from mmsoftmoe_eval.zero_shot import evaluate_zero_shot, zero_shot_classifier, zero_shot_metrics
 
 CLASSNAMES = ["apple", "bicycle", "cloud", "dolphin", "engine", "forest", "guitar", "harbour", "island", "jacket"]
 TEMPLATES = ["a photo of a {}.", "a drawing of the {}."]

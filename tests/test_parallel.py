@@ -20,7 +20,7 @@ from mmsoftmoe.parallel import check_layout
 from mmsoftmoe.parallel.checkpoint import SHARDED_DIR, consolidate, load_sharded
 from tests._parallel_checkpoint import MODEL
 from tests._parallel_train import MAX_NORM, MODELS, make_model, make_optimizer, run_steps
-from training.config import load_config
+from mmsoftmoe_training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import training.main as train_main
+import mmsoftmoe_training.main as train_main
 from mmsoftmoe.checkpoint import CheckpointError
 from mmsoftmoe.models.clip import load_clip
 from tests.checkpoint_fixtures import losses
 from tests.test_export import load_timm
 from tests.test_parallel import failure
-from training.config import load_config
-from training.logger import read_metrics
+from mmsoftmoe_training.config import load_config
+from mmsoftmoe_training.logger import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MMSOFTMOE = str(Path(sys.executable).parent / "mmsoftmoe")

@@ -5,10 +5,10 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
-import training.main as train_main
+import mmsoftmoe_training.main as train_main
 from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.models.pretrained import read_weights, warm_start_
-from training.config import load_config
+from mmsoftmoe_training.config import load_config
 
 RUN = ["eval.dataset=none", "data.num_workers=0", "batch_size=8", "trackers=[]"]
 

@@ -169,7 +169,7 @@ def test_python_block_runs_as_written(block, tmp_path):
 @pytest.mark.parametrize("block", readme_blocks("yaml"))
 def test_yaml_block_is_a_valid_suite_file(block, tmp_path):
     """The suite example is read by the suite loader (its paths need not exist to be parsed)."""
-    from eval.suite import load_suite
+    from mmsoftmoe_eval.suite import load_suite
 
     path = tmp_path / "suite.yaml"
     path.write_text(block)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from training.optim import lr_multiplier
+from mmsoftmoe_training.optim import lr_multiplier
 
 
 def rsqrt(step, *, warmup, total, cooldown):

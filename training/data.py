@@ -35,7 +35,7 @@ from mmsoftmoe.data import (
     load_pairs,
     transforms_from_preprocess_cfg,
 )
-from training.config import DataConfig
+from mmsoftmoe_training.config import DataConfig
 
 PREFETCH_FACTOR = 4  # batches each DataLoader worker prepares ahead
 

@@ -12,15 +12,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from eval.main import run_evaluation
-from eval.protocol import EVALUATORS
+from mmsoftmoe_eval.main import run_evaluation
+from mmsoftmoe_eval.protocol import EVALUATORS
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.export import export_checkpoint
 from mmsoftmoe.machine import describe_machine
 from mmsoftmoe.models.clip import load_clip
-from training.config import TrainConfig, load_config
-from training.logger import read_metrics
-from training.main import fit
+from mmsoftmoe_training.config import TrainConfig, load_config
+from mmsoftmoe_training.logger import read_metrics
+from mmsoftmoe_training.main import fit
 
 # Priors of the whole-job ETA: what `make demo` measured on a 2-core machine whose fp32 GEMM peak measured 116
 # GFLOP/s (2026-12-03: 266 samples/s, evaluation 10 s, export 10 s). Other machines scale them by their own measured

@@ -25,7 +25,7 @@ from open_clip.loss import SigLipLoss
 from torch import nn
 
 from mmsoftmoe.layers import collect_aux_loss, collect_routing_stats, routed_layers
-from training.optim import set_lr
+from mmsoftmoe_training.optim import set_lr
 
 logger = logging.getLogger("mmsoftmoe.train")
 

@@ -11,7 +11,7 @@ import json
 from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.parallel import plan
 from mmsoftmoe.parallel.plan import count_model
-from training.config import load_config
+from mmsoftmoe_training.config import load_config
 
 
 def count_run_config(config: str, overrides: list[str] | None = None):

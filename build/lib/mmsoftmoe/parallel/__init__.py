@@ -1,0 +1,36 @@
+"""Scale-out of mmsoftmoe models on torch's distributed engine: device meshes, expert parallelism, FSDP2.
+
+The layers stay unaware of distribution (torchtitan's design): `parallelize(model, build_meshes(...))` rewrites
+a built model in place, `clip_grad_norm_` clips by the global norm over parameters on different meshes, and
+`save_sharded` / `load_sharded` / `consolidate` are its checkpoints (DCP, resharded at load);
+`materialize_from_rank0` fills a model built on the meta device and parallelized from rank 0's full model.
+"""
+
+from mmsoftmoe.parallel.checkpoint import (
+    SHARDED_DIR,
+    consolidate,
+    full_model_state_dict,
+    load_sharded,
+    save_sharded,
+)
+from mmsoftmoe.parallel.expert_parallel import apply_expert_parallel
+from mmsoftmoe.parallel.grad_norm import clip_grad_norm_
+from mmsoftmoe.parallel.materialize import materialize_from_rank0
+from mmsoftmoe.parallel.mesh import ParallelMeshes, build_meshes, check_layout
+from mmsoftmoe.parallel.parallelize import expert_layers, parallelize
+
+__all__ = [
+    "SHARDED_DIR",
+    "ParallelMeshes",
+    "apply_expert_parallel",
+    "build_meshes",
+    "check_layout",
+    "clip_grad_norm_",
+    "consolidate",
+    "expert_layers",
+    "full_model_state_dict",
+    "load_sharded",
+    "materialize_from_rank0",
+    "parallelize",
+    "save_sharded",
+]

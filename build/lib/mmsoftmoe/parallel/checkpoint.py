@@ -1,0 +1,88 @@
+"""Sharded checkpoints of a parallelized model with torch.distributed.checkpoint (DCP), and their consolidation.
+
+torchtitan `components/checkpoint.py`: the model and optimizer state dicts come from
+`torch.distributed.checkpoint.state_dict` (keyed by parameter name, values DTensors of their global shape), so
+every process writes only its own shards and a checkpoint loads at any other process count or layout (DCP
+reads the pieces each new shard needs), or into an unsharded model in one process. Atomic renaming, keeping
+the last K and the trainer state are the trainer's business (`training/checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from mmsoftmoe.checkpoint import SHARDED_DIR
+from mmsoftmoe.models.clip import CONFIG_NAME, build_clip_from_config, local_text_cfg, save_clip
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Write the model (and optimizer) state as a DCP checkpoint folder (call on every process)."""
+    dcp.save(_state(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+
+
+def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Restore a DCP checkpoint into `model` (and `optimizer`) as laid out now: any process count or layout,
+    or one process without a process group (call on every process)."""
+    state = _state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights as plain CPU tensors on rank 0 (empty on the others); call on every process.
+
+    Parameters FSDP2 leaves whole (the 0-d ones) come back as the parameters themselves: clone before training on.
+    """
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
+    """Turn a training checkpoint folder with a sharded state (`SHARDED_DIR`) into the single-file model folder
+    that `mmsoftmoe eval` and `mmsoftmoe export` read (open_clip `local-dir:` layout); runs in one process."""
+    checkpoint = Path(checkpoint)
+    config_path, sharded = checkpoint / CONFIG_NAME, checkpoint / SHARDED_DIR
+    if not config_path.is_file() or not (sharded / ".metadata").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a sharded training checkpoint: it needs {CONFIG_NAME} and "
+                                f"{SHARDED_DIR}/.metadata; give a folder under <output_dir>/checkpoints/")
+    config = json.loads(config_path.read_text())
+    model_cfg = local_text_cfg(config["model_cfg"], checkpoint)  # an HF text tower's files travel to `out` too
+    model, _ = build_clip_from_config(model_cfg)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(sharded), no_dist=True)
+    model.load_state_dict(state["model"])
+    open_clip.set_model_preprocess_cfg(model, config["preprocess_cfg"])
+    return save_clip(model, model_cfg, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mmsoftmoe consolidate CHECKPOINT OUT`."""
+    parser = argparse.ArgumentParser(prog="mmsoftmoe consolidate", description=consolidate.__doc__.split(";")[0])
+    parser.add_argument("checkpoint", help="a checkpoint folder of a sharded run (<output_dir>/checkpoints/step_*)")
+    parser.add_argument("out", help="the model folder to write")
+    args = parser.parse_args(argv)
+    print(consolidate(args.checkpoint, args.out))
+    return 0

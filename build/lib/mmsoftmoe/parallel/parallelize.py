@@ -1,0 +1,93 @@
+"""Apply expert parallelism and FSDP2 to a CLIP model from outside its layers (torchtitan's `parallelize_*`).
+
+torchtitan `models/*/infra/parallelize.py` (`apply_moe_ep_tp`, `apply_fsdp`): first the experts of every MoE
+layer are split over the `ep` mesh (`expert_parallel.py`) and wrapped by FSDP2 over the expert data-parallel
+mesh; then every transformer block and finally the root are wrapped by FSDP2 over the dense mesh
+(HSDP when `dp_replicate > 1`). FSDP2 skips parameters an inner `fully_shard` already owns, so the two
+parameter kinds end up on their own meshes.
+
+FSDP2 refuses 0-d parameters (`logit_scale`, `logit_bias`, Soft MoE's `scale`); they stay whole on every rank,
+outside FSDP2, and a gradient hook averages them over all ranks as soon as they are accumulated.
+
+Gradients: FSDP2 averages over its mesh, but an expert's gradient already holds the sum over its `ep` ranks
+(the all-to-all's backward brings every rank's slots' gradients to the expert's owner). Dividing the expert
+gradients by the whole data-parallel size instead of the expert-FSDP size (torchtitan's
+`fsdp_gradient_divide_factor`) makes both kinds the gradient of the mean loss over the global batch.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import open_clip.transformer
+import timm.models.vision_transformer
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from mmsoftmoe.layers.base import ExpertLayerBase
+from mmsoftmoe.parallel.expert_parallel import apply_expert_parallel
+from mmsoftmoe.parallel.mesh import ParallelMeshes
+
+# The units FSDP2 gathers one at a time: timm's ViT block (mmsoftmoe's towers) and open_clip's text block.
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (
+    timm.models.vision_transformer.Block,
+    open_clip.transformer.ResidualAttentionBlock,
+)
+
+
+def expert_layers(model: nn.Module) -> dict[str, ExpertLayerBase]:
+    """Every layer of `model` that holds stacked experts, by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ExpertLayerBase)}
+
+
+def _fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """A (replicate, shard) mesh as FSDP2 takes it: 2-D for HSDP, its shard dimension alone otherwise."""
+    return mesh if mesh.size(0) > 1 else mesh[mesh.mesh_dim_names[1]]
+
+
+def _average_scalar_grads(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Average the gradient of every trainable 0-d parameter over `mesh` once backward has accumulated it.
+
+    The gradient hooks are (re)attached before each forward, because `to_empty` (materializing a meta-device
+    model) replaces parameter objects and drops their hooks.
+    """
+    group, size = mesh.get_group(), mesh.size()
+    hooked: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+
+    def average(p: torch.Tensor) -> None:
+        dist.all_reduce(p.grad, group=group)
+        p.grad.div_(size)
+
+    def attach(module: nn.Module, args: tuple) -> None:
+        for p in module.parameters():
+            if p.ndim == 0 and p.requires_grad and p not in hooked:
+                p.register_post_accumulate_grad_hook(average)
+                hooked.add(p)
+
+    model.register_forward_pre_hook(attach)
+
+
+def parallelize(model: nn.Module, meshes: ParallelMeshes, *, mp_policy: MixedPrecisionPolicy | None = None,
+                reshard_after_forward: bool = True,
+                block_types: tuple[type[nn.Module], ...] = BLOCK_TYPES) -> nn.Module:
+    """Shard `model` in place: experts over `meshes.ep` (+ FSDP2 over `meshes.experts_dp`), the rest FSDP2 over
+    `meshes.dense`. Build the optimizer afterwards, from `model.named_parameters()` (names are unchanged)."""
+    _average_scalar_grads(model, meshes.world)
+    fsdp = {"mp_policy": mp_policy or MixedPrecisionPolicy(), "reshard_after_forward": reshard_after_forward,
+            "ignored_params": {p for p in model.parameters() if p.ndim == 0}}
+    for layer in expert_layers(model).values():
+        if meshes.ep.size() > 1:
+            apply_expert_parallel(layer.experts, meshes.ep)
+        fully_shard(layer.experts, mesh=_fsdp_mesh(meshes.experts_dp), **fsdp)
+        layer.experts.set_gradient_divide_factor(meshes.world_size)
+        # A custom factor makes FSDP2 reduce-scatter with NCCL's PREMUL_SUM, which gloo lacks: sum, then divide.
+        # Not with a one-rank shard group: torch 2.14 then divides twice (tests/test_parallel.py checks both).
+        layer.experts.set_force_sum_reduction_for_comms(meshes.experts_dp["efsdp"].size() > 1)
+    dense_mesh = _fsdp_mesh(meshes.dense)
+    for block in [m for m in model.modules() if isinstance(m, block_types)]:
+        fully_shard(block, mesh=dense_mesh, **fsdp)
+    fully_shard(model, mesh=dense_mesh, **fsdp)
+    return model

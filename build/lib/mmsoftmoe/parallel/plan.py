@@ -1,0 +1,380 @@
+"""A scale-out planner: per-GPU memory, collective bytes and step time of DDP, FSDP2 and FSDP2 + EP layouts.
+
+`mmsoftmoe plan --config C --gpus N --gpu-memory GB` counts the model exactly on the meta device (parameters
+split into experts, FSDP2 units and 0-d parameters as `parallelize` splits them; activations from the tensors
+autograd saves in one forward; FLOPs from `accounting.count_flops`) and derives, for every layout the mesh
+allows (`mesh.check_layout`), what one process holds and what one step moves.
+
+Memory per process (bytes; P = parameters, fp32 master weights and AdamW, so 16 B/param when whole):
+  - state: parameters + gradients + two AdamW moments, 4 x 4 B each, of the local shard: everything under DDP;
+    dense units padded to a multiple of dp_shard along dim 0 (as FSDP2 pads) / dp_shard under FSDP2; experts /
+    ep, then padded and / efsdp under FSDP2+EP; 0-d parameters always whole.
+  - buffers: DDP's gradient buckets (one more fp32 copy of the gradients); FSDP2's unsharded all-gather output of
+    the largest unit, twice (the next unit is prefetched), plus its reduce-scatter input; EP's all-to-all buffers
+    (input and output of the largest layer's dispatch, at the micro-batch).
+  - activations: the bytes autograd saves in one forward at the micro-batch (per process), measured on the meta
+    device and scaled linearly in the batch; with grad checkpointing only what the checkpointed blocks keep.
+    Measured in fp32; under bf16 autocast taken as half (an approximation: autocast keeps some tensors fp32).
+    Not counted: one checkpointed block's activations, live while it is recomputed in backward; the loss's
+    logits (b x global b); temporaries that live only inside one op; the allocator's
+    caching/fragmentation, CUDA context, the interpreter and libraries (CPU runs: see benchmarks/plan_check.py).
+
+Collective payload per step and process, the definition `benchmarks/dist_bench.py` traces (the largest tensor of
+each call): DDP all-reduces every gradient (fp32) once and broadcasts the module buffers; FSDP2 all-gathers every
+unit (padded) in forward and again in backward (reshard_after_forward) and reduce-scatters each once; a unit on a
+one-rank mesh moves nothing; 0-d parameters are all-reduced (4 B each), and under HSDP (dp_replicate > 1) the
+reduced shards too (not checked against a trace: dist_bench runs no HSDP); EP does 4 all-to-alls per MoE layer
+(dispatch and combine, forward and backward) of local_batch x slots x width; the contrastive loss all-gathers
+image and text features (local_batch x embed_dim each).
+
+Step time = compute + communication, no overlap assumed (an upper bound):
+  compute: 3 x forward FLOPs x global batch / (GPUs x achieved FLOP/s) (`--tflops`, default 400 TFLOP/s: about
+  40% of an H100's 989 dense bf16 TFLOP/s).
+  communication: ring algorithms, n ranks in a group: all-gather and reduce-scatter move (n-1)/n of the payload
+  over each rank's link, all-reduce 2(n-1)/n, all-to-all (n-1)/n; a group inside one node (`--gpus-per-node`)
+  runs at `--nvlink-gbps`, a group spanning nodes at `--link-gbps` (per GPU, GB/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from mmsoftmoe.models.accounting import count_flops
+from mmsoftmoe.parallel.mesh import _divisors, check_layout
+from mmsoftmoe.parallel.parallelize import BLOCK_TYPES, expert_layers
+
+FP32 = 4
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """What the planner needs of a model: parameter shapes by FSDP2 unit, MoE layers, activations, FLOPs."""
+
+    expert_shapes: list[tuple[int, ...]]           # every expert parameter (dim 0 = experts)
+    dense_units: list[list[tuple[int, ...]]]       # per FSDP2 unit (blocks, then the root remainder)
+    scalar_params: int                             # 0-d parameters, kept whole
+    buffer_bytes: int                              # module buffers (DDP broadcasts them every forward)
+    moe_layers: list[tuple[int, int, int]]         # (slots per example, in width, out width) per MoE layer
+    num_experts: tuple[int, ...]
+    embed_dim: int
+    activation_bytes_per_example: float
+    forward_flops_per_example: int
+
+    @property
+    def expert_params(self) -> int:
+        return sum(math.prod(s) for s in self.expert_shapes)
+
+    @property
+    def dense_params(self) -> int:
+        return sum(math.prod(s) for unit in self.dense_units for s in unit)
+
+    @property
+    def total_params(self) -> int:
+        return self.expert_params + self.dense_params + self.scalar_params
+
+
+def _padded(shapes: list[tuple[int, ...]], shards: int, dim0_div: int = 1) -> int:
+    """Elements after FSDP2 pads dim 0 (divided by `dim0_div` first, as EP splits experts) to a multiple of
+    `shards`."""
+    return sum(math.ceil(s[0] // dim0_div / shards) * shards * math.prod(s[1:]) for s in shapes)
+
+
+def parameter_units(model: nn.Module) -> tuple[list[tuple[int, ...]], list[list[tuple[int, ...]]], int]:
+    """(expert shapes, dense shapes per FSDP2 unit, number of 0-d parameters), as `parallelize` splits them."""
+    expert_ids = {id(p) for layer in expert_layers(model).values() for p in layer.experts.parameters()}
+    experts = [tuple(p.shape) for layer in expert_layers(model).values() for p in layer.experts.parameters()]
+    owned, units = set(expert_ids), []
+    for block in [m for m in model.modules() if isinstance(m, BLOCK_TYPES)]:
+        unit = [p for p in block.parameters() if id(p) not in owned and p.ndim]
+        owned |= {id(p) for p in block.parameters()}
+        units.append([tuple(p.shape) for p in unit])
+    units.append([tuple(p.shape) for p in model.parameters() if id(p) not in owned and p.ndim])
+    scalars = sum(1 for p in model.parameters() if p.ndim == 0)
+    return experts, units, scalars
+
+
+def _meta_inputs(model: nn.Module, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    size = model.visual.trunk.patch_embed.img_size if hasattr(model.visual, "trunk") else model.visual.image_size
+    context = model.context_length if hasattr(model, "context_length") else 77
+    return (torch.zeros(batch, 3, *size, device="meta"), torch.zeros(batch, context, dtype=torch.long, device="meta"))
+
+
+def activation_bytes(model: nn.Module, batch: int = 2) -> float:
+    """Bytes autograd saves for backward in one training forward, per example (fp32), measured on the meta device.
+
+    Tensors are counted once each (by identity); parameters saved for backward are not activations."""
+    params = {id(p) for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in params and not isinstance(t, nn.Parameter):
+            seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*_meta_inputs(model, batch))
+    return sum(seen.values()) / batch
+
+
+def count_model(model: nn.Module, *, grad_checkpointing: bool = False) -> ModelCounts:
+    """Count a CLIP model built on the meta device."""
+    experts, units, scalars = parameter_units(model)
+    layers = expert_layers(model)
+    trunk = model.visual.trunk
+    tokens = trunk.patch_embed.num_patches + trunk.num_prefix_tokens
+    # Rows dispatched per example over all experts (Soft MoE: its slots), what the EP all-to-all moves.
+    moe = [(layer.expert_rows_per_example(tokens) * layer.num_experts, layer.in_features, layer.out_features)
+           for layer in layers.values()]
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    acts = activation_bytes(model)
+    flops = count_flops(lambda: model(*_meta_inputs(model, 1)))
+    embed = model.text_projection.shape[1] if getattr(model, "text_projection", None) is not None else 0
+    return ModelCounts(expert_shapes=experts, dense_units=units, scalar_params=scalars,
+                       buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+                       moe_layers=moe, num_experts=tuple(m.num_experts for m in layers.values()),
+                       embed_dim=embed or trunk.num_features, activation_bytes_per_example=acts,
+                       forward_flops_per_example=flops)
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str            # ddp | fsdp2 | fsdp2+ep
+    dp_replicate: int
+    dp_shard: int        # 1 under DDP
+    ep: int
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def overrides(self) -> str:
+        if self.name == "ddp":
+            return "parallel.dp_shard=0"
+        return f"parallel.dp_replicate={self.dp_replicate} parallel.dp_shard={self.dp_shard} parallel.ep={self.ep}"
+
+
+@dataclass
+class LayoutPlan:
+    layout: Layout
+    memory: dict[str, float]          # bytes per process by kind, and "total"
+    collective_bytes: dict[str, int]  # payload per step and process by kind (dist_bench's definition)
+    compute_s: float
+    comm_s: float
+    fits: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.comm_s
+
+
+def collective_bytes(counts: ModelCounts, layout: Layout, local_batch: int, act_bytes: int = FP32) -> dict[str, int]:
+    """Payload bytes of one step's collectives on one process, by kind (dist_bench's `CollectiveBytes`)."""
+    out: dict[str, int] = {}
+    if layout.world == 1:
+        return out
+    out["all_gather"] = 2 * local_batch * counts.embed_dim * act_bytes  # image + text features
+    if layout.name == "ddp":
+        out["all_reduce"] = counts.total_params * FP32
+        out["broadcast"] = counts.buffer_bytes
+        return out
+    efsdp = layout.dp_shard // layout.ep
+    dense = sum(_padded(u, layout.dp_shard) for u in counts.dense_units) if layout.dp_shard > 1 else 0
+    experts = _padded(counts.expert_shapes, efsdp, layout.ep) if efsdp > 1 else 0
+    out["all_gather"] += 2 * (dense + experts) * FP32
+    out["reduce_scatter"] = (dense + experts) * FP32
+    out["all_reduce"] = counts.scalar_params * FP32
+    if layout.dp_replicate > 1:  # HSDP: the reduced shards are then all-reduced over the replicas
+        out["all_reduce"] += (dense // layout.dp_shard + experts // max(efsdp, 1)) * FP32
+    if layout.ep > 1:
+        out["all_to_all"] = sum(2 * local_batch * slots * (d_in + d_out) * act_bytes
+                                for slots, d_in, d_out in counts.moe_layers)
+    return out
+
+
+def memory_bytes(counts: ModelCounts, layout: Layout, local_batch: int, act_scale: float = 1.0) -> dict[str, float]:
+    """Bytes one process holds at its peak, by kind (see the module docstring)."""
+    state = 4 * FP32  # parameter, gradient, two AdamW moments
+    if layout.name == "ddp":
+        mem = {"state": counts.total_params * state, "buffers": counts.total_params * FP32}
+    else:
+        efsdp = layout.dp_shard // layout.ep
+        dense = sum(_padded(u, layout.dp_shard) for u in counts.dense_units) / layout.dp_shard
+        experts = _padded(counts.expert_shapes, efsdp, layout.ep) / efsdp
+        largest = max([_padded(u, layout.dp_shard) for u in counts.dense_units]
+                      + [_padded(counts.expert_shapes, efsdp, layout.ep) // max(len(counts.moe_layers), 1)])
+        a2a = max([2 * local_batch * slots * max(d_in, d_out) * FP32 * act_scale
+                   for slots, d_in, d_out in counts.moe_layers] or [0]) if layout.ep > 1 else 0
+        mem = {"state": (dense + experts + counts.scalar_params) * state, "buffers": 3 * largest * FP32 + a2a}
+    mem["activations"] = counts.activation_bytes_per_example * local_batch * act_scale
+    mem["total"] = sum(mem.values())
+    return mem
+
+
+def layouts(world: int, num_experts: tuple[int, ...], dp_replicate: int = 1) -> list[Layout]:
+    """DDP, FSDP2 and FSDP2+EP for every ep dividing both dp_shard and the experts."""
+    dp_shard = world // dp_replicate
+    out = [Layout("ddp", world, 1, 1)]
+    for ep in _divisors(dp_shard):
+        if all(n % ep == 0 for n in num_experts):
+            out.append(Layout("fsdp2" if ep == 1 else "fsdp2+ep", dp_replicate, dp_shard, ep))
+    return out
+
+
+def _ring_s(kind: str, payload: float, group: int, gbps: float) -> float:
+    factor = {"all_reduce": 2.0, "broadcast": 1.0}.get(kind, 1.0) * (group - 1) / group
+    return payload * factor / (gbps * 1e9) if group > 1 else 0.0
+
+
+def plan_layout(counts: ModelCounts, layout: Layout, *, global_batch: int, grad_accum: int = 1,
+                gpu_memory_gib: float, bf16: bool = False, tflops: float = 400.0, nvlink_gbps: float = 450.0,
+                link_gbps: float = 50.0, gpus_per_node: int = 8) -> LayoutPlan:
+    """Memory, collective bytes and step time of one layout."""
+    check_layout(world_size=layout.world, dp_replicate=layout.dp_replicate if layout.name != "ddp" else layout.world,
+                 dp_shard=layout.dp_shard, ep=layout.ep, num_experts=counts.num_experts)
+    if global_batch % (layout.world * grad_accum):
+        raise ValueError(f"batch_size={global_batch} does not split into {grad_accum} micro-batches on "
+                         f"{layout.world} GPUs; choose a batch_size divisible by {layout.world * grad_accum}")
+    local = global_batch // (layout.world * grad_accum)
+    act = 2 if bf16 else FP32
+    mem = memory_bytes(counts, layout, local, act_scale=act / FP32)
+    comm = collective_bytes(counts, layout, local, act)
+    # Parameter collectives repeat for every micro-batch under FSDP2 (resharded between them); DDP reduces once.
+    repeat = {k: (grad_accum if layout.name != "ddp" or k not in ("all_reduce",) else 1) for k in comm}
+    dense_group = layout.world if layout.name == "ddp" else layout.dp_shard
+    group = {"all_to_all": layout.ep, "all_gather": dense_group, "reduce_scatter": dense_group,
+             "all_reduce": layout.world, "broadcast": layout.world}
+
+    def gbps(n: int) -> float:
+        return nvlink_gbps if n <= gpus_per_node else link_gbps
+
+    comm_s = sum(_ring_s(k, v * repeat[k], group[k], gbps(group[k])) for k, v in comm.items())
+    compute_s = 3 * counts.forward_flops_per_example * global_batch / (layout.world * tflops * 1e12)
+    return LayoutPlan(layout, mem, comm, compute_s, comm_s, fits=mem["total"] <= gpu_memory_gib * GIB,
+                      extra={"local_batch": local})
+
+
+def plan(counts: ModelCounts, *, gpus: int, global_batch: int, gpu_memory_gib: float, dp_replicate: int = 1,
+         **kw) -> list[LayoutPlan]:
+    """Every layout at `gpus`, the fitting ones first by step time."""
+    plans = [plan_layout(counts, lay, global_batch=global_batch, gpu_memory_gib=gpu_memory_gib, **kw)
+             for lay in layouts(gpus, counts.num_experts, dp_replicate)]
+    return sorted(plans, key=lambda p: (not p.fits, p.step_s))
+
+
+def format_table(plans: list[LayoutPlan]) -> str:
+    head = (f"{'layout':<9}{'rep':>4}{'shard':>6}{'ep':>5}{'state GiB':>10}{'buf GiB':>9}{'act GiB':>9}"
+            f"{'total GiB':>10}{'comm GB':>9}{'step s':>8}  fits")
+    rows = [head]
+    for p in plans:
+        m, lay = p.memory, p.layout
+        rows.append(f"{lay.name:<9}{lay.dp_replicate:>4}{lay.dp_shard:>6}{lay.ep:>5}{m['state'] / GIB:>10.2f}"
+                    f"{m['buffers'] / GIB:>9.2f}{m['activations'] / GIB:>9.2f}{m['total'] / GIB:>10.2f}"
+                    f"{sum(p.collective_bytes.values()) / 1e9:>9.2f}{p.step_s:>8.3f}  {'yes' if p.fits else 'no'}")
+    return "\n".join(rows)
+
+
+def to_json(plans: list[LayoutPlan]) -> list[dict]:
+    return [{"layout": asdict(p.layout), "overrides": p.layout.overrides, "memory_bytes": p.memory,
+             "collective_bytes": p.collective_bytes, "compute_s": p.compute_s, "comm_s": p.comm_s,
+             "step_s": p.step_s, "fits": p.fits, **p.extra} for p in plans]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    parser.add_argument("--tflops", type=float, default=400.0,
+                        help="achieved TFLOP/s per GPU (default 400: ~40%% of H100 dense bf16 peak)")
+    parser.add_argument("--nvlink-gbps", type=float, default=450.0, help="GB/s per GPU within a node")
+    parser.add_argument("--link-gbps", type=float, default=50.0, help="GB/s per GPU between nodes")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--json", action="store_true")
+
+
+SCALING_CONFIGS = ("softmoe_b16_sigmoid_256", "softmoe_l16_sigmoid", "softmoe_h14_sigmoid")
+
+
+def best(plans: list[LayoutPlan]) -> LayoutPlan | None:
+    """The fastest layout that fits, or None."""
+    return next((p for p in plans if p.fits), None)
+
+
+def run(counts: ModelCounts, args: argparse.Namespace, *, global_batch: int, grad_accum: int, bf16: bool,
+        dp_replicate: int = 1) -> dict:
+    """Print the table of every layout at `args.gpus` and the fastest fitting one; return it as JSON."""
+    plans = plan(counts, gpus=args.gpus, global_batch=global_batch, gpu_memory_gib=args.gpu_memory,
+                 dp_replicate=dp_replicate, grad_accum=grad_accum, bf16=bf16, **link_kwargs(args))
+    chosen = best(plans)
+    result = {"gpus": args.gpus, "gpu_memory_gib": args.gpu_memory, "parameters": counts.total_params,
+              "expert_parameters": counts.expert_params, "layouts": to_json(plans),
+              "best": chosen.layout.overrides if chosen else None}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return result
+    print(f"{counts.total_params / 1e9:.3f}B parameters ({counts.expert_params / 1e9:.3f}B in experts), "
+          f"{args.gpus} GPUs x {args.gpu_memory:g} GiB, global batch {global_batch}")
+    print(format_table(plans))
+    print(f"fastest layout that fits: {chosen.layout.name}, {chosen.step_s:.3f} s/step; overrides: "
+          f"{chosen.layout.overrides}" if chosen else "no layout fits: more GPUs, grad accumulation or checkpointing")
+    return result
+
+
+def link_kwargs(args: argparse.Namespace) -> dict:
+    return {"tflops": args.tflops, "nvlink_gbps": args.nvlink_gbps, "link_gbps": args.link_gbps,
+            "gpus_per_node": args.gpus_per_node}
+
+
+def scaling(counted: dict[str, tuple[ModelCounts, int, int, bool]], args: argparse.Namespace,
+            gpus: tuple[int, ...] = tuple(2**k for k in range(3, 11)), png: str | None = None) -> list[dict]:
+    """The fastest fitting layout of each model at 8..1024 GPUs, with the fewest gradient-accumulation steps
+    (the config's, doubled until a layout fits); `counted`: name -> (counts, batch, accum, bf16)."""
+    rows = []
+    for name, (counts, batch, accum, bf16) in counted.items():
+        for n in gpus:
+            b, acc = None, accum
+            # Too little memory for the config's micro-batch: accumulate over more, smaller micro-batches.
+            while b is None and batch % (n * acc) == 0:
+                b = best(plan(counts, gpus=n, global_batch=batch, gpu_memory_gib=args.gpu_memory, grad_accum=acc,
+                              bf16=bf16, **link_kwargs(args)))
+                acc *= 2 if b is None else 1
+            rows.append({"config": name, "gpus": n, "layout": b.layout.name if b else None,
+                         "ep": b.layout.ep if b else None, "grad_accum_steps": acc,
+                         "memory_gib": b.memory["total"] / GIB if b else None,
+                         "step_s": b.step_s if b else None, "comm_s": b.comm_s if b else None,
+                         "overrides": f"{b.layout.overrides} grad_accum_steps={acc}" if b else None})
+    print(f"{'config':<26}{'gpus':>6}  {'layout':<9}{'ep':>5}{'accum':>6}{'GiB/GPU':>9}{'step s':>9}{'comm s':>8}")
+    for r in rows:
+        if r["layout"] is None:
+            print(f"{r['config']:<26}{r['gpus']:>6}  no layout fits")
+            continue
+        print(f"{r['config']:<26}{r['gpus']:>6}  {r['layout']:<9}{r['ep']:>5}{r['grad_accum_steps']:>6}"
+              f"{r['memory_gib']:>9.1f}"
+              f"{r['step_s']:>9.3f}{r['comm_s']:>8.3f}")
+    if png:
+        _plot(rows, png)
+    return rows
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    from mmsoftmoe.figures import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["config"] for r in rows):
+        pts = [(r["gpus"], r["step_s"]) for r in rows if r["config"] == name and r["step_s"]]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="estimated step time (s)",
+           title="Fastest fitting layout per GPU count")
+    ax.legend()
+    save_figure(fig, path, dpi=120)
