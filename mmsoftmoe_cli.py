@@ -22,7 +22,8 @@ COMMANDS = {
     "export": ("mmsoftmoe.export", "export the image encoder (timm, open_clip, hf, onnx, torchscript)"),
     "demo": ("mmsoftmoe_training.demo", "pretrain on built-in data, evaluate, export, print a results table"),
     "consolidate": ("mmsoftmoe.parallel.checkpoint", "a sharded (FSDP2/EP) checkpoint -> the single-file model"),
-    "plan": ("mmsoftmoe_training.plan", "per-GPU memory and step time of DDP / FSDP2 / FSDP2+EP layouts; the fastest that fits"),
+    "plan": ("mmsoftmoe_training.plan",
+             "per-GPU memory and step time of DDP / FSDP2 / FSDP2+EP layouts; the fastest that fits"),
 }
 
 # What a user can cause: bad values and arguments, missing or unreadable files, training that diverged.

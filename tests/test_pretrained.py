@@ -9,6 +9,7 @@ import mmsoftmoe_training.main as train_main
 from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.models.pretrained import read_weights, warm_start_
 from mmsoftmoe_training.config import load_config
+from mmsoftmoe_training.model import build_model
 
 RUN = ["eval.dataset=none", "data.num_workers=0", "batch_size=8", "trackers=[]"]
 
@@ -26,9 +27,9 @@ def test_image_tower_warm_start_loads_only_the_image_tower(trained, folder, tmp_
     cfg = load_config("smoke", [f"output_dir={tmp_path}", *RUN, f"model.pretrained={trained / folder}",
                                 "model.pretrained_towers=image"])
     set_seed(cfg.seed)
-    model, _, _ = train_main.build_model(cfg)
+    model, _, _ = build_model(cfg)
     set_seed(cfg.seed)
-    fresh, _, _ = train_main.build_model(load_config("smoke", [f"output_dir={tmp_path}", *RUN]))
+    fresh, _, _ = build_model(load_config("smoke", [f"output_dir={tmp_path}", *RUN]))
     fresh_state = fresh.state_dict()
     for name, value in model.state_dict().items():
         expected = source[name] if name.startswith("visual.") else fresh_state[name]
@@ -53,7 +54,7 @@ def test_upcycle_from_a_dense_clip_file_through_the_config(tmp_path):
     path = tmp_path / "dense.safetensors"
     save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(path))
     cfg = load_config("smoke", [f"output_dir={tmp_path / 'run'}", *RUN, f"model.upcycle_from={path}"])
-    model, _, _ = train_main.build_model(cfg)
+    model, _, _ = build_model(cfg)
     trunk = model.visual.trunk
     assert torch.equal(trunk.blocks[0].attn.qkv.weight, dense.visual.trunk.blocks[0].attn.qkv.weight)
     assert torch.equal(trunk.blocks[2].mlp.experts.w2[7], dense.visual.trunk.blocks[2].mlp.fc2.weight.t())

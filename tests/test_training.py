@@ -19,6 +19,7 @@ from mmsoftmoe.layers import collect_aux_loss, routed_layers
 from mmsoftmoe.models.clip import build_clip_from_config, resolve_clip_config
 from tests.training_fixtures import global_batch, grads, make_model, shapes_image_folder, split, write_metadata
 from mmsoftmoe_training.config import load_config
+from mmsoftmoe_training.model import build_model
 from mmsoftmoe_training.loop import build_loss, loss_terms, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    real_step = training.loop.train_step
+    real_step = mmsoftmoe_training.loop.train_step
     calls = {"n": 0}
 
     def nan_on_second_step(*args, **kwargs):
@@ -184,14 +185,14 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         losses = real_step(*args, **kwargs)
         return {k: v * float("nan") for k, v in losses.items()} if calls["n"] == 2 else losses
 
-    monkeypatch.setattr(training.loop, "train_step", nan_on_second_step)
+    monkeypatch.setattr(mmsoftmoe_training.loop, "train_step", nan_on_second_step)
     records = _fit(tmp_path / "skip", "steps=3", "resume=none")
     assert records[2]["nonfinite_steps"] == 1 and records[3]["nonfinite_steps"] == 1
 
     state = json.loads((tmp_path / "skip/final/trainer_state.json").read_text())["state"]
     assert (state["nonfinite_steps"], state["nonfinite_in_a_row"]) == (1, 0)  # numbers, not tensors
 
-    monkeypatch.setattr(training.loop, "train_step",
+    monkeypatch.setattr(mmsoftmoe_training.loop, "train_step",
                         lambda *a, **k: {k2: v * float("nan") for k2, v in real_step(*a, **k).items()})
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses at step 3"):
         _fit(tmp_path / "stop", "steps=5", "max_nonfinite_steps=3")
@@ -205,7 +206,7 @@ def test_locked_image_tower_does_not_move(tmp_path):
     cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "eval.dataset=none", "data.num_workers=0", "batch_size=8",
                               "steps=2", "model.lock_image=true"])
     set_seed(cfg.seed)
-    before, _, _ = train_main.build_model(cfg)
+    before, _, _ = build_model(cfg)
     train_main.fit(cfg)
     from mmsoftmoe.models.clip import load_clip
 

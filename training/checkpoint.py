@@ -3,7 +3,8 @@
 A checkpoint `output_dir/checkpoints/step_XXXXXXXX/` is the folder `mmsoftmoe.checkpoint` describes: accelerate's
 state (model, optimizer, per-process RNG; loaded with `weights_only=True`), `open_clip_config.json` (so `load_clip`,
 `mmsoftmoe eval` and `mmsoftmoe export` read it), `trainer_state.json` and, written last, `manifest.json`.
-`output_dir/final/` (the single-file model) is written the same way.
+`output_dir/final/` (the single-file model) is written the same way, and rewritten the same way when the final
+evaluation's metrics are added to its `trainer_state.json` (`record_final_metrics`).
 
 The save sequence, each step safe to be killed at:
 1. every process writes into the hidden folder `.tmp_<name>` (accelerate's `save_state`; a sharded run writes
@@ -30,6 +31,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +42,7 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from mmsoftmoe.checkpoint import (
+    MANIFEST_NAME,
     SHARDED_DIR,
     TRAINER_STATE_NAME,
     CheckpointError,
@@ -220,6 +223,26 @@ def save_final_model(model: nn.Module, model_cfg: dict, output_dir: str | Path, 
     target = output_dir / FINAL_DIR
     with _staged(target, output_dir, _state_bytes(model) // 3, main_process=True) as tmp:
         save_clip(model, model_cfg, tmp)
+        (tmp / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=2))
+        write_manifest(tmp)
+    _publish(tmp, target)
+    return target
+
+
+def record_final_metrics(output_dir: str | Path, trainer_state: dict) -> Path:
+    """Rewrite `final/trainer_state.json` with the final evaluation's metrics, as atomically as `final/` itself
+    was written: a copy whose other files are hard links to final/'s (no bytes copied), the new state and a new
+    manifest, published in place of final/. Main process only."""
+    output_dir = Path(output_dir)
+    target = output_dir / FINAL_DIR
+    with _staged(target, output_dir, 1 << 20, main_process=True) as tmp:
+        tmp.mkdir()
+        for path in target.iterdir():
+            if path.is_file() and path.name not in (TRAINER_STATE_NAME, MANIFEST_NAME):
+                try:
+                    os.link(path, tmp / path.name)
+                except OSError:  # a file system without hard links: copy the bytes instead
+                    shutil.copy2(path, tmp / path.name)
         (tmp / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=2))
         write_manifest(tmp)
     _publish(tmp, target)

@@ -29,7 +29,8 @@ class MetricsLogger:
         self.path = self.output_dir / METRICS_FILE
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.accelerator.is_main_process:
+        """Append `metrics` as step `step`'s record; nothing for an empty dict (a step that logged nothing)."""
+        if not metrics or not self.accelerator.is_main_process:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -2,14 +2,17 @@
 
 The same command runs on one CPU, one GPU, or many processes: `torchrun --nproc_per_node N --no-python mmsoftmoe
 train ...` (CPU processes use gloo) or `accelerate launch --multi_gpu --no_python mmsoftmoe train ...`.
-`fit(cfg)` composes the `build_*` helpers and runs the loop; the step itself is `training.loop.optimizer_step`.
 
-Two ways of spreading a run over processes, chosen by `parallel.*`: accelerate's DDP (the default: every process
-holds the whole model), or, with `parallel.dp_shard` set, `mmsoftmoe.parallel` (FSDP2 for the dense parameters,
-the experts split over `parallel.ep` processes). A sharded run builds its model on the meta device and fills its
-shards from one full build on rank 0, saves DCP checkpoints (resumable at another process count or layout),
-clips by the global norm over both parameter kinds, and evaluates and writes `final/` from a whole copy gathered
-on rank 0 (`build_sharded_model`, `gather_plain_model`).
+`fit(cfg)` checks everything the run will use before it creates anything, takes the run folder, and runs a
+`Trainer`. The Trainer's loop is the step (`mmsoftmoe_training.loop.optimizer_step`) followed by components that
+each decide their own timing: `StepLog` (progress, the log line and metrics of logging steps), `Evaluator`
+(zero-shot every `eval.every` steps) and `Checkpointer` (every `checkpoint_every` steps). How the run is spread over
+processes, replicated (accelerate's DDP) or sharded (FSDP2 + expert parallelism), is one `Strategy` object chosen
+at start-up (`mmsoftmoe_training.strategy`).
+
+The end of a run writes the last checkpoint and `final/` first, then evaluates: a failing final evaluation is
+logged and raised (non-zero exit) with both intact, and `final/trainer_state.json` gets the final metrics only
+once they exist.
 """
 
 from __future__ import annotations
@@ -20,41 +23,37 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import open_clip
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
-from mmsoftmoe_eval.main import run_evaluation
 from mmsoftmoe.data import SKIP_LOG_NAME, count_skipped, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.accounting import count_parameters, parameter_counts
-from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
-from mmsoftmoe.models.pretrained import read_weights, warm_start_
-from mmsoftmoe.models.upcycle import read_state_dict, upcycle_
-from mmsoftmoe.parallel import (
-    build_meshes,
-    check_layout,
-    clip_grad_norm_,
-    expert_layers,
-    full_model_state_dict,
-    materialize_from_rank0,
-    parallelize,
+from mmsoftmoe.models.clip import preprocess_config
+from mmsoftmoe_eval.datasets import build_dataset
+from mmsoftmoe_eval.main import run_evaluation
+from mmsoftmoe_eval.protocol import default_test_split
+from mmsoftmoe_training.checkpoint import (
+    choose_resume_checkpoint,
+    record_final_metrics,
+    save_checkpoint,
+    save_final_model,
 )
-from mmsoftmoe_training.checkpoint import choose_resume_checkpoint, restore_training_state, save_checkpoint, save_final_model
 from mmsoftmoe_training.config import TrainConfig, config_help, config_yaml, get_value, load_config, to_dict, valid_keys
 from mmsoftmoe_training.data import build_pair_dataset, build_train_loader
 from mmsoftmoe_training.lock import acquire_run_lock
 from mmsoftmoe_training.logger import MetricsLogger, plot_training
-from mmsoftmoe_training.loop import TrainState, build_loss, optimizer_step, record_step, step_metrics
-from mmsoftmoe_training.optim import build_optimizer, lr_multiplier
+from mmsoftmoe_training.loop import StepResult, TrainState, build_loss, optimizer_step, record_step, step_metrics
+from mmsoftmoe_training.optim import lr_multiplier
+from mmsoftmoe_training.strategy import Strategy, build_strategy, process_group
 
 logger = logging.getLogger("mmsoftmoe.train")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -103,7 +102,8 @@ def _flat_config(cfg: TrainConfig) -> dict:
 @contextlib.contextmanager
 def run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Iterator[Path]:
     """Create `output_dir` and write the resolved `config.yaml`; while open, the main process also logs to
-    `train.log` and the other processes log warnings only (one copy of each line)."""
+    `train.log` (an error that ends the run included: on a cluster the log is what a user reads) and the other
+    processes log warnings only (one copy of each line)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-save INFO lines drown the run's own
@@ -116,93 +116,55 @@ def run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Iterator[Path]:
         if accelerator.is_main_process:
             (out / "config.yaml").write_text(config_yaml(cfg))
         yield out
+    except (ValueError, OSError) as err:  # what a user can cause: the `error:` line the command prints
+        logger.error("error: %s", err)
+        raise
+    except Exception:
+        logger.exception("the run failed")
+        raise
     finally:
         ours.removeHandler(handler)
         handler.close()
 
 
-def build_model(cfg: TrainConfig, device: str = "cpu"):
-    """(model, tokenizer, complete open_clip model config), towers locked and checkpointing set as configured.
+@contextlib.contextmanager
+def refused_runs_leave_no_folder(output_dir: str | Path, main_process: bool) -> Iterator[Callable[[], None]]:
+    """A run refused at start-up (before its first step) leaves a folder that did not exist, or was empty, as it
+    found it: the config, log and lock it created are removed once the lock is released. Yields `started()`, which
+    the run calls when start-up is over (from then on the folder is the run's)."""
+    out = Path(output_dir)
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    started = False
 
-    On `device="meta"` only the structure is built (no weights are allocated, upcycled or loaded).
+    def mark_started() -> None:
+        nonlocal started
+        started = True
+
+    try:
+        yield mark_started
+    except BaseException:
+        if fresh and not started and main_process and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def check_start(cfg: TrainConfig) -> None:
+    """Resolve, before anything is created or built, every value the run only uses later: the evaluation data
+    (its kind, layout and the splits the evaluations read). Trackers are checked by `build_accelerator`.
+
+    Raises:
+        ValueError: naming the key and what is wrong, as every config error does.
     """
-    model_cfg = resolve_clip_config(cfg.model.name, cfg.model.text_model)
-    if cfg.loss == "siglip" and model_cfg.get("init_logit_bias") is None:
-        raise ValueError(f"loss=siglip needs a model with a logit bias, and {cfg.model.name} has none; use a "
-                         "*-Sigmoid model config (init_logit_bias=-10, init_logit_scale=log 10) or loss=clip")
-    model, tokenizer = build_clip_from_config(model_cfg, device=device)
-    open_clip.set_model_preprocess_cfg(model, preprocess_config(model))
-    if device != "meta":
-        load_start_weights(cfg, model)
-    if cfg.model.lock_image:
-        model.lock_image_tower()
-    if cfg.model.lock_text:
-        model.lock_text_tower()
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    return model, tokenizer, model_cfg
-
-
-def load_start_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
-    """Upcycle the image tower from a dense checkpoint and/or warm-start from pretrained weights, as configured."""
-    if cfg.model.upcycle_from:
-        report = upcycle_(model.visual.trunk, read_state_dict(cfg.model.upcycle_from))
-        logger.info("upcycled the image tower from %s: %d tensors copied, %d expert tensors from dense MLPs, %d "
-                    "fresh (routers), %d unused", cfg.model.upcycle_from, len(report.copied), len(report.upcycled),
-                    len(report.fresh), len(report.unused))
-    if cfg.model.pretrained:
-        report = warm_start_(model, read_weights(cfg.model.pretrained), cfg.model.pretrained_towers)
-        logger.info("warm start (%s) from %s: %d tensors loaded; missing %s; unexpected %s",
-                    cfg.model.pretrained_towers, cfg.model.pretrained, len(report.loaded),
-                    report.missing or "none", report.unexpected or "none")
-
-
-def build_sharded_model(cfg: TrainConfig, accelerator: Accelerator):
-    """(model, tokenizer, model config) of a sharded run: built on the meta device, experts split over
-    `parallel.ep` processes and everything FSDP2-sharded (`mmsoftmoe.parallel.parallelize`), then each process's
-    shards filled from the model rank 0 builds as an unsharded run would (so the run starts from the same weights,
-    and only rank 0's host memory ever holds the whole model)."""
-    par, world = cfg.parallel, accelerator.num_processes
-    dp_shard = par.shard_size(world)
-    model, tokenizer, model_cfg = build_model(cfg, device="meta")
-    check_layout(world_size=world, dp_replicate=par.dp_replicate, dp_shard=dp_shard, ep=par.ep,
-                 num_experts=tuple(layer.num_experts for layer in expert_layers(model).values()))
-    meshes = build_meshes(device_type=accelerator.device.type, dp_replicate=par.dp_replicate, dp_shard=dp_shard,
-                          ep=par.ep)
-    parallelize(model, meshes)
-    full = build_model(cfg)[0] if accelerator.is_main_process else None
-    materialize_from_rank0(model, full, accelerator.device)
-    logger.info("sharded: dp_replicate=%d x dp_shard=%d processes; experts split over ep=%d, each split FSDP2-sharded "
-                "over dp_shard / ep = %d", par.dp_replicate, dp_shard, par.ep, dp_shard // par.ep)
-    return model, tokenizer, model_cfg
-
-
-def gather_plain_model(model: torch.nn.Module, model_cfg: dict, accelerator: Accelerator) -> torch.nn.Module | None:
-    """A whole, unsharded copy of a sharded model on rank 0's device (None on the other ranks); call on every
-    process."""
-    state = full_model_state_dict(model)
-    if not accelerator.is_main_process:
-        return None
-    plain, _ = build_clip_from_config(model_cfg)
-    plain.load_state_dict(state)
-    open_clip.set_model_preprocess_cfg(plain, preprocess_config(model))
-    return plain.to(accelerator.device).eval()
-
-
-def restore(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer) -> tuple[TrainState, dict[str, float]]:
-    """The state to start from: fresh, or the checkpoint `cfg.resume` names (model and optimizer restored)."""
-    resume_from = choose_resume_checkpoint(accelerator, cfg.resume, cfg.output_dir)
-    if resume_from is None:
-        return TrainState(), {}
-    saved = restore_training_state(accelerator, resume_from, cfg.model.name, model=model,
-                                   sharded_optimizer=optimizer if cfg.parallel.sharded else None)
-    state = TrainState(**saved["state"])
-    logger.info("resumed from %s at step %d", resume_from, state.step)
-    trained = saved.get("config", {}).get("steps")
-    if trained is not None and state.step >= trained and cfg.steps > state.step:
-        logger.info("extending a finished run: it trained %d of %d steps and now runs to %d (the learning-rate "
-                    "schedule is recomputed for the new total)", state.step, trained, cfg.steps)
-    return state, saved.get("metrics", {})
+    spec = cfg.eval.dataset
+    if spec is None:
+        return
+    splits = {default_test_split(spec)} | ({"train"} if cfg.eval.fewshot else set())
+    for split in sorted(splits):
+        try:
+            build_dataset(spec, split)
+        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+            raise ValueError(f"eval.dataset={spec!r}: {err} (checked before training; eval.dataset=none trains "
+                             "without evaluation)") from err
 
 
 def log_summary(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, dataset,
@@ -243,137 +205,213 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class StepLog:
+    """The progress bar, and on logging steps (every `log_every` steps and the last) the log line and the step's
+    metrics (losses, lr, gradient norm, throughput, routing statistics)."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, strategy: Strategy, desc: str, start: int) -> None:
+        self.cfg, self.accelerator, self.strategy = cfg, accelerator, strategy
+        self.progress = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True,
+                             disable=not accelerator.is_local_main_process)
+        self.interval_start, self.interval_samples = time.perf_counter(), 0
+
+    def due(self, step: int) -> bool:
+        """Whether `step` (1-based) logs; routing statistics are recorded on those steps only (they cost time)."""
+        return step % self.cfg.log_every == 0 or step == self.cfg.steps
+
+    def maybe(self, state: TrainState, result: StepResult) -> dict[str, float]:
+        """The step's metrics if it is a logging step, else {}."""
+        self.progress.update(1)
+        self.interval_samples += self.cfg.batch_size
+        if not self.due(state.step):
+            return {}
+        s = self.strategy
+        record = step_metrics(self.accelerator, result, s.module, s.optimizer,
+                              self.interval_samples / (time.perf_counter() - self.interval_start))
+        record["nonfinite_steps"] = state.nonfinite_steps
+        self.progress.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+        logger.info("step %d/%d: loss %.4f, lr %.3g, %.1f samples/s", state.step, self.cfg.steps, record["loss"],
+                    record["lr"], record["samples_per_s"])
+        self.interval_start, self.interval_samples = time.perf_counter(), 0
+        return record
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+class Evaluator:
+    """Zero-shot classification every `eval.every` steps, and at the end zero-shot plus the 10-shot probe
+    (`eval.fewshot`); nothing without `eval.dataset`. `last` holds the latest results (checkpoints record them)."""
+
+    def __init__(self, cfg: TrainConfig, strategy: Strategy, batch_size: int, last: dict[str, float]) -> None:
+        self.cfg, self.strategy, self.batch_size, self.last = cfg, strategy, batch_size, last
+        self.preprocess = transforms_from_preprocess_cfg(preprocess_config(strategy.module))[1]
+
+    def maybe(self, step: int) -> dict[str, float]:
+        every = self.cfg.eval.every
+        if not every or step % every or step >= self.cfg.steps:  # the last step is evaluated by `final`
+            return {}
+        return self.evaluate(("zeroshot",), self.strategy.whole_model())
+
+    def final(self, whole: torch.nn.Module | None) -> dict[str, float]:
+        """The end-of-run evaluation of `whole` (the strategy's whole copy, gathered once for `final/` too)."""
+        return self.evaluate(("zeroshot", "fewshot") if self.cfg.eval.fewshot else ("zeroshot",), whole)
+
+    def evaluate(self, tasks: tuple[str, ...], whole: torch.nn.Module | None) -> dict[str, float]:
+        spec = self.cfg.eval.dataset
+        if spec is None:
+            return {}
+
+        def run(model: torch.nn.Module, accelerator: Accelerator | None) -> dict[str, float]:
+            results = run_evaluation(model, self.strategy.tokenizer, dataset=spec, tasks=tasks,
+                                     preprocess=self.preprocess, batch_size=self.batch_size,
+                                     accelerator=accelerator, shots=(10,))[spec]
+            return flat_metrics({k: v for k, v in results.items() if k in tasks})
+
+        self.last = self.strategy.evaluate(run, whole)
+        return self.last
+
+
+class Checkpointer:
+    """A resumable checkpoint every `checkpoint_every` steps (the end of the run saves its own), the newest
+    `keep_checkpoints` kept; what it holds is the strategy's business."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, strategy: Strategy, out: Path,
+                 trainer_state) -> None:
+        self.cfg, self.accelerator, self.strategy, self.out = cfg, accelerator, strategy, out
+        self.trainer_state = trainer_state  # () -> dict, read at save time
+
+    def maybe(self, step: int) -> None:
+        if step % self.cfg.checkpoint_every == 0 and step < self.cfg.steps:
+            self.save(step)
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(self.accelerator, output_dir=self.out, step=step, trainer_state=self.trainer_state(),
+                               model_cfg=self.strategy.model_cfg, keep=self.cfg.keep_checkpoints,
+                               **self.strategy.checkpoint_args())
+
+
+class Trainer:
+    """One run: the strategy's model, the data, the step, and the components that decide their own timing."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str = "train") -> None:
+        set_seed(cfg.seed)
+        self.cfg, self.accelerator, self.out = cfg, accelerator, out
+        self.strategy = build_strategy(cfg, accelerator)
+        self.state, last_eval = self.restore()
+        self.metrics = MetricsLogger(accelerator, out)
+        self.metrics.truncate_after(self.state.step)
+        if self.state.step == 0 and accelerator.is_main_process:  # a fresh start counts its own bad samples only
+            (out / SKIP_LOG_NAME).unlink(missing_ok=True)
+        accelerator.wait_for_everyone()  # before any data worker appends to the skip log
+        self.micro_batch = cfg.batch_size // (accelerator.num_processes * cfg.grad_accum_steps)
+        self.dataset, self.loader = self.build_data()
+        self.loss_fn = build_loss(cfg.loss, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
+        log_summary(cfg, accelerator, self.strategy.module, self.dataset, self.state)
+        self.log = StepLog(cfg, accelerator, self.strategy, desc, self.state.step)
+        self.evaluator = Evaluator(cfg, self.strategy, self.micro_batch, last_eval)
+        self.checkpointer = Checkpointer(cfg, accelerator, self.strategy, out, self.trainer_state)
+
+    def restore(self) -> tuple[TrainState, dict[str, float]]:
+        """The state to start from: fresh, or the checkpoint `resume` names (model and optimizer restored)."""
+        cfg = self.cfg
+        resume_from = choose_resume_checkpoint(self.accelerator, cfg.resume, cfg.output_dir)
+        if resume_from is None:
+            return TrainState(), {}
+        saved = self.strategy.restore(resume_from, cfg.model.name)
+        state = TrainState(**saved["state"])
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+        trained = saved.get("config", {}).get("steps")
+        if trained is not None and state.step >= trained and cfg.steps > state.step:
+            logger.info("extending a finished run: it trained %d of %d steps and now runs to %d (the learning-rate "
+                        "schedule is recomputed for the new total)", state.step, trained, cfg.steps)
+        return state, saved.get("metrics", {})
+
+    def build_data(self):
+        """(pair dataset, endless step-exact loader of micro-batches) for this process, from the resume step."""
+        cfg, acc = self.cfg, self.accelerator
+        dataset = build_pair_dataset(cfg.data, preprocess_config(self.strategy.module), self.strategy.tokenizer,
+                                     acc.process_index, acc.num_processes, skip_log=self.out / SKIP_LOG_NAME)
+        loader = build_train_loader(dataset, global_batch=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
+                                    rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
+                                    start_step=self.state.step, total_steps=cfg.steps,
+                                    num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
+                                    allow_repeats=cfg.data.allow_repeats_in_batch)
+        return dataset, loader
+
+    def trainer_state(self) -> dict:
+        """What `trainer_state.json` records, in every checkpoint and in `final/`."""
+        state = self.state
+        return {"state": state.to_dict(), "step": state.step, "samples_seen": state.samples_seen,
+                "config": to_dict(self.cfg), "metrics": self.evaluator.last,
+                "data_skipped": count_skipped(self.out / SKIP_LOG_NAME)}
+
+    def step(self, logging_step: bool) -> StepResult:
+        """One optimizer step on the next global batch (its micro-batches)."""
+        cfg, s = self.cfg, self.strategy
+        micro = [_to_device(next(self.loader), self.accelerator.device) for _ in range(cfg.grad_accum_steps)]
+        set_record_stats(s.module, logging_step)
+        lr = cfg.optim.lr * lr_multiplier(
+            self.state.step, schedule=cfg.optim.schedule, total_steps=cfg.steps,
+            warmup_steps=cfg.optim.warmup_steps, cooldown_steps=cfg.optim.cooldown_steps,
+            min_lr_ratio=cfg.optim.min_lr_ratio)
+        result = optimizer_step(s.model, s.optimizer, micro, loss_fn=self.loss_fn, accelerator=self.accelerator,
+                                routed_model=s.module.visual, aux_weight=cfg.aux_loss_weight, lr=lr,
+                                grad_clip=cfg.optim.grad_clip, clip_grad_norm=s.clip_grad_norm)
+        record_step(self.state, result, samples=cfg.batch_size, max_nonfinite=cfg.max_nonfinite_steps,
+                    check=logging_step)
+        return result
+
+    def train(self) -> dict[str, float]:
+        """Run to `steps`, then `finish`; returns the final evaluation's metrics."""
+        state = self.state
+        while state.step < self.cfg.steps:
+            result = self.step(logging_step=self.log.due(state.step + 1))
+            record = self.log.maybe(state, result)
+            record.update(self.evaluator.maybe(state.step))
+            self.metrics.log(state.step, record)
+            self.checkpointer.maybe(state.step)
+        return self.finish()
+
+    def finish(self) -> dict[str, float]:
+        """Save what the run made before anything can fail (the last checkpoint, then `final/`), then evaluate."""
+        self.log.close()
+        step, main_process = self.state.step, self.accelerator.is_main_process
+        whole = self.strategy.whole_model()  # gathered once (sharded): saved as final/, then evaluated
+        self.checkpointer.save(step)
+        if main_process:
+            save_final_model(whole, self.strategy.model_cfg, self.out, self.trainer_state())
+        try:
+            final = self.evaluator.final(whole)
+        except Exception as err:
+            logger.error("the final evaluation failed (%s: %s); the last checkpoint (step %d) and final/ are saved: "
+                         "evaluate them with `mmsoftmoe eval --checkpoint %s`", type(err).__name__, err, step,
+                         self.out / "final")
+            raise
+        self.metrics.log(step, final)
+        if main_process:
+            if final:
+                record_final_metrics(self.out, self.trainer_state())
+            plot_training(self.metrics.read(), self.out / "training.png")
+            logger.info("finished at step %d: %s", step, json.dumps(final))
+        self.accelerator.end_training()
+        return final
+
+
 def fit(cfg: TrainConfig, desc: str = "train") -> dict:
     """Train as configured; returns the final metrics (also in `output_dir/final/trainer_state.json`).
 
     `desc` labels the progress bar (the demo names its phase there).
     """
+    check_start(cfg)
     accelerator = build_accelerator(cfg)
-    with (acquire_run_lock(cfg.output_dir, accelerator.is_main_process), run_folder(cfg, accelerator) as out,
+    with (refused_runs_leave_no_folder(cfg.output_dir, accelerator.is_main_process) as started,
+          acquire_run_lock(cfg.output_dir, accelerator.is_main_process), run_folder(cfg, accelerator) as out,
           process_group(cfg, accelerator)):
-        return _fit(cfg, accelerator, out, desc)
-
-
-@contextlib.contextmanager
-def process_group(cfg: TrainConfig, accelerator: Accelerator) -> Iterator[None]:
-    """A sharded run needs a process group; one process started without a launcher gets a group of one, for the
-    run's duration."""
-    if not cfg.parallel.sharded or dist.is_initialized():
-        yield
-        return
-    dist.init_process_group(dist.get_default_backend_for_device(accelerator.device), store=dist.HashStore(),
-                            rank=0, world_size=1, timeout=timedelta(seconds=cfg.parallel.nccl_timeout_s))
-    try:
-        yield
-    finally:
-        if dist.is_initialized():  # accelerate's end_training may have ended it already
-            dist.destroy_process_group()
-
-
-def _fit(cfg: TrainConfig, accelerator: Accelerator, out: Path, desc: str) -> dict:
-    set_seed(cfg.seed)
-    sharded = cfg.parallel.sharded
-    model, tokenizer, model_cfg = build_sharded_model(cfg, accelerator) if sharded else build_model(cfg)
-    unwrapped = model
-    optimizer = build_optimizer(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    if not sharded:  # a sharded model is already placed and distributed; its optimizer steps its shards
-        model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.model.compile:
-        model = torch.compile(model)
-    state, last_eval = restore(cfg, accelerator, unwrapped, optimizer)
-    metrics_log = MetricsLogger(accelerator, out)
-    metrics_log.truncate_after(state.step)
-    if state.step == 0 and accelerator.is_main_process:  # a fresh start counts its own bad samples only
-        (out / SKIP_LOG_NAME).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()  # before any data worker appends to the skip log
-
-    preprocess = preprocess_config(unwrapped)
-    _, eval_tf = transforms_from_preprocess_cfg(preprocess)
-    dataset = build_pair_dataset(cfg.data, preprocess, tokenizer, accelerator.process_index,
-                                 accelerator.num_processes, skip_log=out / SKIP_LOG_NAME)
-    micro_batch = cfg.batch_size // (accelerator.num_processes * cfg.grad_accum_steps)
-    loader = build_train_loader(dataset, global_batch=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
-                                rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                seed=cfg.seed, start_step=state.step, total_steps=cfg.steps,
-                                num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
-                                allow_repeats=cfg.data.allow_repeats_in_batch)
-    loss_fn = build_loss(cfg.loss, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
-                         rank=accelerator.process_index, world_size=accelerator.num_processes)
-    log_summary(cfg, accelerator, unwrapped, dataset, state)
-
-    def whole_model() -> torch.nn.Module | None:
-        """The model to evaluate and save: itself, or a sharded one's whole copy on rank 0 (None elsewhere)."""
-        return gather_plain_model(unwrapped, model_cfg, accelerator) if sharded else unwrapped
-
-    def run_eval(final: bool, whole: Callable[[], torch.nn.Module | None] = whole_model) -> dict[str, float]:
-        if cfg.eval.dataset is None:
-            return {}
-        tasks = ("zeroshot", "fewshot") if final and cfg.eval.fewshot else ("zeroshot",)
-        evaluated, results = whole(), {}
-        if evaluated is not None:  # sharded: rank 0 evaluates the gathered copy; the others wait for its results
-            results = run_evaluation(evaluated, tokenizer, dataset=cfg.eval.dataset, tasks=tasks, preprocess=eval_tf,
-                                     batch_size=micro_batch, accelerator=None if sharded else accelerator,
-                                     shots=(10,))[cfg.eval.dataset]
-            results = flat_metrics({k: v for k, v in results.items() if k in tasks})
-        return broadcast_object_list([results])[0] if sharded else results
-
-    def trainer_state() -> dict:
-        """What `trainer_state.json` records, in every checkpoint and in `final/`."""
-        return {"state": state.to_dict(), "step": state.step, "samples_seen": state.samples_seen,
-                "config": to_dict(cfg), "metrics": last_eval, "data_skipped": count_skipped(out / SKIP_LOG_NAME)}
-
-    def checkpoint() -> None:
-        save_checkpoint(accelerator, unwrapped if sharded else model, out, step=state.step,
-                        trainer_state=trainer_state(), model_cfg=model_cfg, keep=cfg.keep_checkpoints,
-                        sharded_optimizer=optimizer if sharded else None)
-
-    progress = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not accelerator.is_local_main_process,
-                    dynamic_ncols=True)
-    interval_start, interval_samples = time.perf_counter(), 0
-    while state.step < cfg.steps:
-        micro = [_to_device(next(loader), accelerator.device) for _ in range(cfg.grad_accum_steps)]
-        logging_step = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == cfg.steps
-        set_record_stats(unwrapped, logging_step)  # routing statistics cost time: only on logged steps
-        lr = cfg.optim.lr * lr_multiplier(
-            state.step, schedule=cfg.optim.schedule, total_steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps,
-            cooldown_steps=cfg.optim.cooldown_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
-        result = optimizer_step(model, optimizer, micro, loss_fn=loss_fn, accelerator=accelerator,
-                                routed_model=unwrapped.visual, aux_weight=cfg.aux_loss_weight, lr=lr,
-                                grad_clip=cfg.optim.grad_clip, clip_grad_norm=clip_grad_norm_ if sharded else None)
-        record_step(state, result, samples=cfg.batch_size, max_nonfinite=cfg.max_nonfinite_steps, check=logging_step)
-        interval_samples += cfg.batch_size
-        progress.update(1)
-
-        record = {}
-        if logging_step:
-            record = step_metrics(accelerator, result, unwrapped, optimizer,
-                                  interval_samples / (time.perf_counter() - interval_start))
-            record["nonfinite_steps"] = state.nonfinite_steps
-            progress.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-            logger.info("step %d/%d: loss %.4f, lr %.3g, %.1f samples/s", state.step, cfg.steps, record["loss"],
-                        record["lr"], record["samples_per_s"])
-            interval_start, interval_samples = time.perf_counter(), 0
-        if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.steps:
-            last_eval = run_eval(final=False)
-            record.update(last_eval)
-        if record:
-            metrics_log.log(state.step, record)
-        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
-            checkpoint()
-    progress.close()
-
-    whole = whole_model()  # gathered once (sharded): evaluated, then saved as final/
-    last_eval = run_eval(final=True, whole=lambda: whole)
-    metrics_log.log(state.step, dict(last_eval))
-    checkpoint()
-    if accelerator.is_main_process:
-        save_final_model(whole, model_cfg, out, trainer_state())
-        plot_training(metrics_log.read(), out / "training.png")
-        logger.info("finished at step %d: %s", state.step, json.dumps(last_eval))
-    accelerator.end_training()
-    return last_eval
-
+        trainer = Trainer(cfg, accelerator, out, desc)
+        started()
+        return trainer.train()
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
