@@ -130,10 +130,11 @@ def run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Iterator[Path]:
 @contextlib.contextmanager
 def refused_runs_leave_no_folder(output_dir: str | Path, main_process: bool) -> Iterator[Callable[[], None]]:
     """A run refused at start-up (before its first step) leaves a folder that did not exist, or was empty, as it
-    found it: the config, log and lock it created are removed once the lock is released. Yields `started()`, which
-    the run calls when start-up is over (from then on the folder is the run's)."""
+    found it: what it created there (config, log, lock) is removed once the lock is released. Yields `started()`,
+    which the run calls when start-up is over (from then on the folder is the run's)."""
     out = Path(output_dir)
-    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    existed = out.exists()
+    fresh = not existed or (out.is_dir() and not any(out.iterdir()))
     started = False
 
     def mark_started() -> None:
@@ -142,9 +143,10 @@ def refused_runs_leave_no_folder(output_dir: str | Path, main_process: bool) -> 
 
     try:
         yield mark_started
-    except BaseException:
+    except Exception:
         if fresh and not started and main_process and out.is_dir():
-            shutil.rmtree(out, ignore_errors=True)
+            for path in out.iterdir() if existed else [out]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         raise
 
 
