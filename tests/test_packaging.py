@@ -1,6 +1,7 @@
 """The wheel installs one namespace: only `mmsoftmoe*` top-level names land in site-packages (no `training`, no
 `eval`, which would shadow or collide with other projects' packages)."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    source = out / "source"  # a copy: building in the checkout would leave build/ and *.egg-info there
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "runs",
+                                                                "results", "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True)
     return next(out.glob("mmsoftmoe-*.whl"))
 
 
