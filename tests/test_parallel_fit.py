@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MMSOFTMOE = str(Path(sys.executable).parent / "mmsoftmoe")
 STEPS = 8
 # The smoke run (micro Soft MoE CLIP, 16 experts), every step logged, a checkpoint every 2 steps, zero-shot
-# evaluation on the built-in shapes at the end (a sharded run evaluates a copy gathered on rank 0).
+# evaluation on the built-in shapes at step 6 and at the end (a sharded run evaluates its sharded model on every
+# process, each on its share of the images).
 COMMON = ["--config", "smoke", f"steps={STEPS}", "batch_size=16", "log_every=1", "checkpoint_every=2",
-          "keep_checkpoints=8", "data.num_workers=0", "trackers=[]"]
+          "keep_checkpoints=8", "data.num_workers=0", "trackers=[]", "eval.every=6"]
 EP2 = ["parallel.dp_shard=2", "parallel.ep=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -110,10 +111,14 @@ def test_killed_expert_parallel_run_resumes_on_the_uninterrupted_trajectory(refe
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step
     assert_weights_close(final_weights(resumed), final_weights(reference), atol=1e-5)
-    # The final zero-shot evaluation (rank 0's gathered copy) equals the unsharded run's, within one of 500 images.
-    sharded_eval, reference_eval = ({k: v for k, v in read_metrics(d)[-1].items() if k.startswith("zeroshot/")}
-                                    for d in (resumed, reference))
-    assert len(reference_eval) == 3 and sharded_eval == pytest.approx(reference_eval, abs=1 / 500 + 1e-6)
+    # The zero-shot evaluations (in-run at step 6 after the resume, and final), run sharded on both processes,
+    # equal the unsharded run's, within one of 500 images.
+    sharded_eval, reference_eval = ([(r["step"], {k: v for k, v in r.items() if k.startswith("zeroshot/")})
+                                     for r in read_metrics(d) if "zeroshot/acc1" in r] for d in (resumed, reference))
+    assert [step for step, _ in reference_eval] == [6, STEPS] and len(reference_eval[0][1]) == 3
+    assert [step for step, _ in sharded_eval] == [6, STEPS]
+    for (_, got), (_, expected) in zip(sharded_eval, reference_eval, strict=True):
+        assert got == pytest.approx(expected, abs=1 / 500 + 1e-6)
     # Routing statistics are over both processes' examples: those of the one process that sees the whole batch.
     expected_stats = {r["step"]: r for r in read_metrics(reference) if "loss" in r}
     for record in (r for r in read_metrics(resumed) if "loss" in r):

@@ -34,9 +34,12 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
@@ -53,7 +56,7 @@ from mmsoftmoe.checkpoint import (
     write_manifest,
 )
 from mmsoftmoe.models.clip import save_clip, write_clip_config
-from mmsoftmoe.parallel import load_sharded, save_sharded
+from mmsoftmoe.parallel import load_sharded, save_sharded, save_sharded_async
 
 logger = logging.getLogger("mmsoftmoe.train")
 
@@ -195,9 +198,7 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: str 
     DCP shards, not through accelerate.
     """
     output_dir = Path(output_dir)
-    target = checkpoint_root(output_dir) / f"step_{step:08d}"
-    previous = list_checkpoints(output_dir)
-    needed = _folder_bytes(previous[-1]) if previous else _state_bytes(accelerator.unwrap_model(model))
+    target, needed = _checkpoint_target(accelerator, model, output_dir, step)
     with _staged(target, output_dir, needed, accelerator.is_main_process) as tmp:
         if sharded_optimizer is None:
             accelerator.save_state(str(tmp), safe_serialization=True)
@@ -206,15 +207,79 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: str 
             _save_rng_state(tmp, accelerator.process_index, accelerator.device)
         accelerator.wait_for_everyone()  # every process's files are in `tmp` before the manifest lists them
         if accelerator.is_main_process:
-            write_clip_config(accelerator.unwrap_model(model), model_cfg, tmp)
-            (tmp / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=2))
+            _write_run_files(tmp, accelerator.unwrap_model(model), model_cfg, trainer_state)
             write_manifest(tmp)
     if accelerator.is_main_process:
-        _publish(tmp, target)
-        for old in list_checkpoints(output_dir)[:-keep]:
-            _discard(old)
+        _publish_checkpoint(tmp, target, output_dir, keep)
     accelerator.wait_for_everyone()
     return target
+
+
+@dataclass
+class PendingCheckpoint:
+    """A sharded checkpoint whose shards are being written in the background (`start_checkpoint`)."""
+
+    target: Path
+    output_dir: Path
+    needed: int
+    keep: int
+    main_process: bool
+    future: Future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
+def start_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: str | Path, *, step: int,
+                     trainer_state: dict, model_cfg: dict, keep: int, sharded_optimizer: torch.optim.Optimizer,
+                     process_group: dist.ProcessGroup | None) -> PendingCheckpoint:
+    """Begin saving a sharded run's state at `step` (call on every process): the state is staged to host memory
+    before this returns, so training may change it; the shards are written in the background into the hidden
+    `.tmp_<name>` folder. `finish_checkpoint` waits for them and publishes the folder, so a run killed meanwhile
+    leaves the previous checkpoint as the newest one."""
+    output_dir = Path(output_dir)
+    target, needed = _checkpoint_target(accelerator, model, output_dir, step)
+    with _staged(target, output_dir, needed, accelerator.is_main_process) as tmp:
+        (tmp / SHARDED_DIR).mkdir(parents=True, exist_ok=True)
+        # Before the shards: the main process publishes once every process's shards are written, so this file
+        # must already be there.
+        _save_rng_state(tmp, accelerator.process_index, accelerator.device)
+        if accelerator.is_main_process:
+            _write_run_files(tmp, model, model_cfg, trainer_state)
+        future = save_sharded_async(tmp / SHARDED_DIR, model, sharded_optimizer, process_group)
+    return PendingCheckpoint(target, output_dir, needed, keep, accelerator.is_main_process, future)
+
+
+def finish_checkpoint(pending: PendingCheckpoint) -> Path:
+    """Wait for a background save's shards (every process, no collective: DCP completes a process's save only after
+    every process's shards and the metadata are written), then, on the main process, write the manifest, publish
+    the folder and prune, as `save_checkpoint` does."""
+    with _staged(pending.target, pending.output_dir, pending.needed, pending.main_process) as tmp:
+        pending.future.result()
+        if pending.main_process:
+            write_manifest(tmp)
+    if pending.main_process:
+        _publish_checkpoint(tmp, pending.target, pending.output_dir, pending.keep)
+    return pending.target
+
+
+def _checkpoint_target(accelerator: Accelerator, model: nn.Module, output_dir: Path, step: int) -> tuple[Path, int]:
+    """The folder of the checkpoint at `step`, and the bytes it will need (for the message of a full disk)."""
+    previous = list_checkpoints(output_dir)
+    needed = _folder_bytes(previous[-1]) if previous else _state_bytes(accelerator.unwrap_model(model))
+    return checkpoint_root(output_dir) / f"step_{step:08d}", needed
+
+
+def _write_run_files(tmp: Path, model: nn.Module, model_cfg: dict, trainer_state: dict) -> None:
+    """The files the main process adds to a checkpoint: the open_clip config and the trainer state."""
+    write_clip_config(model, model_cfg, tmp)
+    (tmp / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=2))
+
+
+def _publish_checkpoint(tmp: Path, target: Path, output_dir: Path, keep: int) -> None:
+    _publish(tmp, target)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        _discard(old)
 
 
 def save_final_model(model: nn.Module, model_cfg: dict, output_dir: str | Path, trainer_state: dict) -> Path:

@@ -139,6 +139,8 @@ class TrainConfig:
     log_every: int = setting(10, "log metrics every N steps", minimum=1)
     checkpoint_every: int = setting(500, "save a resumable checkpoint every N steps", minimum=1)
     keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep", minimum=1)
+    checkpoint_async: bool = setting(False, "sharded runs: stage checkpoints to host memory and write them in the "
+                                            "background; each is published (manifest, rename) once on disk")
     resume: str = setting("auto", "auto (latest checkpoint in output_dir, if any) | none | a checkpoint folder")
     max_nonfinite_steps: int = setting(5, "consecutive non-finite losses (skipped steps) that stop the run; checked "
                                        "at the next logging step", minimum=1)
@@ -296,6 +298,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     _validate_parallel(cfg.parallel, cfg.precision)
+    if cfg.checkpoint_async and not cfg.parallel.sharded:
+        raise ValueError("checkpoint_async=true writes DCP shards in the background, which only sharded runs save; "
+                         "set parallel.dp_shard (e.g. -1: every process) or checkpoint_async=false")
     _validate_paths(cfg)
 
 

@@ -30,6 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
@@ -42,10 +43,13 @@ from mmsoftmoe_eval.datasets import build_dataset
 from mmsoftmoe_eval.main import run_evaluation
 from mmsoftmoe_eval.protocol import default_test_split
 from mmsoftmoe_training.checkpoint import (
+    PendingCheckpoint,
     choose_resume_checkpoint,
+    finish_checkpoint,
     record_final_metrics,
     save_checkpoint,
     save_final_model,
+    start_checkpoint,
 )
 from mmsoftmoe_training.config import TrainConfig, config_help, config_yaml, get_value, load_config, to_dict, valid_keys
 from mmsoftmoe_training.data import build_pair_dataset, build_train_loader
@@ -253,44 +257,61 @@ class Evaluator:
         every = self.cfg.eval.every
         if not every or step % every or step >= self.cfg.steps:  # the last step is evaluated by `final`
             return {}
-        return self.evaluate(("zeroshot",), self.strategy.whole_model())
+        return self.evaluate(("zeroshot",))
 
-    def final(self, whole: torch.nn.Module | None) -> dict[str, float]:
-        """The end-of-run evaluation of `whole` (the strategy's whole copy, gathered once for `final/` too)."""
-        return self.evaluate(("zeroshot", "fewshot") if self.cfg.eval.fewshot else ("zeroshot",), whole)
+    def final(self) -> dict[str, float]:
+        return self.evaluate(("zeroshot", "fewshot") if self.cfg.eval.fewshot else ("zeroshot",))
 
-    def evaluate(self, tasks: tuple[str, ...], whole: torch.nn.Module | None) -> dict[str, float]:
+    def evaluate(self, tasks: tuple[str, ...]) -> dict[str, float]:
         spec = self.cfg.eval.dataset
         if spec is None:
             return {}
 
-        def run(model: torch.nn.Module, accelerator: Accelerator | None) -> dict[str, float]:
+        def run(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
             results = run_evaluation(model, self.strategy.tokenizer, dataset=spec, tasks=tasks,
                                      preprocess=self.preprocess, batch_size=self.batch_size,
                                      accelerator=accelerator, shots=(10,))[spec]
             return flat_metrics({k: v for k, v in results.items() if k in tasks})
 
-        self.last = self.strategy.evaluate(run, whole)
+        self.last = self.strategy.evaluate(run)
         return self.last
 
 
 class Checkpointer:
     """A resumable checkpoint every `checkpoint_every` steps (the end of the run saves its own), the newest
-    `keep_checkpoints` kept; what it holds is the strategy's business."""
+    `keep_checkpoints` kept; what it holds is the strategy's business. With `checkpoint_async` (sharded runs) the
+    save stages the state and returns; the shards are written in the background and the checkpoint is published at
+    the first step after they are on disk; a second save, and the end of the run, wait for the first."""
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator, strategy: Strategy, out: Path,
                  trainer_state) -> None:
         self.cfg, self.accelerator, self.strategy, self.out = cfg, accelerator, strategy, out
         self.trainer_state = trainer_state  # () -> dict, read at save time
+        self.pending: PendingCheckpoint | None = None
+        # The background writes' collectives get a group of their own: they must not interleave with training's.
+        self.group = dist.new_group(backend="gloo") if cfg.checkpoint_async and dist.is_initialized() else None
 
     def maybe(self, step: int) -> None:
+        if self.pending is not None and self.pending.done():
+            self.wait()
         if step % self.cfg.checkpoint_every == 0 and step < self.cfg.steps:
-            self.save(step)
+            self.save(step, background=self.cfg.checkpoint_async)
 
-    def save(self, step: int) -> Path:
-        return save_checkpoint(self.accelerator, output_dir=self.out, step=step, trainer_state=self.trainer_state(),
-                               model_cfg=self.strategy.model_cfg, keep=self.cfg.keep_checkpoints,
-                               **self.strategy.checkpoint_args())
+    def save(self, step: int, background: bool = False) -> None:
+        self.wait()
+        common = dict(output_dir=self.out, step=step, trainer_state=self.trainer_state(),
+                      model_cfg=self.strategy.model_cfg, keep=self.cfg.keep_checkpoints,
+                      **self.strategy.checkpoint_args())
+        if background:
+            self.pending = start_checkpoint(self.accelerator, process_group=self.group, **common)
+        else:
+            save_checkpoint(self.accelerator, **common)
+
+    def wait(self) -> None:
+        """Finish the background save in flight, if any (publishing it)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            finish_checkpoint(pending)
 
 
 class Trainer:
@@ -380,12 +401,13 @@ class Trainer:
         """Save what the run made before anything can fail (the last checkpoint, then `final/`), then evaluate."""
         self.log.close()
         step, main_process = self.state.step, self.accelerator.is_main_process
-        whole = self.strategy.whole_model()  # gathered once (sharded): saved as final/, then evaluated
         self.checkpointer.save(step)
+        whole = self.strategy.final_model()
         if main_process:
             save_final_model(whole, self.strategy.model_cfg, self.out, self.trainer_state())
+        del whole
         try:
-            final = self.evaluator.final(whole)
+            final = self.evaluator.final()
         except Exception as err:
             logger.error("the final evaluation failed (%s: %s); the last checkpoint (step %d) and final/ are saved: "
                          "evaluate them with `mmsoftmoe eval --checkpoint %s`", type(err).__name__, err, step,

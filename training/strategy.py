@@ -3,13 +3,15 @@ clipping gradients, gathering a whole copy, evaluating, and what a checkpoint ho
 (`mmsoftmoe_training.main.Trainer`) never asks which one it has.
 
 - `Replicated` (the default, `parallel.dp_shard=0`): accelerate's DDP. Every process holds the whole model;
-  accelerate places it, wraps it and all-reduces gradients; evaluation spreads its batches over the processes.
+  accelerate places it, wraps it and all-reduces gradients.
 - `Sharded` (`parallel.dp_shard` set): `mmsoftmoe.parallel`. Built on the meta device, the experts split over
   `parallel.ep` processes and everything FSDP2-sharded, then each process's shards filled from the model rank 0
   builds as an unsharded run would (so the run starts from the same weights, and only rank 0's host memory ever
   holds the whole model). Gradients are clipped by the global norm over both parameter kinds; checkpoints are DCP
-  shards plus each process's random state (resumable at another process count or layout); evaluation and `final/`
-  use a whole copy gathered on rank 0.
+  shards plus each process's random state (resumable at another process count or layout). Evaluation runs the
+  sharded model on every process, each on its share of the evaluation data (only features and labels are
+  gathered), so no process ever holds the whole model for it; `final/` is a whole copy gathered into rank 0's host
+  memory (what export reads).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import open_clip
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config
@@ -45,8 +46,8 @@ from mmsoftmoe_training.optim import build_optimizer
 
 logger = logging.getLogger("mmsoftmoe.train")
 
-# evaluate(model, accelerator) -> results; the accelerator is None when one process evaluates a whole copy alone.
-EvaluateFn = Callable[[nn.Module, Accelerator | None], dict]
+# evaluate(model, accelerator) -> results: every process runs it on its share of the evaluation batches.
+EvaluateFn = Callable[[nn.Module, Accelerator], dict]
 
 
 class Strategy:
@@ -87,14 +88,14 @@ class Strategy:
         return restore_training_state(self.accelerator, path, model_name, model=self.module,
                                       sharded_optimizer=self.checkpoint_args().get("sharded_optimizer"))
 
-    def whole_model(self) -> nn.Module | None:
-        """The model to evaluate and save as `final/`, or None on a process that holds no whole copy. Call on
-        every process."""
+    def final_model(self) -> nn.Module | None:
+        """The whole model to save as `final/` on the main process (None elsewhere). Call on every process."""
         raise NotImplementedError
 
-    def evaluate(self, fn: EvaluateFn, whole: nn.Module | None) -> dict:
-        """`fn`'s results on `whole` (what `whole_model` returned), the same on every process."""
-        raise NotImplementedError
+    def evaluate(self, fn: EvaluateFn) -> dict:
+        """`fn`'s results, computed by every process on its share of the evaluation batches (features and labels
+        gathered), so equal on every process."""
+        return fn(self.module, self.accelerator)
 
 
 class Replicated(Strategy):
@@ -107,11 +108,8 @@ class Replicated(Strategy):
     def checkpoint_args(self) -> dict:
         return {"model": self.model}  # accelerate's save_state takes the prepared model
 
-    def whole_model(self) -> nn.Module | None:
+    def final_model(self) -> nn.Module | None:
         return self.module
-
-    def evaluate(self, fn: EvaluateFn, whole: nn.Module | None) -> dict:
-        return fn(whole, self.accelerator)  # every process scores its share of the batches
 
 
 class Sharded(Strategy):
@@ -139,30 +137,15 @@ class Sharded(Strategy):
     def checkpoint_args(self) -> dict:
         return {"model": self.module, "sharded_optimizer": self.optimizer}
 
-    def whole_model(self) -> nn.Module | None:
-        """A whole, unsharded copy on rank 0's device (None on the other ranks)."""
+    def final_model(self) -> nn.Module | None:
+        """A whole, unsharded copy in rank 0's host memory (None on the other ranks): what `final/` holds."""
         state = full_model_state_dict(self.module)
         if not self.accelerator.is_main_process:
             return None
         plain, _ = build_clip_from_config(self.model_cfg)
         plain.load_state_dict(state)
         open_clip.set_model_preprocess_cfg(plain, preprocess_config(self.module))
-        return plain.to(self.accelerator.device).eval()
-
-    def evaluate(self, fn: EvaluateFn, whole: nn.Module | None) -> dict:
-        """Rank 0 evaluates the gathered copy alone; every process gets its results, or its error (the others
-        would otherwise wait for results that never come)."""
-        outcome: dict = {}
-        if whole is not None:
-            try:
-                outcome = {"results": fn(whole, None)}
-            except Exception as err:
-                broadcast_object_list([{"error": f"{type(err).__name__}: {err}"}])
-                raise
-        outcome = broadcast_object_list([outcome])[0]
-        if "error" in outcome:
-            raise RuntimeError(f"the evaluation failed on rank 0: {outcome['error']}")
-        return outcome["results"]
+        return plain.eval()
 
 
 def build_strategy(cfg: TrainConfig, accelerator: Accelerator) -> Strategy:

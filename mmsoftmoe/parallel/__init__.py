@@ -12,6 +12,7 @@ from mmsoftmoe.parallel.checkpoint import (
     full_model_state_dict,
     load_sharded,
     save_sharded,
+    save_sharded_async,
 )
 from mmsoftmoe.parallel.expert_parallel import apply_expert_parallel
 from mmsoftmoe.parallel.grad_norm import clip_grad_norm_
@@ -33,4 +34,5 @@ __all__ = [
     "materialize_from_rank0",
     "parallelize",
     "save_sharded",
+    "save_sharded_async",
 ]

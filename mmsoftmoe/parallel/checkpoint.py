@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from concurrent.futures import Future
 from pathlib import Path
 
 import open_clip
@@ -40,6 +41,16 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
 def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Write the model (and optimizer) state as a DCP checkpoint folder (call on every process)."""
     dcp.save(_state(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+
+
+def save_sharded_async(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                       process_group: dist.ProcessGroup | None) -> Future:
+    """Stage the model (and optimizer) state to host memory now and write it as a DCP checkpoint folder in a
+    background thread (call on every process); the future completes on each process once every process's shards
+    and the metadata are written. `process_group`: a group used by these saves only (a gloo group), since the
+    background thread's collectives must not interleave with training's on the default group."""
+    return dcp.async_save(_state(model, optimizer), checkpoint_id=str(path), process_group=process_group,
+                          no_dist=not dist.is_initialized())
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:

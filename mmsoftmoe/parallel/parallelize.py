@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from mmsoftmoe.layers.base import ExpertLayerBase
 from mmsoftmoe.parallel.expert_parallel import apply_expert_parallel
@@ -89,5 +89,19 @@ def parallelize(model: nn.Module, meshes: ParallelMeshes, *, mp_policy: MixedPre
     dense_mesh = _fsdp_mesh(meshes.dense)
     for block in [m for m in model.modules() if isinstance(m, block_types)]:
         fully_shard(block, mesh=dense_mesh, **fsdp)
+    # Evaluation calls the image trunk and head directly (pre-logit features), and the towers through
+    # `encode_image` / `encode_text`, not `forward`: each entry gathers its own parameters.
+    for entry in _entry_modules(model):
+        fully_shard(entry, mesh=dense_mesh, **fsdp)
     fully_shard(model, mesh=dense_mesh, **fsdp)
+    for method in ("encode_image", "encode_text"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
     return model
+
+
+def _entry_modules(model: nn.Module) -> list[nn.Module]:
+    """Sub-modules of an open_clip model that callers run on their own: the timm image trunk and its head."""
+    visual = getattr(model, "visual", None)
+    return [m for m in (getattr(visual, "trunk", None), getattr(visual, "head", None))
+            if isinstance(m, nn.Module) and any(p.ndim > 0 for p in m.parameters())]
