@@ -45,6 +45,7 @@ from mmsoftmoe.parallel import (
     clip_grad_norm_,
     expert_layers,
     full_model_state_dict,
+    init_sharded_,
     materialize_from_rank0,
     parallelize,
 )
@@ -158,9 +159,10 @@ def load_start_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
 
 def build_sharded_model(cfg: TrainConfig, accelerator: Accelerator):
     """(model, tokenizer, model config) of a sharded run: built on the meta device, experts split over
-    `parallel.ep` processes and everything FSDP2-sharded (`mmsoftmoe.parallel.parallelize`), then each process's
-    shards filled from the model rank 0 builds as an unsharded run would (so the run starts from the same weights,
-    and only rank 0's host memory ever holds the whole model)."""
+    `parallel.ep` processes and everything FSDP2-sharded (`mmsoftmoe.parallel.parallelize`; bf16 all-gathers
+    under `precision=bf16`), then each process draws its own shards (`init_sharded_`: the weights an unsharded
+    run starts from, and no whole copy anywhere); weights read from a whole file (warm start, upcycling, a
+    Hugging Face text tower) are filled from the model rank 0 builds as an unsharded run would."""
     par, world = cfg.parallel, accelerator.num_processes
     dp_shard = par.shard_size(world)
     model, tokenizer, model_cfg = build_model(cfg, device="meta")
@@ -168,9 +170,12 @@ def build_sharded_model(cfg: TrainConfig, accelerator: Accelerator):
                  num_experts=tuple(layer.num_experts for layer in expert_layers(model).values()))
     meshes = build_meshes(device_type=accelerator.device.type, dp_replicate=par.dp_replicate, dp_shard=dp_shard,
                           ep=par.ep)
-    parallelize(model, meshes)
-    full = build_model(cfg)[0] if accelerator.is_main_process else None
-    materialize_from_rank0(model, full, accelerator.device)
+    parallelize(model, meshes, param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
+    if cfg.model.pretrained or cfg.model.upcycle_from or cfg.model.text_model:  # weights read from a whole file
+        materialize_from_rank0(model, build_model(cfg)[0] if accelerator.is_main_process else None,
+                               accelerator.device)
+    else:  # each process draws only what it holds: the values of the unsharded build (README "Scaling out")
+        init_sharded_(model, seed=cfg.seed, device=accelerator.device)
     logger.info("sharded: dp_replicate=%d x dp_shard=%d processes; experts split over ep=%d, each split FSDP2-sharded "
                 "over dp_shard / ep = %d", par.dp_replicate, dp_shard, par.ep, dp_shard // par.ep)
     return model, tokenizer, model_cfg

@@ -52,7 +52,7 @@ def _prefixed(prefix: str, rules: dict[str, InitRule]) -> dict[str, InitRule]:
 
 
 def _default_rules(module: nn.Module) -> dict[str, InitRule]:
-    """torch's `reset_parameters` of the leaf modules the towers use."""
+    """torch's constructor initialisation of the modules the towers use."""
     if isinstance(module, nn.Linear | nn.Conv2d):
         rules = {"weight": InitRule(torch_default_weight())}
         if module.bias is not None:
@@ -63,6 +63,11 @@ def _default_rules(module: nn.Module) -> dict[str, InitRule]:
         return rules | ({"bias": InitRule(constant(0.0))} if module.bias is not None else {})
     if isinstance(module, nn.Embedding):
         return {"weight": InitRule(normal(1.0))}
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        rules = {"in_proj_weight": InitRule(xavier_uniform())}
+        if module.in_proj_bias is not None:
+            rules |= {"in_proj_bias": InitRule(constant(0.0)), "out_proj.bias": InitRule(constant(0.0))}
+        return rules
     return {}
 
 
@@ -112,11 +117,6 @@ def _owner_rules(module: nn.Module) -> dict[str, InitRule]:
     """The rules a module sets for parameters it holds, overriding its children's defaults."""
     if isinstance(module, ExpertLayerBase):
         return module.init_rules()
-    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-        rules = {"in_proj_weight": InitRule(xavier_uniform())}
-        if module.in_proj_bias is not None:
-            rules |= {"in_proj_bias": InitRule(constant(0.0)), "out_proj.bias": InitRule(constant(0.0))}
-        return rules
     if isinstance(module, timm.models.vision_transformer.VisionTransformer):
         return _vit_rules(module)
     rules = {}
@@ -137,9 +137,12 @@ def init_rules(model: nn.Module, keep: tuple[str, ...] = ()) -> dict[str, InitRu
     prefixes) is a ValueError."""
     modules = list(model.named_modules())
     rules: dict[str, InitRule] = {}
-    for rules_of in (_default_rules, _owner_rules):  # owners override the leaf defaults; deeper owners override
-        for prefix, module in modules:
-            rules |= _prefixed(prefix, rules_of(module))
+    # As construction orders them: a module's own reset after its children's (reversed), then the towers' inits
+    # (parents first: the MoE layers swapped into a timm ViT after its init override it).
+    for prefix, module in reversed(modules):
+        rules |= _prefixed(prefix, _default_rules(module))
+    for prefix, module in modules:
+        rules |= _prefixed(prefix, _owner_rules(module))
     missing = [name for name, _ in model.named_parameters() if name not in rules and not name.startswith(keep)]
     if missing:
         raise ValueError(f"no per-parameter initialisation rule for {missing[:5]} ({len(missing)} parameters); "
