@@ -178,6 +178,9 @@ def init_parameter_(param: torch.Tensor, name: str, rule: InitRule, seed: int) -
     local, shape, offset = _local_slice(param)
     if local.numel() == 0:
         return
+    if rule.experts is None and shape == tuple(param.shape) and local.device.type == "cpu" and local.is_contiguous():
+        rule.fill(local, parameter_generator(seed, name))  # held whole on the CPU: drawn in place, no copy
+        return
     if rule.experts is None:
         whole = _draw(rule, tuple(param.shape), local.dtype, parameter_generator(seed, name))
         local.copy_(whole[_window(shape, offset)])
