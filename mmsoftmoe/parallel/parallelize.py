@@ -86,7 +86,7 @@ def parallelize(model: nn.Module, meshes: ParallelMeshes, *, param_dtype: torch.
 
     `param_dtype` (torch.bfloat16 for `precision=bf16`, torchtitan's default): the dtype parameters are gathered
     and computed in (`mixed_precision_policy`), except the MoE layers' routing parameters (`phi`, a sparse
-    router), which stay float32 in a unit of their own: routing is computed in float32 (README "Mixed precision").
+    router), which stay float32 in a unit of their own: routing is computed in float32 (README "Scaling out").
     """
     _average_scalar_grads(model, meshes.world)
     fsdp = {"mp_policy": mixed_precision_policy(param_dtype), "reshard_after_forward": reshard_after_forward,
