@@ -12,8 +12,8 @@ ep = N, and ep = 2 with FSDP2 over the other 2 at 4 processes), `hsdp` at 4 (2 r
 (`training.loop.train_step`, global-norm clipping, AdamW) on a fixed global batch split over the processes;
 sharded layouts build the model on the meta device and each process draws only its shards (`init_sharded_`).
 Reported per layout: the median step time (the slowest process), each process's peak resident memory during
-start-up (build and initialisation) above its resident memory before, against the target model bytes / processes
-+ the largest parameter's bytes (`startup_target`), the peak resident memory of each process above its resident
+start-up (materializing the weights) above its resident memory before, against the target model bytes / the
+processes it is sharded over (dp_shard) + the largest parameter's bytes (`startup_target`), the peak resident memory of each process above its resident
 memory before the model was built, the training state each process holds (parameters, gradients, AdamW moments: local shards, bytes) split
 into experts and the rest, and the payload of the collectives of one traced step by kind (all-gather,
 reduce-scatter, all-to-all, ...).
@@ -199,7 +199,7 @@ def worker(model_name: str, layout: str, batch_size: int, steps: int, out_dir: P
     with traced:
         step()
     result = {"rank": rank, "step_s": statistics.median(times[2:] or times), "startup_peak_rss_above_start_bytes":
-              startup, "startup_target_bytes": whole // world + largest, "peak_rss_above_start_bytes":
+              startup, "startup_target_bytes": whole // (sharding[0] if sharding else 1) + largest, "peak_rss_above_start_bytes":
               peak_rss_bytes() - before, "state_bytes": state_bytes(getattr(model, "module", model), optimizer),
               "collective_bytes": dict(traced.bytes)}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
