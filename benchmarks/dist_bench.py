@@ -1,15 +1,20 @@
-"""Step time and per-process memory of DDP, FSDP2 and FSDP2 + expert parallelism at 1, 2 and 4 processes.
+"""Step time, start-up and per-process memory of DDP, FSDP2, FSDP2 + expert parallelism and HSDP at 1, 2 and 4
+processes, in float32 and with bf16 FSDP2.
 
-Run as `python -m benchmarks.dist_bench [--model SoftMoE-Micro-4-32] [--procs 1,2,4] [--batch 16] [--steps 8]`.
+Run as `python -m benchmarks.dist_bench [--model SoftMoE-Micro-4-32] [--procs 1,2,4] [--batch 16] [--steps 8]
+[--layouts fsdp2,fsdp2-bf16]`.
 
 Each layout runs in its own `torchrun` launch (gloo on CPU) so that each process's peak memory is its own:
 `ddp` (accelerate's DDP, today's trainer), `fsdp2` (dp_shard = N, ep = 1) and `fsdp2+ep` (dp_shard = N,
-ep = N, and ep = 2 with FSDP2 over the other 2 at 4 processes); `single` at one process is the reference. The
-training step is the trainer's (`training.loop.train_step`, global-norm clipping, AdamW) on a fixed global
-batch split over the processes; sharded layouts build the model on the meta device and take rank 0's weights
-(`materialize_from_rank0`), so only rank 0 holds a whole model. Reported per layout: the median step time (the
-slowest process), the peak resident memory of each process above its resident memory before the model was
-built, the training state each process holds (parameters, gradients, AdamW moments: local shards, bytes) split
+ep = N, and ep = 2 with FSDP2 over the other 2 at 4 processes), `hsdp` at 4 (2 replicas x 2 shards, ep = 2),
+`fsdp2-bf16` (FSDP2 gathering bf16 parameters, `parallelize(param_dtype=torch.bfloat16)`, under bf16 autocast, as
+`precision=bf16` runs); `single` at one process is the reference. The training step is the trainer's
+(`training.loop.train_step`, global-norm clipping, AdamW) on a fixed global batch split over the processes;
+sharded layouts build the model on the meta device and each process draws only its shards (`init_sharded_`).
+Reported per layout: the median step time (the slowest process), each process's peak resident memory during
+start-up (materializing the weights) above its resident memory before, against the target model bytes / the
+processes it is sharded over (dp_shard) + the largest parameter's bytes (`startup_target`), the peak resident memory of each process above its resident
+memory before the model was built, the training state each process holds (parameters, gradients, AdamW moments: local shards, bytes) split
 into experts and the rest, and the payload of the collectives of one traced step by kind (all-gather,
 reduce-scatter, all-to-all, ...).
 The expert state per process must be the single-process figure / (processes the experts are split over).
@@ -21,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,7 +49,7 @@ from mmsoftmoe.parallel import (
     check_layout,
     clip_grad_norm_,
     expert_layers,
-    materialize_from_rank0,
+    init_sharded_,
     parallelize,
 )
 from mmsoftmoe_training.loop import build_loss, train_step
@@ -58,13 +62,21 @@ LAYOUTS = {
     "fsdp2": lambda n: (n, 1),
     "fsdp2+ep": lambda n: (n, n),
     "fsdp2+ep2": lambda n: (n, 2),
+    "hsdp": lambda n: (n // 2, 2),
+    "fsdp2-bf16": lambda n: (n, 1),
 }
 
 
 def layouts_for(procs: int) -> list[str]:
     if procs == 1:
         return ["single"]
-    return ["ddp", "fsdp2", "fsdp2+ep"] + (["fsdp2+ep2"] if procs > 2 else [])
+    return ["ddp", "fsdp2", "fsdp2+ep", "fsdp2-bf16"] + (["fsdp2+ep2", "hsdp"] if procs > 2 else [])
+
+
+def replicas(layout: str, procs: int) -> int:
+    """dp_replicate of a sharded layout (HSDP: the processes over dp_shard)."""
+    sharding = LAYOUTS[layout](procs)
+    return procs // sharding[0] if sharding else 1
 
 
 def rss_bytes() -> int:
@@ -73,7 +85,16 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """The resident high-water mark since the process started or `reset_peak_rss` (Linux `VmHWM`)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak_rss() -> None:
+    """Set the high-water mark to the current resident size (Linux `clear_refs` 5), so that a later peak
+    measures a window, not the imports before it."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def local_bytes(t: torch.Tensor) -> int:
@@ -116,23 +137,44 @@ class CollectiveBytes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def worker(model_name: str, layout: str, batch_size: int, steps: int, out_dir: Path) -> None:
-    accelerator = Accelerator(cpu=True)  # sets up the gloo process group under torchrun
-    rank, world = accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(0)
-    before = rss_bytes()
+def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of all parameters and buffers, bytes of the largest parameter) of a model built on any device."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors), max(p.numel() * p.element_size()
+                                                                    for p in model.parameters())
+
+
+def build(model_name: str, layout: str, world: int) -> tuple[torch.nn.Module, object, int]:
+    """(model, tokenizer, start-up peak bytes) of `layout`: built on the meta device, parallelized if sharded,
+    then materialized with every process drawing what it holds (the whole model when not sharded: the values of
+    `build_clip(model_name)` after `torch.manual_seed(0)`). The start-up peak is the resident high-water mark of
+    the materialization above the resident size before it (the structure built on the meta device holds no
+    weights; its Python objects and the tokenizer are not counted)."""
+    model, tokenizer = build_clip(model_name, device="meta")
     sharding = LAYOUTS[layout](world)
-    # Sharded layouts build on the meta device and take rank 0's weights: only rank 0 ever holds the whole model.
-    model, tokenizer = build_clip(model_name, device="meta" if sharding is not None else "cpu")
+    if sharding is not None:
+        dp_shard, ep = sharding
+        check_layout(world_size=world, dp_replicate=world // dp_shard, dp_shard=dp_shard, ep=ep,
+                     num_experts=tuple(m.num_experts for m in expert_layers(model).values()))
+        meshes = build_meshes(device_type="cpu", dp_replicate=world // dp_shard, dp_shard=dp_shard, ep=ep)
+        parallelize(model, meshes, param_dtype=torch.bfloat16 if layout.endswith("-bf16") else None)
+    reset_peak_rss()
+    start = rss_bytes()
+    init_sharded_(model, seed=0, device="cpu")
+    return model, tokenizer, peak_rss_bytes() - start
+
+
+def worker(model_name: str, layout: str, batch_size: int, steps: int, out_dir: Path) -> None:
+    # Sets up the gloo process group under torchrun; bf16 layouts run under bf16 autocast, as the trainer does.
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16" if layout.endswith("-bf16") else "no")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    whole, largest = model_bytes(build_clip(model_name, device="meta")[0])
+    before = rss_bytes()
+    model, tokenizer, startup = build(model_name, layout, world)
     batch = make_batch(model, tokenizer, batch_size)
     per = batch_size // world
     local = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
-    if sharding is not None:
-        dp_shard, ep = sharding
-        check_layout(world_size=world, dp_replicate=1, dp_shard=dp_shard, ep=ep,
-                     num_experts=tuple(m.num_experts for m in expert_layers(model).values()))
-        parallelize(model, build_meshes(device_type="cpu", dp_replicate=1, dp_shard=dp_shard, ep=ep))
-        materialize_from_rank0(model, build_clip(model_name)[0] if rank == 0 else None, "cpu")
+    sharding = LAYOUTS[layout](world)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
     routed = model.visual
     if layout == "ddp":
@@ -156,7 +198,8 @@ def worker(model_name: str, layout: str, batch_size: int, steps: int, out_dir: P
     traced = CollectiveBytes()
     with traced:
         step()
-    result = {"rank": rank, "step_s": statistics.median(times[2:] or times), "peak_rss_above_start_bytes":
+    result = {"rank": rank, "step_s": statistics.median(times[2:] or times), "startup_peak_rss_above_start_bytes":
+              startup, "startup_target_bytes": whole // (sharding[0] if sharding else 1) + largest, "peak_rss_above_start_bytes":
               peak_rss_bytes() - before, "state_bytes": state_bytes(getattr(model, "module", model), optimizer),
               "collective_bytes": dict(traced.bytes)}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
@@ -183,6 +226,10 @@ def launch(model: str, procs: int, layout: str, batch: int, steps: int) -> dict:
             raise RuntimeError(f"{layout} at {procs} processes failed:\n" + "\n".join(errors[-10:]))
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
     return {"layout": layout, "processes": procs, "step_s": max(r["step_s"] for r in ranks),
+            "startup_peak_rss_mib": [round(r["startup_peak_rss_above_start_bytes"] / 2**20, 1) for r in ranks],
+            "startup_target_mib": round(ranks[0]["startup_target_bytes"] / 2**20, 1),
+            "startup_over_target": [round(r["startup_peak_rss_above_start_bytes"] / r["startup_target_bytes"], 3)
+                                    for r in ranks],
             "peak_rss_above_start_mib": [round(r["peak_rss_above_start_bytes"] / 2**20, 1) for r in ranks],
             "expert_state_mib": ranks[0]["state_bytes"]["experts"] / 2**20,
             "rest_state_mib": ranks[0]["state_bytes"]["rest"] / 2**20,
@@ -195,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--procs", default="1,2,4")
     parser.add_argument("--batch", type=int, default=16, help="global batch (divisible by every process count)")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--layouts", help=f"comma-separated subset of {list(LAYOUTS)} (default: all that apply)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/dist_bench.json")
     args = parser.parse_args(argv)
@@ -202,8 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
         worker(args.model, args.worker, args.batch, args.steps, Path(args.out))
         return {}
     load, warning = check_machine()
+    chosen = set(args.layouts.split(",")) if args.layouts else set(LAYOUTS)
     rows = [launch(args.model, n, layout, args.batch, args.steps)
-            for n in map(int, args.procs.split(",")) for layout in layouts_for(n)]
+            for n in map(int, args.procs.split(",")) for layout in layouts_for(n) if layout in chosen]
     single = next((r for r in rows if r["layout"] == "single"), None)
     for r in rows:
         dp_shard, ep = LAYOUTS[r["layout"]](r["processes"]) or (1, 1)
@@ -219,6 +268,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['layout']:<10}{r['processes']:>6}{1e3 * r['step_s']:>9.1f}{r['expert_state_mib']:>12.2f}"
               f"{r['rest_state_mib']:>10.2f}{r.get('expert_state_vs_single_over_split', float('nan')):>11.3f}  "
               f"{r['peak_rss_above_start_mib']}")
+    print("start-up: peak RSS above start per process (MiB) / target (model / processes + largest parameter)")
+    for r in rows:
+        print(f"  {r['layout']:<10}{r['processes']:>3}  {r['startup_peak_rss_mib']} / {r['startup_target_mib']}"
+              f"  ratio {r['startup_over_target']}")
     print("collective payload per step and process (MiB, rank 0):")
     for r in rows:
         print(f"  {r['layout']:<10}{r['processes']:>3}  " + ", ".join(

@@ -3,8 +3,8 @@
 
 Run as `python -m benchmarks.plan_check [--models SoftMoE-Micro-4-32,SoftMoE-Mini-8-64] [--procs 1,2,4]`.
 
-For each model and layout dist_bench runs (single at 1 process; DDP, FSDP2, FSDP2+EP at 2 and 4), the planner's
-per-process memory at the micro-batch (fp32, as the runs are) is compared with the largest measured peak resident
+For each model and layout dist_bench runs (single at 1 process; DDP, FSDP2, FSDP2+EP, bf16 FSDP2 at 2 and 4, HSDP
+at 4), the planner's per-process memory at the micro-batch (in the run's precision) is compared with the largest measured peak resident
 memory above the start, and its collective payload per kind with the bytes dist_bench traces in one step. Exits
 with status 1 if any byte count differs; memory is reported (ratio and whether it lands within 15%), not asserted.
 
@@ -12,8 +12,9 @@ The runs serve large blocks by mmap (dist_bench's `RSS_TRACKS_LIVE_MEMORY`), so 
 otherwise glibc keeps freed FSDP2 all-gather outputs resident and sharded runs measured 2-4x the plan. Measured
 (2 cores, load 2-4): at the mini size plan/peak 0.94-0.99 for DDP, FSDP2 and FSDP2+EP at 2 processes, 0.91 DDP and
 0.88 FSDP2+ep=4 at 4, 0.85 (FSDP2+ep=2) and 0.79 (FSDP2) at 4, and 1.27 for one process; at the micro size 0.55-0.85
-(fixed interpreter, gloo and allocator overhead dominate a 17 MB model). Not modelled: gloo's buffers, rank 0's full
-model that `materialize_from_rank0` builds, the loss's logits and transient tensors inside ops.
+(fixed interpreter, gloo and allocator overhead dominate a 17 MB model); those runs filled the shards from a whole
+model on rank 0, which the per-process start-up (`init_sharded_`) no longer builds. Not modelled: gloo's buffers,
+the loss's logits and transient tensors inside ops.
 """
 
 from __future__ import annotations
@@ -36,16 +37,17 @@ def planner_layout(name: str, procs: int) -> Layout:
     if sharding is None:
         return Layout("ddp", procs, 1, 1)
     dp_shard, ep = sharding
-    return Layout("fsdp2" if ep == 1 else "fsdp2+ep", 1, dp_shard, ep)
+    return Layout("fsdp2" if ep == 1 else "fsdp2+ep", procs // dp_shard, dp_shard, ep)
 
 
 def compare(counts: ModelCounts, row: dict, batch: int) -> dict:
     """The planner's figures next to one dist_bench row."""
     layout = planner_layout(row["layout"], row["processes"])
     local = batch // row["processes"]
-    predicted = collective_bytes(counts, layout, local)
+    dtype_bytes = 2 if row["layout"].endswith("-bf16") else 4  # bf16 parameters gathered, bf16 features
+    predicted = collective_bytes(counts, layout, local, act_bytes=dtype_bytes, param_bytes=dtype_bytes)
     traced = {k: round(v * MIB) for k, v in row["collective_mib_per_step"].items()}
-    memory = memory_bytes(counts, layout, local)["total"] / MIB
+    memory = memory_bytes(counts, layout, local, dtype_bytes / 4, dtype_bytes)["total"] / MIB
     measured = max(row["peak_rss_above_start_mib"])
     return {"layout": row["layout"], "processes": row["processes"], "predicted_mib": round(memory, 1),
             "measured_peak_mib": measured, "predicted_over_measured": round(memory / measured, 3),

@@ -8,13 +8,14 @@ import json
 import math
 
 import pytest
+import torch
 
 import mmsoftmoe_cli
 from benchmarks.dist_bench import launch
 from mmsoftmoe.models.accounting import count_parameters
 from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.parallel import expert_layers
-from mmsoftmoe.parallel.plan import GIB, Layout, _padded, collective_bytes, count_model, plan_layout
+from mmsoftmoe.parallel.plan import GIB, Layout, _padded, collective_bytes, count_model, layouts, plan_layout
 
 MICRO = "SoftMoE-Micro-4-32"
 
@@ -103,3 +104,46 @@ def test_cli_user_error_is_one_line(capsys):
     code, _, err = run_cli(capsys, "--gpus", "3", "--gpu-memory", "80", "parallel.dp_shard=-1",
                              "parallel.dp_replicate=2")
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: --gpus 3")
+
+
+def test_grad_checkpointing_counts_the_largest_block_once_more(micro):
+    """The recomputed block's activations equal the bytes the largest block saves when run alone."""
+    model, _ = micro
+    with_ckpt = count_model(build_clip(MICRO, device="meta")[0], grad_checkpointing=True)
+    batch, saved = 2, {}
+    blocks = [(model.visual.trunk.blocks, (batch, 64, 64)), (model.transformer.resblocks, (batch, 32, 64))]
+    for stack, shape in blocks:
+        for i, block in enumerate(stack):
+            params = {id(p) for p in block.parameters()}
+            seen: dict[int, int] = {}
+
+            def pack(t, seen=seen, params=params):
+                if id(t) not in params:
+                    seen[id(t)] = t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                block.train()(torch.zeros(shape, device="meta", requires_grad=True))
+            saved[(id(stack), i)] = sum(seen.values()) / batch
+    assert with_ckpt.recompute_bytes_per_example == max(saved.values()) > 0
+    assert count_model(model).recompute_bytes_per_example == 0
+
+
+def test_hsdp_is_searched_and_startup_host_memory_is_one_draw(micro):
+    model, counts = micro
+    found = {(lay.dp_replicate, lay.dp_shard, lay.ep) for lay in layouts(4, counts.num_experts)}
+    assert found == {(4, 1, 1), (1, 4, 1), (1, 4, 2), (1, 4, 4), (2, 2, 1), (2, 2, 2)}  # DDP first, then HSDP
+    largest = model.token_embedding.weight.numel()  # 49408 x 64: larger than any expert's slice
+    sharded = plan_layout(counts, Layout("fsdp2", 2, 2, 1), global_batch=16, gpu_memory_gib=80)
+    ddp = plan_layout(counts, Layout("ddp", 4, 1, 1), global_batch=16, gpu_memory_gib=80)
+    assert sharded.extra["startup_host_bytes"] == 4 * largest
+    assert ddp.extra["startup_host_bytes"] == 4 * (count_parameters(model) + largest)
+
+
+@pytest.mark.slow
+def test_hsdp_bytes_equal_traced_four_process_step(micro):
+    """2 replicas x 2 shards, ep=2: the replica all-reduce of the reduced shards included."""
+    _, counts = micro
+    row = launch(MICRO, 4, "hsdp", 16, 1)
+    traced = {k: round(v * 2**20) for k, v in row["collective_mib_per_step"].items()}
+    assert collective_bytes(counts, Layout("fsdp2+ep", 2, 2, 2), local_batch=4) == traced

@@ -48,5 +48,5 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--gpus {args.gpus} does not split into parallel.dp_replicate={par.dp_replicate} "
                          f"replicas; choose a multiple of {par.dp_replicate}")
     plan.run(counts, args, global_batch=cfg.batch_size, grad_accum=cfg.grad_accum_steps,
-             bf16=cfg.precision == "bf16", dp_replicate=par.dp_replicate)
+             bf16=cfg.precision == "bf16", dp_replicate=par.dp_replicate if par.dp_replicate > 1 else None)
     return 0

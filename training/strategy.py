@@ -5,13 +5,15 @@ clipping gradients, gathering a whole copy, evaluating, and what a checkpoint ho
 - `Replicated` (the default, `parallel.dp_shard=0`): accelerate's DDP. Every process holds the whole model;
   accelerate places it, wraps it and all-reduces gradients.
 - `Sharded` (`parallel.dp_shard` set): `mmsoftmoe.parallel`. Built on the meta device, the experts split over
-  `parallel.ep` processes and everything FSDP2-sharded, then each process's shards filled from the model rank 0
-  builds as an unsharded run would (so the run starts from the same weights, and only rank 0's host memory ever
-  holds the whole model). Gradients are clipped by the global norm over both parameter kinds; checkpoints are DCP
-  shards plus each process's random state (resumable at another process count or layout). Evaluation runs the
-  sharded model on every process, each on its share of the evaluation data (only features and labels are
-  gathered), so no process ever holds the whole model for it; `final/` is a whole copy gathered into rank 0's host
-  memory (what export reads).
+  `parallel.ep` processes and everything FSDP2-sharded (bf16 all-gathers under `precision=bf16`), then each process
+  draws only its own shards (`init_sharded_`: every parameter and expert from a generator seeded by its name, so
+  the values an unsharded run starts from, and no whole copy anywhere); weights read from a whole file (warm start,
+  upcycling, a Hugging Face text tower) are filled from the model rank 0 builds as an unsharded run would.
+  Gradients are clipped by the global norm over both parameter kinds; checkpoints are DCP shards plus each
+  process's random state (resumable at another process count or layout). Evaluation runs the sharded model on
+  every process, each on its share of the evaluation data (only features and labels are gathered), so no process
+  ever holds the whole model for it; `final/` is a whole copy gathered into rank 0's host memory (what export
+  reads).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from mmsoftmoe.parallel import (
     clip_grad_norm_,
     expert_layers,
     full_model_state_dict,
+    init_sharded_,
     materialize_from_rank0,
     parallelize,
 )
@@ -124,9 +127,12 @@ class Sharded(Strategy):
                      num_experts=tuple(layer.num_experts for layer in expert_layers(model).values()))
         meshes = build_meshes(device_type=accelerator.device.type, dp_replicate=par.dp_replicate,
                               dp_shard=dp_shard, ep=par.ep)
-        parallelize(model, meshes)
-        full = build_model(cfg)[0] if accelerator.is_main_process else None
-        materialize_from_rank0(model, full, accelerator.device)
+        parallelize(model, meshes, param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
+        if cfg.model.pretrained or cfg.model.upcycle_from or cfg.model.text_model:  # weights read from a whole file
+            materialize_from_rank0(model, build_model(cfg)[0] if accelerator.is_main_process else None,
+                                   accelerator.device)
+        else:  # each process draws only what it holds: the values of the unsharded build
+            init_sharded_(model, seed=cfg.seed, device=accelerator.device)
         logger.info("sharded: dp_replicate=%d x dp_shard=%d processes; experts split over ep=%d, each split "
                     "FSDP2-sharded over dp_shard / ep = %d", par.dp_replicate, dp_shard, par.ep, dp_shard // par.ep)
         return model, tokenizer, model_cfg

@@ -14,10 +14,10 @@ Initialisation (`expert_init`):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from mmsoftmoe.layers.init import InitRule, apply_rules_, constant, lecun_normal, normal, trunc_normal, xavier_uniform
 
 EXPERT_INITS = ("vmoe", "independent")
 _VMOE_BIAS_STD = 1e-6  # vit_jax MlpBlock: bias_init = normal(stddev=1e-6)
@@ -57,20 +57,20 @@ class StackedExperts(nn.Module):
         self.drop2 = nn.Dropout(drop)
         self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_rules(self) -> dict[str, InitRule]:
         """See the module docstring: one shared vmoe draw, or timm's init per expert."""
-        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
-            if self.expert_init == "independent":
-                nn.init.trunc_normal_(w, std=0.02)  # timm's init_weights_vit_timm: bounds +-2 absolute (100 std)
-                if b is not None:
-                    nn.init.zeros_(b)
-                continue
-            nn.init.xavier_uniform_(w[0])  # fans of one expert's (d, h) kernel, as flax sees it under the vmap
-            w.copy_(w[:1].expand_as(w))
-            if b is not None:
-                nn.init.normal_(b[0], std=_VMOE_BIAS_STD)
-                b.copy_(b[:1].expand_as(b))
+        if self.expert_init == "independent":
+            # timm's init_weights_vit_timm: truncated normal with bounds +-2 absolute (100 std), zero biases.
+            weight, bias = InitRule(trunc_normal(0.02), "independent"), InitRule(constant(0.0), "independent")
+        else:  # xavier over one expert's (d, h) kernel, as flax sees it under the vmap
+            weight, bias = InitRule(xavier_uniform(), "shared"), InitRule(normal(_VMOE_BIAS_STD), "shared")
+        rules = {"w1": weight, "w2": weight}
+        if self.b1 is not None:
+            rules.update(b1=bias, b2=bias)
+        return rules
+
+    def init_weights(self) -> None:
+        apply_rules_(self, self.init_rules())
 
     def no_weight_decay(self) -> set[str]:
         """The biases: (n, 1, h)-shaped, so a `ndim < 2` rule would miss them."""
@@ -93,9 +93,3 @@ class StackedExperts(nn.Module):
         return (f"num_experts={n}, in={d}, hidden={h}, out={self.w2.shape[-1]}, bias={self.b1 is not None}, "
                 f"expert_init={self.expert_init}")
 
-
-def lecun_normal_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
-    """LeCun normal init (variance 1/fan_in), truncated at 2 std like JAX's `lecun_normal`."""
-    # JAX's truncated normal is rescaled so the truncated distribution keeps the target std.
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
-    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)

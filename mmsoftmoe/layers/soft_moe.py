@@ -26,7 +26,7 @@ from timm.layers.activations import GELU, GELUTanh
 from torch import nn
 
 from mmsoftmoe.layers.base import ExpertLayerBase, autocast_off, check_positive, compute_capacity
-from mmsoftmoe.layers.experts import lecun_normal_
+from mmsoftmoe.layers.init import InitRule, apply_rules_, constant, lecun_normal
 
 _L2N_EPS = 1e-6  # vmoe's `normalize`: x * rsqrt(sum(x**2) + 1e-6)
 # The paper's routing ablations (section 5, Table 3): learned ("soft"), uniform, or identity (slot i = token i).
@@ -132,14 +132,17 @@ class SoftMoE(ExpertLayerBase):
         self.scale = nn.Parameter(torch.ones((), **dd)) if normalize else None
         self.init_weights()
 
-    def init_weights(self) -> None:
+    def init_rules(self) -> dict[str, InitRule]:
         """`phi` as vmoe's `mu`: JAX's `lecun_normal()` on a (d, n, p) kernel, whose fan-in is
         `shape[-2] * prod(shape[:-2])` = n * d (`jax.nn.initializers.variance_scaling`, in_axis=-2), not d;
         `scale` 1; experts per `expert_init`."""
-        lecun_normal_(self.phi, fan_in=self.num_experts * self.in_features)
+        rules = {"phi": InitRule(lecun_normal(self.num_experts * self.in_features))}
         if self.scale is not None:
-            nn.init.ones_(self.scale)
-        self.experts.init_weights()
+            rules["scale"] = InitRule(constant(1.0))
+        return rules | {f"experts.{name}": rule for name, rule in self.experts.init_rules().items()}
+
+    def init_weights(self) -> None:
+        apply_rules_(self, self.init_rules())
 
     def router_logits(self, x_bmd: torch.Tensor) -> torch.Tensor:
         """Logits (b, m, s) between tokens and slots, in float32 (float64 for float64 inputs)."""

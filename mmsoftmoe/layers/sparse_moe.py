@@ -30,7 +30,7 @@ from mmsoftmoe.layers.base import (
     check_positive,
     compute_capacity,
 )
-from mmsoftmoe.layers.experts import lecun_normal_
+from mmsoftmoe.layers.init import InitRule, apply_rules_, lecun_normal
 
 ROUTING_CHOICES = ("example", "batch")
 
@@ -81,10 +81,13 @@ class SparseMoEBase(ExpertLayerBase):
         self.router = nn.Linear(in_features, num_experts, bias=False, device=device, dtype=dtype)
         self.init_weights()
 
-    def init_weights(self) -> None:
+    def init_rules(self) -> dict[str, InitRule]:
         """Router as vmoe's flax `nn.Dense` (LeCun normal, fan-in d); experts per `expert_init`."""
-        lecun_normal_(self.router.weight, fan_in=self.in_features)
-        self.experts.init_weights()
+        rules = {"router.weight": InitRule(lecun_normal(self.in_features))}
+        return rules | {f"experts.{name}": rule for name, rule in self.experts.init_rules().items()}
+
+    def init_weights(self) -> None:
+        apply_rules_(self, self.init_rules())
 
     @property
     def routes_across_examples(self) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mmsoftmoe.checkpoint import CONFIG_NAME, WEIGHTS_NAMES, ConfigMismatchError, read_model_folder
+from mmsoftmoe.models.init import INIT_CONSTANTS_ATTR, init_weights_
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 HF_TEXT_DIR = "hf_text"  # a model folder's copy of its Hugging Face text tower's config and tokenizer files
@@ -80,10 +82,24 @@ def build_clip_from_config(
     model_cls = open_clip.CustomTextCLIP if (cfg.pop("custom_text", False) or is_hf) else open_clip.CLIP
     with torch.device(device):
         model = model_cls(**cfg, output_dict=output_dict)
+    _record_init_constants(model, model_cls, cfg)
+    if torch.device(device).type != "meta":
+        # A pretrained Hugging Face text tower keeps its loaded weights; everything else draws per parameter.
+        init_weights_(model, keep=("text.",) if is_hf else ())
     context_length = text_cfg.get("context_length", 77)
     if is_hf:
         return model, HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
     return model, open_clip.SimpleTokenizer(context_length=context_length)
+
+
+def _record_init_constants(model: nn.Module, model_cls: type[nn.Module], cfg: dict) -> None:
+    """Keep the starting logit scale / bias on the model: a meta-device build cannot hold them, and
+    `mmsoftmoe.models.init` sets them again after materializing it."""
+    defaults = inspect.signature(model_cls).parameters
+    constants = {"logit_scale": float(cfg.get("init_logit_scale", defaults["init_logit_scale"].default))}
+    if model.logit_bias is not None:
+        constants["logit_bias"] = float(cfg["init_logit_bias"])
+    setattr(model, INIT_CONSTANTS_ATTR, constants)
 
 
 def build_clip(

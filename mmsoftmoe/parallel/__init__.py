@@ -3,7 +3,9 @@
 The layers stay unaware of distribution (torchtitan's design): `parallelize(model, build_meshes(...))` rewrites
 a built model in place, `clip_grad_norm_` clips by the global norm over parameters on different meshes, and
 `save_sharded` / `load_sharded` / `consolidate` are its checkpoints (DCP, resharded at load);
-`materialize_from_rank0` fills a model built on the meta device and parallelized from rank 0's full model.
+`init_sharded_` materializes a model built on the meta device and parallelized, each process drawing only the
+weights it holds (the values of a one-process build), and `materialize_from_rank0` fills one from rank 0's full
+model instead (for weights read from a whole file: warm starts, upcycling).
 """
 
 from mmsoftmoe.parallel.checkpoint import (
@@ -16,6 +18,7 @@ from mmsoftmoe.parallel.checkpoint import (
 )
 from mmsoftmoe.parallel.expert_parallel import apply_expert_parallel
 from mmsoftmoe.parallel.grad_norm import clip_grad_norm_
+from mmsoftmoe.parallel.init import init_sharded_
 from mmsoftmoe.parallel.materialize import materialize_from_rank0
 from mmsoftmoe.parallel.mesh import ParallelMeshes, build_meshes, check_layout
 from mmsoftmoe.parallel.parallelize import expert_layers, parallelize
@@ -30,6 +33,7 @@ __all__ = [
     "consolidate",
     "expert_layers",
     "full_model_state_dict",
+    "init_sharded_",
     "load_sharded",
     "materialize_from_rank0",
     "parallelize",

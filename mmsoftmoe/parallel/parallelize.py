@@ -70,14 +70,28 @@ def _average_scalar_grads(model: nn.Module, mesh: DeviceMesh) -> None:
     model.register_forward_pre_hook(attach)
 
 
-def parallelize(model: nn.Module, meshes: ParallelMeshes, *, mp_policy: MixedPrecisionPolicy | None = None,
+def mixed_precision_policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """FSDP2's policy for a compute dtype: parameters all-gathered in `param_dtype`, gradients reduced in float32,
+    master weights (and so the optimizer state and checkpoints) float32; None: everything float32."""
+    if param_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def parallelize(model: nn.Module, meshes: ParallelMeshes, *, param_dtype: torch.dtype | None = None,
                 reshard_after_forward: bool = True,
                 block_types: tuple[type[nn.Module], ...] = BLOCK_TYPES) -> nn.Module:
     """Shard `model` in place: experts over `meshes.ep` (+ FSDP2 over `meshes.experts_dp`), the rest FSDP2 over
-    `meshes.dense`. Build the optimizer afterwards, from `model.named_parameters()` (names are unchanged)."""
+    `meshes.dense`. Build the optimizer afterwards, from `model.named_parameters()` (names are unchanged).
+
+    `param_dtype` (torch.bfloat16 for `precision=bf16`, torchtitan's default): the dtype parameters are gathered
+    and computed in (`mixed_precision_policy`), except the MoE layers' routing parameters (`phi`, a sparse
+    router), which stay float32 in a unit of their own: routing is computed in float32 (README "Scaling out").
+    """
     _average_scalar_grads(model, meshes.world)
-    fsdp = {"mp_policy": mp_policy or MixedPrecisionPolicy(), "reshard_after_forward": reshard_after_forward,
+    fsdp = {"mp_policy": mixed_precision_policy(param_dtype), "reshard_after_forward": reshard_after_forward,
             "ignored_params": {p for p in model.parameters() if p.ndim == 0}}
+    dense_mesh = _fsdp_mesh(meshes.dense)
     for layer in expert_layers(model).values():
         if meshes.ep.size() > 1:
             apply_expert_parallel(layer.experts, meshes.ep)
@@ -86,7 +100,8 @@ def parallelize(model: nn.Module, meshes: ParallelMeshes, *, mp_policy: MixedPre
         # A custom factor makes FSDP2 reduce-scatter with NCCL's PREMUL_SUM, which gloo lacks: sum, then divide.
         # Not with a one-rank shard group: torch 2.14 then divides twice (tests/test_parallel.py checks both).
         layer.experts.set_force_sum_reduction_for_comms(meshes.experts_dp["efsdp"].size() > 1)
-    dense_mesh = _fsdp_mesh(meshes.dense)
+        if param_dtype is not None:
+            fully_shard(layer, mesh=dense_mesh, **(fsdp | {"mp_policy": mixed_precision_policy(None)}))
     for block in [m for m in model.modules() if isinstance(m, block_types)]:
         fully_shard(block, mesh=dense_mesh, **fsdp)
     # Evaluation calls the image trunk and head directly (pre-logit features), and the towers through

@@ -10,22 +10,25 @@ Memory per process (bytes; P = parameters, fp32 master weights and AdamW, so 16 
     dense units padded to a multiple of dp_shard along dim 0 (as FSDP2 pads) / dp_shard under FSDP2; experts /
     ep, then padded and / efsdp under FSDP2+EP; 0-d parameters always whole.
   - buffers: DDP's gradient buckets (one more fp32 copy of the gradients); FSDP2's unsharded all-gather output of
-    the largest unit, twice (the next unit is prefetched), plus its reduce-scatter input; EP's all-to-all buffers
-    (input and output of the largest layer's dispatch, at the micro-batch).
+    the largest unit, twice (the next unit is prefetched; bf16 under `precision=bf16`), plus its reduce-scatter
+    input (fp32); EP's all-to-all buffers (input and output of the largest layer's dispatch, at the micro-batch).
   - activations: the bytes autograd saves in one forward at the micro-batch (per process), measured on the meta
-    device and scaled linearly in the batch; with grad checkpointing only what the checkpointed blocks keep.
+    device and scaled linearly in the batch; with grad checkpointing what the checkpointed blocks keep plus the
+    largest block's own activations, live again while it is recomputed in backward.
     Measured in fp32; under bf16 autocast taken as half (an approximation: autocast keeps some tensors fp32).
-    Not counted: one checkpointed block's activations, live while it is recomputed in backward; the loss's
-    logits (b x global b); temporaries that live only inside one op; the allocator's
+    Not counted: the loss's logits (b x global b); temporaries that live only inside one op; the allocator's
     caching/fragmentation, CUDA context, the interpreter and libraries (CPU runs: see benchmarks/plan_check.py).
 
 Collective payload per step and process, the definition `benchmarks/dist_bench.py` traces (the largest tensor of
 each call): DDP all-reduces every gradient (fp32) once and broadcasts the module buffers; FSDP2 all-gathers every
-unit (padded) in forward and again in backward (reshard_after_forward) and reduce-scatters each once; a unit on a
-one-rank mesh moves nothing; 0-d parameters are all-reduced (4 B each), and under HSDP (dp_replicate > 1) the
-reduced shards too (not checked against a trace: dist_bench runs no HSDP); EP does 4 all-to-alls per MoE layer
+unit (padded) in forward and again in backward (reshard_after_forward), in bf16 under `precision=bf16` (the MoE
+routing parameters in fp32), and reduce-scatters each once in fp32; a unit on a one-rank mesh moves nothing; 0-d
+parameters are all-reduced (4 B each), and under HSDP (dp_replicate > 1) the reduced shards too; EP does 4 all-to-alls per MoE layer
 (dispatch and combine, forward and backward) of local_batch x slots x width; the contrastive loss all-gathers
 image and text features (local_batch x embed_dim each).
+
+Start-up host memory per process: DDP builds the whole model on the host; a sharded start-up draws one parameter
+(or one expert's slice) at a time there and keeps only its shards (`mmsoftmoe.parallel.init_sharded_`).
 
 Step time = compute + communication, no overlap assumed (an upper bound):
   compute: 3 x forward FLOPs x global batch / (GPUs x achieved FLOP/s) (`--tflops`, default 400 TFLOP/s: about
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -66,6 +70,9 @@ class ModelCounts:
     embed_dim: int
     activation_bytes_per_example: float
     forward_flops_per_example: int
+    routing_shapes: list[tuple[int, ...]] = field(default_factory=list)  # MoE routing parameters (kept fp32)
+    recompute_bytes_per_example: float = 0.0       # grad checkpointing: the largest block's activations
+    largest_draw: int = 0                          # elements of the largest start-up draw (a parameter, an expert)
 
     @property
     def expert_params(self) -> int:
@@ -124,10 +131,51 @@ def activation_bytes(model: nn.Module, batch: int = 2) -> float:
     return sum(seen.values()) / batch
 
 
+def block_activation_bytes(model: nn.Module, batch: int = 2) -> float:
+    """The largest bytes one block (`BLOCK_TYPES`) saves for backward in a forward without checkpointing, per
+    example: what a checkpointed block holds again while it is recomputed in backward."""
+    params = {id(p) for p in model.parameters()}
+    per_block: dict[int, dict[int, int]] = defaultdict(dict)
+    current: list[int] = []
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        current.append(id(module))
+
+    def leave(module: nn.Module, args: tuple, output: object) -> None:
+        current.pop()
+
+    handles = []
+    for block in (m for m in model.modules() if isinstance(m, BLOCK_TYPES)):
+        handles += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if current and id(t) not in params and not isinstance(t, nn.Parameter):
+            per_block[current[-1]][id(t)] = t.numel() * t.element_size()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*_meta_inputs(model, batch))
+    for handle in handles:
+        handle.remove()
+    return max((sum(saved.values()) for saved in per_block.values()), default=0) / batch
+
+
+def largest_draw(model: nn.Module) -> int:
+    """Elements of the largest tensor start-up draws at once (`mmsoftmoe.parallel.init_sharded_`): a whole
+    unstacked parameter, or one expert's slice of a stacked one."""
+    experts = {id(p) for layer in expert_layers(model).values() for p in layer.experts.parameters()}
+    return max(p[0].numel() if id(p) in experts else p.numel() for p in model.parameters())
+
+
 def count_model(model: nn.Module, *, grad_checkpointing: bool = False) -> ModelCounts:
     """Count a CLIP model built on the meta device."""
     experts, units, scalars = parameter_units(model)
     layers = expert_layers(model)
+    expert_ids = {id(p) for layer in layers.values() for p in layer.experts.parameters()}
+    routing = [tuple(p.shape) for layer in layers.values() for p in layer.parameters()
+               if id(p) not in expert_ids and p.ndim]
+    recompute = block_activation_bytes(model) if grad_checkpointing else 0.0
     trunk = model.visual.trunk
     tokens = trunk.patch_embed.num_patches + trunk.num_prefix_tokens
     # Rows dispatched per example over all experts (Soft MoE: its slots), what the EP all-to-all moves.
@@ -142,7 +190,8 @@ def count_model(model: nn.Module, *, grad_checkpointing: bool = False) -> ModelC
                        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
                        moe_layers=moe, num_experts=tuple(m.num_experts for m in layers.values()),
                        embed_dim=embed or trunk.num_features, activation_bytes_per_example=acts,
-                       forward_flops_per_example=flops)
+                       forward_flops_per_example=flops, routing_shapes=routing,
+                       recompute_bytes_per_example=recompute, largest_draw=largest_draw(model))
 
 
 @dataclass(frozen=True)
@@ -178,8 +227,12 @@ class LayoutPlan:
         return self.compute_s + self.comm_s
 
 
-def collective_bytes(counts: ModelCounts, layout: Layout, local_batch: int, act_bytes: int = FP32) -> dict[str, int]:
-    """Payload bytes of one step's collectives on one process, by kind (dist_bench's `CollectiveBytes`)."""
+def collective_bytes(counts: ModelCounts, layout: Layout, local_batch: int, act_bytes: int = FP32,
+                     param_bytes: int = FP32) -> dict[str, int]:
+    """Payload bytes of one step's collectives on one process, by kind (dist_bench's `CollectiveBytes`).
+
+    `param_bytes`: the dtype FSDP2 gathers parameters in (2 for `parallelize(param_dtype=torch.bfloat16)`), except
+    the MoE routing parameters, gathered in fp32; gradients are reduced in fp32 either way."""
     out: dict[str, int] = {}
     if layout.world == 1:
         return out
@@ -191,7 +244,8 @@ def collective_bytes(counts: ModelCounts, layout: Layout, local_batch: int, act_
     efsdp = layout.dp_shard // layout.ep
     dense = sum(_padded(u, layout.dp_shard) for u in counts.dense_units) if layout.dp_shard > 1 else 0
     experts = _padded(counts.expert_shapes, efsdp, layout.ep) if efsdp > 1 else 0
-    out["all_gather"] += 2 * (dense + experts) * FP32
+    routing = _padded(counts.routing_shapes, layout.dp_shard) if layout.dp_shard > 1 else 0
+    out["all_gather"] += 2 * ((dense + experts) * param_bytes + routing * (FP32 - param_bytes))
     out["reduce_scatter"] = (dense + experts) * FP32
     out["all_reduce"] = counts.scalar_params * FP32
     if layout.dp_replicate > 1:  # HSDP: the reduced shards are then all-reduced over the replicas
@@ -202,7 +256,8 @@ def collective_bytes(counts: ModelCounts, layout: Layout, local_batch: int, act_
     return out
 
 
-def memory_bytes(counts: ModelCounts, layout: Layout, local_batch: int, act_scale: float = 1.0) -> dict[str, float]:
+def memory_bytes(counts: ModelCounts, layout: Layout, local_batch: int, act_scale: float = 1.0,
+                 param_bytes: int = FP32) -> dict[str, float]:
     """Bytes one process holds at its peak, by kind (see the module docstring)."""
     state = 4 * FP32  # parameter, gradient, two AdamW moments
     if layout.name == "ddp":
@@ -215,19 +270,23 @@ def memory_bytes(counts: ModelCounts, layout: Layout, local_batch: int, act_scal
                       + [_padded(counts.expert_shapes, efsdp, layout.ep) // max(len(counts.moe_layers), 1)])
         a2a = max([2 * local_batch * slots * max(d_in, d_out) * FP32 * act_scale
                    for slots, d_in, d_out in counts.moe_layers] or [0]) if layout.ep > 1 else 0
-        mem = {"state": (dense + experts + counts.scalar_params) * state, "buffers": 3 * largest * FP32 + a2a}
-    mem["activations"] = counts.activation_bytes_per_example * local_batch * act_scale
+        gathered = 2 * largest * param_bytes + largest * FP32  # two units gathered, one reduce-scatter input
+        mem = {"state": (dense + experts + counts.scalar_params) * state, "buffers": gathered + a2a}
+    acts = counts.activation_bytes_per_example + counts.recompute_bytes_per_example
+    mem["activations"] = acts * local_batch * act_scale
     mem["total"] = sum(mem.values())
     return mem
 
 
-def layouts(world: int, num_experts: tuple[int, ...], dp_replicate: int = 1) -> list[Layout]:
-    """DDP, FSDP2 and FSDP2+EP for every ep dividing both dp_shard and the experts."""
-    dp_shard = world // dp_replicate
+def layouts(world: int, num_experts: tuple[int, ...], dp_replicate: int | None = None) -> list[Layout]:
+    """DDP, then FSDP2 and FSDP2+EP for every ep dividing both dp_shard and the experts, at `dp_replicate`
+    replicas, or (None) at every dp_replicate dividing `world` that leaves dp_shard > 1 (HSDP when > 1)."""
     out = [Layout("ddp", world, 1, 1)]
-    for ep in _divisors(dp_shard):
-        if all(n % ep == 0 for n in num_experts):
-            out.append(Layout("fsdp2" if ep == 1 else "fsdp2+ep", dp_replicate, dp_shard, ep))
+    for replicas in [dp_replicate] if dp_replicate else [r for r in _divisors(world) if r < world or world == 1]:
+        dp_shard = world // replicas
+        for ep in _divisors(dp_shard):
+            if all(n % ep == 0 for n in num_experts):
+                out.append(Layout("fsdp2" if ep == 1 else "fsdp2+ep", replicas, dp_shard, ep))
     return out
 
 
@@ -247,8 +306,8 @@ def plan_layout(counts: ModelCounts, layout: Layout, *, global_batch: int, grad_
                          f"{layout.world} GPUs; choose a batch_size divisible by {layout.world * grad_accum}")
     local = global_batch // (layout.world * grad_accum)
     act = 2 if bf16 else FP32
-    mem = memory_bytes(counts, layout, local, act_scale=act / FP32)
-    comm = collective_bytes(counts, layout, local, act)
+    mem = memory_bytes(counts, layout, local, act_scale=act / FP32, param_bytes=act)
+    comm = collective_bytes(counts, layout, local, act, param_bytes=act)
     # Parameter collectives repeat for every micro-batch under FSDP2 (resharded between them); DDP reduces once.
     repeat = {k: (grad_accum if layout.name != "ddp" or k not in ("all_reduce",) else 1) for k in comm}
     dense_group = layout.world if layout.name == "ddp" else layout.dp_shard
@@ -261,11 +320,20 @@ def plan_layout(counts: ModelCounts, layout: Layout, *, global_batch: int, grad_
     comm_s = sum(_ring_s(k, v * repeat[k], group[k], gbps(group[k])) for k, v in comm.items())
     compute_s = 3 * counts.forward_flops_per_example * global_batch / (layout.world * tflops * 1e12)
     return LayoutPlan(layout, mem, comm, compute_s, comm_s, fits=mem["total"] <= gpu_memory_gib * GIB,
-                      extra={"local_batch": local})
+                      extra={"local_batch": local, "startup_host_bytes": startup_host_bytes(counts, layout)})
 
 
-def plan(counts: ModelCounts, *, gpus: int, global_batch: int, gpu_memory_gib: float, dp_replicate: int = 1,
-         **kw) -> list[LayoutPlan]:
+def startup_host_bytes(counts: ModelCounts, layout: Layout) -> int:
+    """Host memory one process needs to start: DDP builds the whole model on the host (then moves it); a sharded
+    start-up (`init_sharded_`) draws one parameter (one expert's slice) at a time on the host and copies its
+    shard to the GPU. A warm start or upcycling reads a whole file on rank 0 instead (README "Scaling out")."""
+    if layout.name == "ddp":
+        return (counts.total_params + counts.largest_draw) * FP32
+    return counts.largest_draw * FP32
+
+
+def plan(counts: ModelCounts, *, gpus: int, global_batch: int, gpu_memory_gib: float,
+         dp_replicate: int | None = None, **kw) -> list[LayoutPlan]:
     """Every layout at `gpus`, the fitting ones first by step time."""
     plans = [plan_layout(counts, lay, global_batch=global_batch, gpu_memory_gib=gpu_memory_gib, **kw)
              for lay in layouts(gpus, counts.num_experts, dp_replicate)]
@@ -274,13 +342,14 @@ def plan(counts: ModelCounts, *, gpus: int, global_batch: int, gpu_memory_gib: f
 
 def format_table(plans: list[LayoutPlan]) -> str:
     head = (f"{'layout':<9}{'rep':>4}{'shard':>6}{'ep':>5}{'state GiB':>10}{'buf GiB':>9}{'act GiB':>9}"
-            f"{'total GiB':>10}{'comm GB':>9}{'step s':>8}  fits")
+            f"{'total GiB':>10}{'comm GB':>9}{'step s':>8}{'host GiB':>9}  fits")
     rows = [head]
     for p in plans:
         m, lay = p.memory, p.layout
         rows.append(f"{lay.name:<9}{lay.dp_replicate:>4}{lay.dp_shard:>6}{lay.ep:>5}{m['state'] / GIB:>10.2f}"
                     f"{m['buffers'] / GIB:>9.2f}{m['activations'] / GIB:>9.2f}{m['total'] / GIB:>10.2f}"
-                    f"{sum(p.collective_bytes.values()) / 1e9:>9.2f}{p.step_s:>8.3f}  {'yes' if p.fits else 'no'}")
+                    f"{sum(p.collective_bytes.values()) / 1e9:>9.2f}{p.step_s:>8.3f}"
+                    f"{p.extra['startup_host_bytes'] / GIB:>9.2f}  {'yes' if p.fits else 'no'}")
     return "\n".join(rows)
 
 
@@ -310,7 +379,7 @@ def best(plans: list[LayoutPlan]) -> LayoutPlan | None:
 
 
 def run(counts: ModelCounts, args: argparse.Namespace, *, global_batch: int, grad_accum: int, bf16: bool,
-        dp_replicate: int = 1) -> dict:
+        dp_replicate: int | None = None) -> dict:
     """Print the table of every layout at `args.gpus` and the fastest fitting one; return it as JSON."""
     plans = plan(counts, gpus=args.gpus, global_batch=global_batch, gpu_memory_gib=args.gpu_memory,
                  dp_replicate=dp_replicate, grad_accum=grad_accum, bf16=bf16, **link_kwargs(args))
