@@ -147,6 +147,7 @@ def test_every_bash_line_is_declared():
     assert "$(VENV)/bin/mmsoftmoe demo\n" in (ROOT / "Makefile").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line", bash_lines(), ids=[f"{i}:{line[:60]}" for i, line in enumerate(bash_lines())])
 def test_bash_line_runs(line, workdir):
     how, extra, check = TWINS.get(line, ("as written", "", RUN_AS_WRITTEN.get(line)))
@@ -158,6 +159,7 @@ def test_bash_line_runs(line, workdir):
     check(workdir, proc.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", readme_blocks("python"))
 def test_python_block_runs_as_written(block, tmp_path):
     proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=ENV, capture_output=True, text=True,
