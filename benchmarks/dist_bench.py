@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks.layer_bench import check_machine
+from benchmarks.common import check_machine, write_results
 from benchmarks.train_bench import make_batch
 from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.parallel import (
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         worker(args.model, args.worker, args.batch, args.steps, Path(args.out))
         return {}
-    load, warning = check_machine()
+    machine = check_machine()
     rows = [launch(args.model, n, layout, args.batch, args.steps)
             for n in map(int, args.procs.split(",")) for layout in layouts_for(n)]
     single = next((r for r in rows if r["layout"] == "single"), None)
@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["experts_split_over"] = split
         if single:
             r["expert_state_vs_single_over_split"] = r["expert_state_mib"] * split / single["expert_state_mib"]
-    result = {"model": args.model, "global_batch": args.batch, "steps": args.steps, "machine_load": load,
-              "load_warning": warning, "rows": rows}
+    result = {"model": args.model, "global_batch": args.batch, "steps": args.steps, **machine, "rows": rows}
     print(f"{'layout':<10}{'procs':>6}{'step ms':>9}{'expert MiB':>12}{'rest MiB':>10}{'x split/1p':>11}"
           "  peak RSS above start, MiB per process")
     for r in rows:
@@ -223,9 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"  {r['layout']:<10}{r['processes']:>3}  " + ", ".join(
             f"{k} {v:.2f}" for k, v in sorted(r["collective_mib_per_step"].items())))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+    return write_results(result, "", args.out)
 
 
 if __name__ == "__main__":

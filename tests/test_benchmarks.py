@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks import layer_bench as lb
+from benchmarks.common import peak_alloc_bytes
 
 # A hand-sized config: b 2 examples, m 8 tokens, d 4, h 16, n 4 experts, p 2 slots each (s 8).
 B, M, D, H, N, P = 2, 8, 4, 16, 4, 2
@@ -46,8 +47,8 @@ def test_s16_flops():
 
 
 def test_peak_alloc_bytes_counts_live_tensors():
-    assert lb.peak_alloc_bytes(lambda: torch.ones(250_000)) == 1_000_000
-    assert lb.peak_alloc_bytes(lambda: torch.ones(250_000).exp()) == 2_000_000  # input and output live at once
+    assert peak_alloc_bytes(lambda: torch.ones(250_000)) == 1_000_000
+    assert peak_alloc_bytes(lambda: torch.ones(250_000).exp()) == 2_000_000  # input and output live at once
 
 
 def test_memory_bound_adds_three_routing_tensors():
@@ -59,6 +60,7 @@ def test_memory_bound_adds_three_routing_tensors():
     assert bound["no_grad"]["within"] and bound["grad"]["within"]
 
 
+@pytest.mark.slow
 def test_main_report_is_consistent_with_its_own_measurements(tmp_path):
     """The figures printed are derived correctly: GFLOP/s from the hand-counted FLOPs and the measured median,
     % of peak from the measured GEMM peak, ratios from the medians."""

@@ -116,6 +116,7 @@ def test_user_errors_print_one_error_line_and_exit_2(args, message, tmp_path, mo
     assert len(errors) == 1 and message in errors[0], stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_user_error_in_the_installed_command_is_one_line_and_status_2(tmp_path):
     proc = mmsoftmoe("train", "--config", "smoke", "optim.lrr=1", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -253,15 +253,34 @@ def test_hf_folder_runs_without_mmsoftmoe(exported, eager, pixels, tmp_path):
     assert (torch.load(tmp_path / "embeds.pt") - expected).abs().max().item() <= 1e-5
 
 
+# What each card's snippet leaves behind: (the name of its image embeddings, of the pixels they were computed from).
+SNIPPET_OUTPUT = {"timm": ("features", "pixels"), "open_clip": ("image_features", None), "hf": ("out", "pixels"),
+                  "onnx": ("embeds", "pixels"), "torch_export": ("embeds", "pixels")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_model_card_snippet_runs(name, exported, pixels):
-    """The card's "How to load" code is real: run it with `pixels` (numpy for onnxruntime) and a PIL `image`."""
+def test_model_card_snippet_computes_the_eager_embeddings(name, exported, eager, pixels):
+    """The card's "How to load" code, run with `pixels` (numpy for onnxruntime) and a PIL `image`, gives the eager
+    model's image embeddings of the same input (for open_clip: of the image through the checkpoint's own eval
+    transform, built here without the export)."""
+    from mmsoftmoe.data import transforms_from_preprocess_cfg
+    from mmsoftmoe.models.clip import preprocess_config
+
     card = (exported[0] / name / "README.md").read_text()
     code = card.split("## How to load", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    namespace = {"pixels": pixels.numpy() if name == "onnx" else pixels, "image": Image.new("RGB", (40, 48))}
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    namespace = {"pixels": pixels.numpy() if name == "onnx" else pixels, "image": image}
     with torch.no_grad():
         exec(compile(code, f"{name}/README.md", "exec"), namespace)
+        output, inputs = SNIPPET_OUTPUT[name]
+        got = namespace[output].image_embeds if name == "hf" else torch.as_tensor(namespace[output])
+        # hf's snippet replaces `pixels` by its image processor's output: the input the embeddings came from.
+        x = torch.as_tensor(namespace[inputs]) if inputs else transforms_from_preprocess_cfg(
+            preprocess_config(eager[0]))[1](image)[None]
+        expected = eager[0].encode_image(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= TOLERANCE[name]
 
 
 @pytest.mark.slow

@@ -178,7 +178,6 @@ def _dead_pid() -> int:
                               text=True, check=True).stdout)
 
 
-@pytest.mark.slow
 def test_next_export_removes_what_killed_exports_left(tmp_path, caplog):
     host, dead = socket.gethostname(), _dead_pid()
     names = {"killed": f".out.tmp-{host}-{dead}-aaaa", "running": f".out.tmp-{host}-{os.getpid()}-bbbb",
@@ -193,7 +192,6 @@ def test_next_export_removes_what_killed_exports_left(tmp_path, caplog):
     assert f"removed {tmp_path / names['killed']}, left by a killed export to {tmp_path / 'out'}" in caplog.text
 
 
-@pytest.mark.slow
 def test_previous_export_moved_aside_by_a_killed_export_is_put_back(tmp_path):
     aside = tmp_path / f".out.old-{socket.gethostname()}-{_dead_pid()}-aaaa"
     (aside / "out").mkdir(parents=True)

@@ -14,10 +14,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from mmsoftmoe.models.clip import load_clip
+from mmsoftmoe_eval.datasets import build_dataset
+from mmsoftmoe_eval.zero_shot import zero_shot_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -62,9 +67,21 @@ def _print_config(cwd: Path, out: str) -> None:
 
 
 def _eval(cwd: Path, out: str) -> None:
+    """The command's shapes zero-shot metrics equal the evaluator's on features computed here by a plain forward of
+    the demo checkpoint (open_clip's own eval transform and zero-shot classifier)."""
     results = json.loads((cwd / "eval_results/results.json").read_text())
     assert {"shapes", "digits"} <= set(results)
-    assert 0 <= results["shapes"]["zeroshot"]["acc1"] <= 1
+    model, tokenizer, config = load_clip(cwd / "runs/demo/final")
+    cfg = config["preprocess_cfg"]
+    dataset = build_dataset("shapes", "test", open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"],
+                                                                        std=cfg["std"]))
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    with torch.inference_mode():
+        features = torch.cat([model.encode_image(torch.stack(images[i:i + 100])) for i in range(0, len(images), 100)])
+        classifier = open_clip.build_zero_shot_classifier(model, tokenizer, dataset.classnames, dataset.templates,
+                                                          device="cpu", use_tqdm=False)
+    expected = zero_shot_metrics(features, torch.as_tensor(labels), classifier)
+    assert results["shapes"]["zeroshot"] == pytest.approx(expected, abs=1e-6)
 
 
 def _export(cwd: Path, out: str) -> None:
