@@ -2,13 +2,13 @@
 
 Run as `python -m benchmarks.layer_bench [--settings tiny,s16] [--repeats N] [--threads 2] [--no-thp] [--retain-heap]
 [--out F]`.
-Issue 2 ("Benchmark") sets the targets; SPEC.md sections 1, 3 and 6 the layers and the pitfalls.
+Issue 2 ("Benchmark") sets the targets; docs/design.md (sections 1, 3 and 6) the layers and the pitfalls.
 
 What is measured, per setting (`s16`: the paper's S/16 MoE layer; `tiny`: a seconds-long smoke size):
 - Forward time: eval mode, under `torch.no_grad()`.
 - Forward+backward time: train mode, the input requiring grad (as inside a network), backward of a fixed random
   output gradient. Parameter and input gradients are set to None before every step (`zero_grad(set_to_none=True)`,
-  the optimizer default), so every step allocates fresh gradients: the case SPEC section 6 warns about.
+  the optimizer default), so every step allocates fresh gradients: the case docs/design.md (section 6) warns about.
   Both are medians of `--repeats` calls timed with `time.perf_counter`, after `--warmup` untimed calls; the
   JSON adds the min and the minor page faults per call (fresh memory is what the CPU pays for, not only FLOPs).
 - GFLOP/s from the FLOP counts the layers declare (`flops_per_example`, tested against `FlopCounterMode`): 2 per

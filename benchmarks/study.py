@@ -1,5 +1,5 @@
 """The paper's comparison at small scale, on a task that rewards parameters: quality vs cost of Soft MoE, sparse
-MoE and dense image towers at equal FLOPs per image (issue 13; SPEC sections 1-3).
+MoE and dense image towers at equal FLOPs per image (issue 13; docs/design.md, sections 1-3).
 
 Run as `python -m benchmarks.study [--quick] [--steps N] [--seeds 0,1,2] [--variants a,b] [--router-lr-mult X]
 [--init timm|vmoe] [--jobs 2] [--device cuda --jobs 8] [--out benchmarks/results/study]`.

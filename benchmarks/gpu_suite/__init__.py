@@ -1,5 +1,7 @@
-"""The device suite (`runner`: processes and budgets; `parts`: the measurements; `report`: derived figures
-and markdown): everything issue 15 measures on one GPU, in one command, under 8 minutes, JSON + markdown.
+"""The device suite: everything issue 15 measures on one GPU, in one command, under 8 minutes, JSON + markdown.
+
+Modules: `runner` (parts in processes, budgets, `main`), `parts` (what a run measures and the five measurements),
+`report` (derived figures, targets, markdown).
 
 Run as `python -m benchmarks.gpu_suite [--parts peak,towers,clip,sweep,layer] [--budget-s 450] [--out DIR]`, or
 `--cpu-smoke` for the same code paths at seconds-long sizes on CPU (what `tests/test_gpu_suite.py` runs). Without
