@@ -84,14 +84,14 @@ def load_warning(load: dict) -> str | None:
     return None
 
 
-def check_machine() -> dict:
-    """The load before a benchmark, as `{"load_before", "load_warning"}` for its report's metadata; the warning,
-    if any, also goes to stderr. `write_results` adds the load after."""
+def check_machine() -> tuple[dict, str | None]:
+    """Load before a benchmark (with a one-second busy measurement) and the warning, if any (also on stderr); a
+    report keeps them as `load_before` and `load_warning`, and `write_results` adds `load_after`."""
     load = machine_load(measure_busy=True)
     warning = load_warning(load)
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr)
-    return {"load_before": load, "load_warning": warning}
+    return load, warning
 
 
 # Measurements.
@@ -145,8 +145,8 @@ def peak_alloc_bytes(fn: Callable[[], object]) -> int:
 # Result files.
 def write_results(report: dict, table: str, out: Path | str, meta: dict | None = None) -> dict:
     """The tail every benchmark shares: the load after the run joins `meta` (the report itself by default, which
-    holds `check_machine()`'s keys), the JSON report and then the table (if any: a benchmark may have printed its
-    own) go to stdout, the JSON to `out`."""
+    holds `load_before` and `load_warning`), the JSON report and then the table (if any: a benchmark may have
+    printed its own) go to stdout, the JSON to `out`."""
     meta = report if meta is None else meta
     meta["load_after"] = machine_load(measure_busy=False)
     text = json.dumps(report, indent=2)

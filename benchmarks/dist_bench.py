@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         worker(args.model, args.worker, args.batch, args.steps, Path(args.out))
         return {}
-    machine = check_machine()
+    load, warning = check_machine()
     rows = [launch(args.model, n, layout, args.batch, args.steps)
             for n in map(int, args.procs.split(",")) for layout in layouts_for(n)]
     single = next((r for r in rows if r["layout"] == "single"), None)
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["experts_split_over"] = split
         if single:
             r["expert_state_vs_single_over_split"] = r["expert_state_mib"] * split / single["expert_state_mib"]
-    result = {"model": args.model, "global_batch": args.batch, "steps": args.steps, **machine, "rows": rows}
+    result = {"model": args.model, "global_batch": args.batch, "steps": args.steps, "load_before": load,
+              "load_warning": warning, "rows": rows}
     print(f"{'layout':<10}{'procs':>6}{'step ms':>9}{'expert MiB':>12}{'rest MiB':>10}{'x split/1p':>11}"
           "  peak RSS above start, MiB per process")
     for r in rows:

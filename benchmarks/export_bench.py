@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the JSON report and the table, write the report to --out and return it."""
     args = parse_args(argv)
     formats = parse_formats(args.formats)
-    machine = check_machine()
+    load, warning = check_machine()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(previous_threads)
     meta = {"model": None if args.checkpoint else args.model, "checkpoint": str(args.checkpoint or ""),
             "batch": args.batch, "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
-            "torch_version": torch.__version__, **machine}
+            "torch_version": torch.__version__, "load_before": load, "load_warning": warning}
     table = format_table(exports, runtimes) + f"\n\nthreads {args.threads}, batch {args.batch}"
     return write_results({"meta": meta, "exports": exports, "runtimes": runtimes}, table, args.out, meta=meta)
 

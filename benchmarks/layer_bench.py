@@ -321,7 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the JSON report and the tables, write the report and return it."""
     args = parse_args(argv)
-    machine = check_machine()
+    load, warning = check_machine()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"torch_version": torch.__version__, "threads": args.threads, "thp": os.environ.get(THP_ENV) == "1",
             "retain_heap": os.environ.get("MALLOC_MMAP_MAX_") == "0",
             "repeats": args.repeats, "warmup": args.warmup, "grad_reset": "set_to_none", "dtype": "float32",
-            **machine, "max_others_cpu_fraction": worst_others(*all_timings(results))}
+            "load_before": load, "load_warning": warning,
+            "max_others_cpu_fraction": worst_others(*all_timings(results))}
     table = "\n".join(format_table(name, SETTINGS[name], result) for name, result in results.items())
     table += f"\n\nthreads {args.threads}, THP {'on' if meta['thp'] else 'off'}, retain-heap {meta['retain_heap']}"
     if (meta["max_others_cpu_fraction"] or 0.0) > CONTENDED:

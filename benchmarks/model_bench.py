@@ -119,11 +119,12 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = args.sizes.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     batches = batches * len(sizes) if len(batches) == 1 else batches
-    machine = check_machine()
+    load, warning = check_machine()
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     peak = gemm_peak_gflops(args.peak_size, dtype, accelerator.device)
     result = {"device": str(accelerator.device), "precision": args.precision, "peak_gemm_gflops": peak,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, **machine, "sizes": {}}
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "load_before": load,
+              "load_warning": warning, "sizes": {}}
     tables = []
     for size, batch in zip(sizes, batches, strict=True):
         rows = {family: bench_tower(name, accelerator, batch, args.steps, args.warmup)

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", default="benchmarks/results/plan_check.json")
     args = parser.parse_args(argv)
-    machine = check_machine()
+    load, warning = check_machine()
     rows = []
     for model in args.models.split(","):
         counts = count_model(build_clip(model, device="meta")[0])
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"{r['model']:<20}{r['layout']:<11}{r['processes']:>5}{r['predicted_mib']:>10.1f}"
                      f"{r['measured_peak_mib']:>10.1f}{r['predicted_over_measured']:>10.3f}  {r['bytes_equal']}")
-    write_results({**machine, "rows": rows}, "\n".join(lines), args.out)
+    write_results({"load_before": load, "load_warning": warning, "rows": rows}, "\n".join(lines), args.out)
     return 0 if all(r["bytes_equal"] for r in rows) else 1
 
 

@@ -445,11 +445,12 @@ def main(argv: list[str] | None = None) -> dict:
         worker(argv[1])
         return {}
     budget, args = parse_args(argv)
-    machine = check_machine()
+    load, warning = check_machine()
     start = time.perf_counter()
     runs = run_all(budget, args.jobs)
     report = {"budget": asdict(budget), "summary": summarize(budget, runs), "wall_s": time.perf_counter() - start,
-              **machine, "threads": torch.get_num_threads(), "torch_version": torch.__version__}
+              "load_before": load, "load_warning": warning, "threads": torch.get_num_threads(),
+              "torch_version": torch.__version__}
     write_results(report, "", args.out / "study.json")  # the load after joins the report before the markdown
     (args.out / "study.md").write_text(markdown(report))
     plot(report["summary"], args.out / "study.png")

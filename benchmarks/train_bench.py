@@ -121,13 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/train_bench.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    machine = check_machine()
+    load, warning = check_machine()
     rows = [bench_model(m, args.batch, args.steps, args.warmup, args.compile) for m in args.models.split(",")]
     peak = gemm_peak_gflops(2048, torch.float32, "cpu")
     for r in rows:
         r["pct_of_peak_gemm"] = 100 * r["mmsoftmoe_gflops_per_s"] / peak
-    result = {"peak_gemm_gflops": peak, **machine, "threads": args.threads, "torch": torch.__version__,
-              "target_ratio": TARGET_RATIO, "rows": rows}
+    result = {"peak_gemm_gflops": peak, "load_before": load, "load_warning": warning, "threads": args.threads,
+              "torch": torch.__version__, "target_ratio": TARGET_RATIO, "rows": rows}
     return write_results(result, format_table(rows, peak), args.out)
 
 

@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default="benchmarks/results/upcycle_runs")
     parser.add_argument("--out", default="benchmarks/results/upcycle_bench.json")
     args = parser.parse_args(argv)
-    machine = check_machine()
+    load, warning = check_machine()
     rows = [bench_seed(Path(args.work), int(s), args.steps, args.batch) for s in args.seeds.split(",")]
-    result = {"steps": args.steps, "batch": args.batch, "machine": describe_machine(), **machine, "rows": rows,
-              "summary": summarise(rows)}
+    result = {"steps": args.steps, "batch": args.batch, "machine": describe_machine(), "load_before": load,
+              "load_warning": warning, "rows": rows, "summary": summarise(rows)}
     return write_results(result, format_table(result["summary"], args.steps), args.out)
 
 

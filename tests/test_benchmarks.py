@@ -100,7 +100,8 @@ def test_time_median_is_the_median_of_the_timed_calls_after_warmup(monkeypatch):
 
 
 def test_write_results_adds_the_load_after_and_writes_what_it_prints(tmp_path, capsys):
-    report = {"meta": {**common.check_machine(), "threads": 1}, "rows": [1, 2]}
+    load, warning = common.check_machine()
+    report = {"meta": {"load_before": load, "load_warning": warning, "threads": 1}, "rows": [1, 2]}
     out = tmp_path / "deep" / "r.json"
     assert common.write_results(report, "TABLE", out, meta=report["meta"]) is report
     assert set(report["meta"]) == {"load_before", "load_warning", "load_after", "threads"}
