@@ -43,10 +43,16 @@ def bash_lines() -> list[str]:
 
 def _demo_table(cwd: Path, out: str) -> None:
     table = (cwd / "runs/demo/results.md").read_text()
-    for row in ("zero-shot top-1", "10-shot ridge top-1", "image->text / text->image R@1",
-                "onnx: max abs diff vs eager", "torch_export: max abs diff vs eager"):
-        value = next(line for line in table.splitlines() if row in line).rstrip(" |").rsplit("|", 1)[1]
-        float(value.split("/")[0].split("±")[0])  # a number, not only a label
+
+    def value(row: str) -> str:
+        return next(line for line in table.splitlines() if row in line).rstrip(" |").rsplit("|", 1)[1].strip()
+
+    assert value("| shapes   | zero-shot top-1") == f"{shapes_zero_shot(cwd / 'runs/demo/final')['acc1']:.3f}"
+    for row in ("10-shot ridge top-1", "image->text / text->image R@1"):
+        float(value(row).split("/")[0].split("±")[0])  # a number, not only a label
+    for fmt in ("onnx", "torch_export"):
+        report = json.loads((cwd / "runs/demo/export" / fmt / "export_report.json").read_text())
+        assert value(f"{fmt}: max abs diff vs eager") == f"{report['parity']['max_abs_diff']:.2g}"
     for fmt in ("timm", "open_clip", "hf", "onnx", "torch_export"):
         assert (cwd / "runs/demo/export" / fmt / "export_report.json").is_file()
     assert (cwd / "runs/demo/training.png").is_file()
@@ -66,12 +72,10 @@ def _print_config(cwd: Path, out: str) -> None:
     assert yaml.safe_load(out)["model"]["name"] == "SoftMoE-Micro-4-32"
 
 
-def _eval(cwd: Path, out: str) -> None:
-    """The command's shapes zero-shot metrics equal the evaluator's on features computed here by a plain forward of
-    the demo checkpoint (open_clip's own eval transform and zero-shot classifier)."""
-    results = json.loads((cwd / "eval_results/results.json").read_text())
-    assert {"shapes", "digits"} <= set(results)
-    model, tokenizer, config = load_clip(cwd / "runs/demo/final")
+def shapes_zero_shot(checkpoint: Path) -> dict[str, float]:
+    """Zero-shot metrics on the shapes test split, from features computed here by a plain forward of `checkpoint`
+    (open_clip's own eval transform and zero-shot classifier)."""
+    model, tokenizer, config = load_clip(checkpoint)
     cfg = config["preprocess_cfg"]
     dataset = build_dataset("shapes", "test", open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"],
                                                                         std=cfg["std"]))
@@ -80,8 +84,13 @@ def _eval(cwd: Path, out: str) -> None:
         features = torch.cat([model.encode_image(torch.stack(images[i:i + 100])) for i in range(0, len(images), 100)])
         classifier = open_clip.build_zero_shot_classifier(model, tokenizer, dataset.classnames, dataset.templates,
                                                           device="cpu", use_tqdm=False)
-    expected = zero_shot_metrics(features, torch.as_tensor(labels), classifier)
-    assert results["shapes"]["zeroshot"] == pytest.approx(expected, abs=1e-6)
+    return zero_shot_metrics(features, torch.as_tensor(labels), classifier)
+
+
+def _eval(cwd: Path, out: str) -> None:
+    results = json.loads((cwd / "eval_results/results.json").read_text())
+    assert {"shapes", "digits"} <= set(results)
+    assert results["shapes"]["zeroshot"] == pytest.approx(shapes_zero_shot(cwd / "runs/demo/final"), abs=1e-6)
 
 
 def _export(cwd: Path, out: str) -> None:
