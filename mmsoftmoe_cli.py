@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         return _usage(argv)
     # torch's CPU allocator backs large tensors with transparent huge pages only if this is set before torch
-    # loads; measured on the S/16 Soft MoE layer it removes ~97% of page faults per step (SPEC section 6).
+    # loads; measured on the S/16 Soft MoE layer it removes ~97% of page faults per step (docs/design.md, section 6).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     module = importlib.import_module(COMMANDS[argv[0]][0])
     try:

@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks.layer_bench import check_machine
+from benchmarks.common import check_machine, write_results
 from benchmarks.train_bench import make_batch
 from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.parallel import (
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["experts_split_over"] = split
         if single:
             r["expert_state_vs_single_over_split"] = r["expert_state_mib"] * split / single["expert_state_mib"]
-    result = {"model": args.model, "global_batch": args.batch, "steps": args.steps, "machine_load": load,
+    result = {"model": args.model, "global_batch": args.batch, "steps": args.steps, "load_before": load,
               "load_warning": warning, "rows": rows}
     print(f"{'layout':<10}{'procs':>6}{'step ms':>9}{'expert MiB':>12}{'rest MiB':>10}{'x split/1p':>11}"
           "  peak RSS above start, MiB per process")
@@ -276,9 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"  {r['layout']:<10}{r['processes']:>3}  " + ", ".join(
             f"{k} {v:.2f}" for k, v in sorted(r["collective_mib_per_step"].items())))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+    return write_results(result, "", args.out)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ Run as `python -m benchmarks.export_bench [--model SoftMoE-Micro-4-32] [--checkp
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from benchmarks.layer_bench import check_machine, machine_load, time_median
+from benchmarks.common import check_machine, time_median, write_results
 from mmsoftmoe.export import export_checkpoint, parse_formats
 from mmsoftmoe.export.core import max_abs_diff
 from mmsoftmoe.export.onnx_format import OnnxEncoder
@@ -93,10 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark, print the table and the JSON report, write it to --out and return it."""
+    """Run the benchmark, print the JSON report and the table, write the report to --out and return it."""
     args = parse_args(argv)
     formats = parse_formats(args.formats)
-    load_before, warning = check_machine()
+    load, warning = check_machine()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -108,18 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(previous_threads)
     meta = {"model": None if args.checkpoint else args.model, "checkpoint": str(args.checkpoint or ""),
             "batch": args.batch, "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
-            "torch_version": torch.__version__, "load_before": load_before,
-            "load_after": machine_load(measure_busy=False), "load_warning": warning}
-    report = {"meta": meta, "exports": exports, "runtimes": runtimes}
-    print(json.dumps(report, indent=2))
-    print(format_table(exports, runtimes))
-    print(f"\nthreads {args.threads}, batch {args.batch}, load before {load_before}, "
-          f"after {meta['load_after']['loadavg_1_5_15']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
-    return report
-
+            "torch_version": torch.__version__, "load_before": load, "load_warning": warning}
+    table = format_table(exports, runtimes) + f"\n\nthreads {args.threads}, batch {args.batch}"
+    return write_results({"meta": meta, "exports": exports, "runtimes": runtimes}, table, args.out, meta=meta)
 
 if __name__ == "__main__":
     main()

@@ -2,13 +2,13 @@
 
 Run as `python -m benchmarks.layer_bench [--settings tiny,s16] [--repeats N] [--threads 2] [--no-thp] [--retain-heap]
 [--out F]`.
-Issue 2 ("Benchmark") sets the targets; SPEC.md sections 1, 3 and 6 the layers and the pitfalls.
+Issue 2 ("Benchmark") sets the targets; docs/design.md (sections 1, 3 and 6) the layers and the pitfalls.
 
 What is measured, per setting (`s16`: the paper's S/16 MoE layer; `tiny`: a seconds-long smoke size):
 - Forward time: eval mode, under `torch.no_grad()`.
 - Forward+backward time: train mode, the input requiring grad (as inside a network), backward of a fixed random
   output gradient. Parameter and input gradients are set to None before every step (`zero_grad(set_to_none=True)`,
-  the optimizer default), so every step allocates fresh gradients: the case SPEC section 6 warns about.
+  the optimizer default), so every step allocates fresh gradients: the case docs/design.md (section 6) warns about.
   Both are medians of `--repeats` calls timed with `time.perf_counter`, after `--warmup` untimed calls; the
   JSON adds the min and the minor page faults per call (fresh memory is what the CPU pays for, not only FLOPs).
 - GFLOP/s from the FLOP counts the layers declare (`flops_per_example`, tested against `FlopCounterMode`): 2 per
@@ -39,13 +39,8 @@ itself with these variables as asked; called in-process (`main([...])`), it reco
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
-import resource
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +48,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.common import (
+    CONTENDED,
+    check_machine,
+    cpu_fractions,
+    cpu_sample,
+    peak_alloc_bytes,
+    time_median,
+    write_results,
+)
 from mmsoftmoe.layers import DenseMLP, ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
@@ -63,8 +67,6 @@ ROUTING_TENSORS = 3  # (b, m, s) logits, dispatch and combine weights
 LUCIDRAINS = "lucidrains"
 TARGET_PCT_PEAK = 70.0
 TARGET_SPEEDUP_VS_LUCIDRAINS = 1.3
-MIN_CPU_WINDOW_S = 0.2  # CPU seconds (all cores) below which /proc/stat's 10 ms ticks say nothing
-CONTENDED = 0.1  # share of the machine's CPU taken by other processes above which a timing is flagged
 
 
 @dataclass(frozen=True)
@@ -150,96 +152,7 @@ def lucidrains_available() -> bool:
     return True
 
 
-# Machine state.
-@dataclass(frozen=True)
-class CpuSample:
-    """All CPUs' total and idle time (/proc/stat) and this process's own CPU time, in seconds."""
-
-    total_s: float
-    idle_s: float
-    own_s: float
-
-
-def cpu_sample() -> CpuSample | None:
-    """None where /proc/stat does not exist."""
-    try:
-        line = Path("/proc/stat").read_text().split("\n", 1)[0]
-    except OSError:
-        return None
-    ticks = [int(v) for v in line.split()[1:9]]  # user nice system idle iowait irq softirq steal (guest is in user)
-    hz = os.sysconf("SC_CLK_TCK")
-    own = os.times()
-    return CpuSample(sum(ticks) / hz, (ticks[3] + ticks[4]) / hz, own.user + own.system)
-
-
-def cpu_fractions(a: CpuSample | None, b: CpuSample | None) -> dict[str, float | None]:
-    """Between two samples: fraction of all CPUs busy, and busy with processes other than this one."""
-    if a is None or b is None or b.total_s - a.total_s < MIN_CPU_WINDOW_S:
-        return {"busy": None, "others": None}
-    total = b.total_s - a.total_s
-    busy = total - (b.idle_s - a.idle_s)
-    others = busy - (b.own_s - a.own_s)
-    return {"busy": min(1.0, max(0.0, busy / total)), "others": min(1.0, max(0.0, others / total))}
-
-
-def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
-    """Fraction of all CPUs busy over the next `seconds` (while this process sleeps)."""
-    before = cpu_sample()
-    time.sleep(seconds)
-    return cpu_fractions(before, cpu_sample())["busy"]
-
-
-def machine_load(measure_busy: bool) -> dict:
-    """Load averages, usable cores and (optionally) the CPU busy fraction over the next second."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    load = {"loadavg_1_5_15": list(os.getloadavg()), "cores": cores}
-    if measure_busy:
-        load["cpu_busy_fraction_1s"] = cpu_busy_fraction()
-    return load
-
-
-def load_warning(load: dict) -> str | None:
-    """A warning if the machine is busy: by the measured CPU busy fraction when there is one (the load average
-    lags by a minute and still counts a benchmark that just ended), else by the 1-minute load average."""
-    busy = load.get("cpu_busy_fraction_1s")
-    if (busy > 0.5) if busy is not None else (load["loadavg_1_5_15"][0] > 0.5 * load["cores"]):
-        return (f"MACHINE IS BUSY (1-min load {load['loadavg_1_5_15'][0]:.2f} on {load['cores']} cores, "
-                f"CPU busy {busy if busy is None else round(busy, 2)}): timings beside another busy process are "
-                "meaningless")
-    return None
-
-
-def check_machine() -> tuple[dict, str | None]:
-    """Load before a benchmark (with a one-second busy measurement); the warning, if any, goes to stderr."""
-    load = machine_load(measure_busy=True)
-    warning = load_warning(load)
-    if warning:
-        print(f"WARNING: {warning}", file=sys.stderr)
-    return load, warning
-
-
 # Measurements.
-def minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def time_median(fn: Callable[[], object], repeats: int, warmup: int) -> dict[str, float | None]:
-    """Median and min seconds of `repeats` calls after `warmup` untimed ones; page faults per call; and the
-    fraction of the machine's CPU that other processes used meanwhile (above ~0.1 the times are not to be trusted)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    faults_before, cpu_before = minor_faults(), cpu_sample()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    faults = (minor_faults() - faults_before) / repeats
-    others = cpu_fractions(cpu_before, cpu_sample())["others"]
-    return {"median_s": statistics.median(times), "min_s": min(times), "minor_faults_per_call": faults,
-            "others_cpu_fraction": others}
-
-
 def peak_gemm_gflops(fn: Callable[[], object], flops: int, tries: int = 5) -> float:
     """Best-of-`tries` GFLOP/s of a GEMM call (after one warm-up)."""
     return flops / time_median(fn, tries, warmup=1)["min_s"] / 1e9
@@ -256,22 +169,6 @@ def measure_peak(s: Setting, size: int) -> dict[str, float]:
         "bmm_expert_gflops": peak_gemm_gflops(lambda: torch.bmm(xe, we, out=ye), 2 * s.n * s.batch * s.p * s.d * s.h),
         "others_cpu_fraction": cpu_fractions(before, cpu_sample())["others"],
     }
-
-
-def peak_alloc_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes live in torch's CPU allocator during `fn()` above those live before it (profiler events)."""
-    gc.collect()
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto's "no GPU found" error on CPU-only profiling is noise
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
-    events = prof.profiler.kineto_results.events()
-    deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in deltas:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def forward_no_grad(layer: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -422,9 +319,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark, print the tables, write and return the JSON report."""
+    """Run the benchmark, print the JSON report and the tables, write the report and return it."""
     args = parse_args(argv)
-    load_before, warning = check_machine()
+    load, warning = check_machine()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -436,20 +333,14 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"torch_version": torch.__version__, "threads": args.threads, "thp": os.environ.get(THP_ENV) == "1",
             "retain_heap": os.environ.get("MALLOC_MMAP_MAX_") == "0",
             "repeats": args.repeats, "warmup": args.warmup, "grad_reset": "set_to_none", "dtype": "float32",
-            "load_before": load_before, "load_after": machine_load(measure_busy=False), "load_warning": warning}
-    meta["max_others_cpu_fraction"] = worst_others(*all_timings(results))
-    report = {"meta": meta, "settings": results}
-    for name, result in results.items():
-        print(format_table(name, SETTINGS[name], result))
-    print(f"\nthreads {args.threads}, THP {'on' if meta['thp'] else 'off'}, retain-heap {meta['retain_heap']}, "
-          f"torch {torch.__version__}, load before {load_before}, after {meta['load_after']['loadavg_1_5_15']}")
+            "load_before": load, "load_warning": warning,
+            "max_others_cpu_fraction": worst_others(*all_timings(results))}
+    table = "\n".join(format_table(name, SETTINGS[name], result) for name, result in results.items())
+    table += f"\n\nthreads {args.threads}, THP {'on' if meta['thp'] else 'off'}, retain-heap {meta['retain_heap']}"
     if (meta["max_others_cpu_fraction"] or 0.0) > CONTENDED:
         print(f"WARNING: other processes took up to {meta['max_others_cpu_fraction']:.0%} of the CPU while timing: "
               "the flagged figures measure the contention, not the layers", file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
-    return report
+    return write_results({"meta": meta, "settings": results}, table, args.out, meta=meta)
 
 
 def allocator_env(argv: list[str]) -> dict[str, str | None]:

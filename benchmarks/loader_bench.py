@@ -35,7 +35,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from benchmarks.layer_bench import check_machine, machine_load
+from benchmarks.common import check_machine, machine_load
 from benchmarks.train_bench import make_batch, ours_step
 from mmsoftmoe.data import ShardStream, list_shards, load_pairs, transforms_from_preprocess_cfg
 from mmsoftmoe.models.clip import build_clip, preprocess_config

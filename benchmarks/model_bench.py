@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import statistics
-import time
-from pathlib import Path
 
 import timm
 import torch
 from accelerate import Accelerator
 
 import mmsoftmoe  # noqa: F401  (registers the towers)
-from benchmarks.layer_bench import check_machine, machine_load, peak_alloc_bytes
+from benchmarks.common import check_machine, peak_alloc_bytes, time_median, write_results
 from mmsoftmoe.machine import gemm_peak_gflops
 from mmsoftmoe.models.accounting import image_flops, parameter_counts
 from mmsoftmoe.models.mmsoftmoe_vit import SPARSE_TWINS, TOWERS
@@ -42,24 +38,6 @@ def family_names(size: str) -> dict[str, str]:
         names["tokens_choice_k1"] = f"tokenschoice_vit_{size}_e{experts}_k1"
         names["experts_choice"] = f"expertschoice_vit_{size}_e{experts}"
     return names
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, steps: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_tower(name: str, accelerator: Accelerator, batch: int, steps: int, warmup: int) -> dict:
@@ -86,8 +64,8 @@ def bench_tower(name: str, accelerator: Accelerator, batch: int, steps: int, war
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    infer_s = median_seconds(infer, steps, warmup, device)
-    train_s = median_seconds(train, steps, warmup, device)
+    infer_s = time_median(infer, steps, warmup, device)["median_s"]
+    train_s = time_median(train, steps, warmup, device)["median_s"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         train()
@@ -112,15 +90,15 @@ def add_ratios(rows: dict[str, dict], peak: float) -> None:
         row["params_vs_dense"] = row["params_total"] / dense["params_total"]
 
 
-def print_table(size: str, rows: dict[str, dict]) -> None:
-    print(f"\n{size}")
-    print(f"{'family':<18}{'params M':>10}{'GFLOP/img':>11}{'infer img/s':>13}{'train img/s':>13}"
-          f"{'%peak':>7}{'time/img vs dense':>19}{'params vs dense':>17}{'peak MiB':>10}")
+def format_table(size: str, rows: dict[str, dict]) -> str:
+    lines = [f"\n{size}", f"{'family':<18}{'params M':>10}{'GFLOP/img':>11}{'infer img/s':>13}{'train img/s':>13}"
+          f"{'%peak':>7}{'time/img vs dense':>19}{'params vs dense':>17}{'peak MiB':>10}"]
     for family, r in rows.items():
-        print(f"{family:<18}{r['params_total'] / 1e6:>10.1f}{r['flops_per_image'] / 1e9:>11.3f}"
-              f"{r['infer_images_per_s']:>13.1f}{r['train_images_per_s']:>13.1f}{r['pct_of_peak_gemm']:>7.1f}"
-              f"{r['train_time_per_image_vs_dense']:>19.2f}{r['params_vs_dense']:>17.1f}"
-              f"{r['train_peak_bytes'] / 2**20:>10.0f}")
+        lines.append(f"{family:<18}{r['params_total'] / 1e6:>10.1f}{r['flops_per_image'] / 1e9:>11.3f}"
+                     f"{r['infer_images_per_s']:>13.1f}{r['train_images_per_s']:>13.1f}{r['pct_of_peak_gemm']:>7.1f}"
+                     f"{r['train_time_per_image_vs_dense']:>19.2f}{r['params_vs_dense']:>17.1f}"
+                     f"{r['train_peak_bytes'] / 2**20:>10.0f}")
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -141,22 +119,21 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = args.sizes.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     batches = batches * len(sizes) if len(batches) == 1 else batches
-    load, _ = check_machine()
+    load, warning = check_machine()
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     peak = gemm_peak_gflops(args.peak_size, dtype, accelerator.device)
     result = {"device": str(accelerator.device), "precision": args.precision, "peak_gemm_gflops": peak,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "load_before": load, "sizes": {}}
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "load_before": load,
+              "load_warning": warning, "sizes": {}}
+    tables = []
     for size, batch in zip(sizes, batches, strict=True):
         rows = {family: bench_tower(name, accelerator, batch, args.steps, args.warmup)
                 for family, name in family_names(size).items()}
         add_ratios(rows, peak)
         result["sizes"][size] = rows
-        print_table(size, rows)
-    result["load_after"] = machine_load(measure_busy=False)
-    print(f"\npeak GEMM ({dtype}): {peak:.1f} GFLOP/s on {accelerator.device}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+        tables.append(format_table(size, rows))
+    tables.append(f"\npeak GEMM ({dtype}): {peak:.1f} GFLOP/s on {accelerator.device}")
+    return write_results(result, "\n".join(tables), args.out)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,9 @@ the loss's logits and transient tensors inside ops.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
+from benchmarks.common import check_machine, write_results
 from benchmarks.dist_bench import LAYOUTS, launch, layouts_for
 from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.parallel.plan import Layout, ModelCounts, collective_bytes, count_model, memory_bytes
@@ -63,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", default="benchmarks/results/plan_check.json")
     args = parser.parse_args(argv)
+    load, warning = check_machine()
     rows = []
     for model in args.models.split(","):
         counts = count_model(build_clip(model, device="meta")[0])
@@ -70,12 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             for layout in layouts_for(n):
                 rows.append({"model": model, **compare(counts, launch(model, n, layout, args.batch, args.steps),
                                                        args.batch)})
-    print(f"{'model':<20}{'layout':<11}{'procs':>5}{'plan MiB':>10}{'peak MiB':>10}{'plan/peak':>10}  bytes equal")
+    lines = [f"{'model':<20}{'layout':<11}{'procs':>5}{'plan MiB':>10}{'peak MiB':>10}{'plan/peak':>10}  bytes equal"]
     for r in rows:
-        print(f"{r['model']:<20}{r['layout']:<11}{r['processes']:>5}{r['predicted_mib']:>10.1f}"
-              f"{r['measured_peak_mib']:>10.1f}{r['predicted_over_measured']:>10.3f}  {r['bytes_equal']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
+        lines.append(f"{r['model']:<20}{r['layout']:<11}{r['processes']:>5}{r['predicted_mib']:>10.1f}"
+                     f"{r['measured_peak_mib']:>10.1f}{r['predicted_over_measured']:>10.3f}  {r['bytes_equal']}")
+    write_results({"load_before": load, "load_warning": warning, "rows": rows}, "\n".join(lines), args.out)
     return 0 if all(r["bytes_equal"] for r in rows) else 1
 
 

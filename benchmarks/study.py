@@ -1,5 +1,5 @@
 """The paper's comparison at small scale, on a task that rewards parameters: quality vs cost of Soft MoE, sparse
-MoE and dense image towers at equal FLOPs per image (issue 13; SPEC sections 1-3).
+MoE and dense image towers at equal FLOPs per image (issue 13; docs/design.md, sections 1-3).
 
 Run as `python -m benchmarks.study [--quick] [--steps N] [--seeds 0,1,2] [--variants a,b] [--router-lr-mult X]
 [--init timm|vmoe] [--jobs 2] [--device cuda --jobs 8] [--out benchmarks/results/study]`.
@@ -84,6 +84,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.common import check_machine, write_results
 from mmsoftmoe.data.glyphs import GlyphTask, top_k_recall
 from mmsoftmoe.layers import collect_aux_loss, collect_routing_stats, routed_layers, set_record_stats
 from mmsoftmoe.models.accounting import image_flops, parameter_counts
@@ -358,7 +359,8 @@ def markdown(report: dict) -> str:
              f"AdamW lr {b['lr']}, weight decay {b['weight_decay']}, cosine; init {b['init']}.", "",
              f"Held-out {b['held_out']} images; metric top-k recall (%); differences paired by seed "
              f"(mean ± SE over seeds). Router lr multiplier {b['router_lr_mult']}. Device {b['device']}; wall "
-             f"{report['wall_s'] / 60:.1f} min; load before {report['load_before']}, after {report['load_after']}.",
+             f"{report['wall_s'] / 60:.1f} min; load before {report['load_before']['loadavg_1_5_15']}, "
+             f"after {report['load_after']['loadavg_1_5_15']}.",
              "", "| variant | group | GFLOPs/img | params total | recall % | vs dense (points) | routing | train s |",
              "|" + " --- |" * 8]
     for r in s["variants"].values():
@@ -443,14 +445,13 @@ def main(argv: list[str] | None = None) -> dict:
         worker(argv[1])
         return {}
     budget, args = parse_args(argv)
-    load_before = list(os.getloadavg())
+    load, warning = check_machine()
     start = time.perf_counter()
     runs = run_all(budget, args.jobs)
     report = {"budget": asdict(budget), "summary": summarize(budget, runs), "wall_s": time.perf_counter() - start,
-              "load_before": load_before, "load_after": list(os.getloadavg()), "threads": torch.get_num_threads(),
+              "load_before": load, "load_warning": warning, "threads": torch.get_num_threads(),
               "torch_version": torch.__version__}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "study.json").write_text(json.dumps(report, indent=2))
+    write_results(report, "", args.out / "study.json")  # the load after joins the report before the markdown
     (args.out / "study.md").write_text(markdown(report))
     plot(report["summary"], args.out / "study.png")
     print(markdown(report))

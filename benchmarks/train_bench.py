@@ -19,23 +19,21 @@ a fraction of the peak fp32 GEMM throughput measured in the same run. The machin
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import open_clip
 import torch
 from accelerate import Accelerator
+from mmsoftmoe_training.loop import build_loss, optimizer_step, step_metrics
+from mmsoftmoe_training.optim import build_optimizer, lr_multiplier
 
-from benchmarks.layer_bench import check_machine, machine_load
+from benchmarks.common import check_machine, write_results
 from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.machine import gemm_peak_gflops
 from mmsoftmoe.models.accounting import count_flops
 from mmsoftmoe.models.clip import build_clip, preprocess_config
-from mmsoftmoe_training.loop import build_loss, optimizer_step, step_metrics
-from mmsoftmoe_training.optim import build_optimizer, lr_multiplier
 
 TARGET_RATIO = 1.05
 # Step kinds, with the gradient-clipping norm of the mmsoftmoe loop (bare open_clip-style steps do not clip).
@@ -123,29 +121,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/train_bench.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    load, _ = check_machine()
+    load, warning = check_machine()
     rows = [bench_model(m, args.batch, args.steps, args.warmup, args.compile) for m in args.models.split(",")]
     peak = gemm_peak_gflops(2048, torch.float32, "cpu")
     for r in rows:
         r["pct_of_peak_gemm"] = 100 * r["mmsoftmoe_gflops_per_s"] / peak
-    result = {"peak_gemm_gflops": peak, "load_before": load, "load_after": machine_load(measure_busy=False),
-              "threads": args.threads, "torch": torch.__version__, "target_ratio": TARGET_RATIO, "rows": rows}
-    print(f"{'model':<22}{'bare ms':>10}{'ours ms':>10}{'ratio':>8}{'no-clip ratio':>15}{'ours samples/s':>16}"
-          f"{'GFLOP/s':>9}{'%peak':>7}")
+    result = {"peak_gemm_gflops": peak, "load_before": load, "load_warning": warning, "threads": args.threads,
+              "torch": torch.__version__, "target_ratio": TARGET_RATIO, "rows": rows}
+    return write_results(result, format_table(rows, peak), args.out)
+
+
+def format_table(rows: list[dict], peak: float) -> str:
+    lines = [f"{'model':<22}{'bare ms':>10}{'ours ms':>10}{'ratio':>8}{'no-clip ratio':>15}{'ours samples/s':>16}"
+             f"{'GFLOP/s':>9}{'%peak':>7}"]
     for r in rows:
-        print(f"{r['model']:<22}{1e3 * r['bare_step_s']:>10.1f}{1e3 * r['mmsoftmoe_step_s']:>10.1f}"
-              f"{r['ratio']:>8.3f}{r['ratio_without_clipping']:>15.3f}{r['samples_per_s_mmsoftmoe']:>16.1f}"
-              f"{r['mmsoftmoe_gflops_per_s']:>9.1f}{r['pct_of_peak_gemm']:>7.1f}")
+        lines.append(f"{r['model']:<22}{1e3 * r['bare_step_s']:>10.1f}{1e3 * r['mmsoftmoe_step_s']:>10.1f}"
+                     f"{r['ratio']:>8.3f}{r['ratio_without_clipping']:>15.3f}{r['samples_per_s_mmsoftmoe']:>16.1f}"
+                     f"{r['mmsoftmoe_gflops_per_s']:>9.1f}{r['pct_of_peak_gemm']:>7.1f}")
     for r in rows:
         if "compile_ratio" in r:
-            print(f"{r['model']}: compiled {1e3 * r['compiled_step_s']:.1f} ms vs eager "
-                  f"{1e3 * r['mmsoftmoe_step_s']:.1f} ms per step, compiled/eager {r['compile_ratio']:.3f}")
-    print(f"peak GEMM (fp32 mm 2048): {peak:.1f} GFLOP/s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
-    return result
-
+            lines.append(f"{r['model']}: compiled {1e3 * r['compiled_step_s']:.1f} ms vs eager "
+                         f"{1e3 * r['mmsoftmoe_step_s']:.1f} ms per step, compiled/eager {r['compile_ratio']:.3f}")
+    lines.append(f"peak GEMM (fp32 mm 2048): {peak:.1f} GFLOP/s")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

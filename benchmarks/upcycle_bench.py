@@ -12,16 +12,16 @@ held-out zero-shot top-1 on shapes and the mean loss of the last logged steps. E
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
-from benchmarks.layer_bench import check_machine, machine_load
-from mmsoftmoe.machine import describe_machine
 from mmsoftmoe_training.config import load_config
 from mmsoftmoe_training.logger import read_metrics
 from mmsoftmoe_training.main import fit
+
+from benchmarks.common import check_machine, write_results
+from mmsoftmoe.machine import describe_machine
 
 DENSE, MOE = "Dense-Micro-4-32", "SoftMoE-Micro-4-32"
 
@@ -68,24 +68,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default="benchmarks/results/upcycle_runs")
     parser.add_argument("--out", default="benchmarks/results/upcycle_bench.json")
     args = parser.parse_args(argv)
-    load, _ = check_machine()
+    load, warning = check_machine()
     rows = [bench_seed(Path(args.work), int(s), args.steps, args.batch) for s in args.seeds.split(",")]
     result = {"steps": args.steps, "batch": args.batch, "machine": describe_machine(), "load_before": load,
-              "load_after": machine_load(measure_busy=False), "rows": rows, "summary": summarise(rows)}
-    print(f"{'variant':<34}{'zero-shot top-1':>16}{'final loss':>12}")
-    labels = {"dense": f"dense, {args.steps} steps", "upcycled": f"upcycled, +{args.steps} steps",
-              "scratch": f"Soft MoE scratch, {args.steps} steps",
-              "scratch_2x": f"Soft MoE scratch, {2 * args.steps} steps"}
-    for variant, label in labels.items():
-        s = result["summary"][variant]
-        print(f"{label:<34}{s['zeroshot_acc1']:>16.3f}{s['final_loss']:>12.3f}")
-    for base in ("scratch", "scratch_2x"):
-        d = result["summary"][f"upcycled-{base}"]
-        print(f"upcycled - {base}: {d['zeroshot_acc1_diff']:+.3f} zero-shot top-1 (per seed {d['per_seed']})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+              "load_warning": warning, "rows": rows, "summary": summarise(rows)}
+    return write_results(result, format_table(result["summary"], args.steps), args.out)
 
+
+def format_table(summary: dict, steps: int) -> str:
+    lines = [f"{'variant':<34}{'zero-shot top-1':>16}{'final loss':>12}"]
+    labels = {"dense": f"dense, {steps} steps", "upcycled": f"upcycled, +{steps} steps",
+              "scratch": f"Soft MoE scratch, {steps} steps", "scratch_2x": f"Soft MoE scratch, {2 * steps} steps"}
+    for variant, label in labels.items():
+        s = summary[variant]
+        lines.append(f"{label:<34}{s['zeroshot_acc1']:>16.3f}{s['final_loss']:>12.3f}")
+    for base in ("scratch", "scratch_2x"):
+        d = summary[f"upcycled-{base}"]
+        lines.append(f"upcycled - {base}: {d['zeroshot_acc1_diff']:+.3f} zero-shot top-1 (per seed {d['per_seed']})")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Evaluation of CLIP-style models the way the Soft MoE paper and CLIP_benchmark do it (SPEC section 5).
+"""Evaluation of CLIP-style models the way the Soft MoE paper and CLIP_benchmark do it (docs/design.md, section 5).
 
 Every evaluator gets its features from ``extract_features`` (one inference loop, one disk cache). Zero-shot and
 retrieval take the model; the probes take features, so a probe on cached features costs no forward pass::

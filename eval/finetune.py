@@ -3,7 +3,8 @@
 Follows MAE's fine-tuning recipe (He et al. 2022, App. A.2, ``main_finetune.py``) with timm's parts: AdamW with
 layer-wise lr decay (``create_optimizer_v2(layer_decay=...)``, layers from the model's ``group_matcher``), label
 smoothing, mixup / cutmix (``Mixup``, soft targets), stochastic depth, an optional EMA of the weights (``ModelEmaV3``)
-and a per-step linear warmup then cosine decay (``CosineLRScheduler``). SPEC section 5 lists the values for ViT-B.
+and a per-step linear warmup then cosine decay (``CosineLRScheduler``). docs/design.md (section 5) lists the
+values for ViT-B.
 
 The tower (a timm model, e.g. ``mmsoftmoe.models.clip.image_tower(clip_model)``, or a timm name for a tower trained
 from scratch) is rebuilt with ``timm.create_model(architecture, num_classes=..., drop_path_rate=...)`` and given the
@@ -51,7 +52,7 @@ CONFIG_FILE = "classifier.json"
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Fine-tuning hyper-parameters; defaults follow MAE / SPEC section 5 (ViT-B), epochs shortened.
+    """Fine-tuning hyper-parameters; defaults follow MAE (docs/design.md, section 5; ViT-B), epochs shortened.
 
     Attributes:
         epochs: Passes over the train split.

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from benchmarks import layer_bench as lb
+from benchmarks import common
+from benchmarks.common import peak_alloc_bytes
 
 # A hand-sized config: b 2 examples, m 8 tokens, d 4, h 16, n 4 experts, p 2 slots each (s 8).
 B, M, D, H, N, P = 2, 8, 4, 16, 4, 2
@@ -46,8 +48,8 @@ def test_s16_flops():
 
 
 def test_peak_alloc_bytes_counts_live_tensors():
-    assert lb.peak_alloc_bytes(lambda: torch.ones(250_000)) == 1_000_000
-    assert lb.peak_alloc_bytes(lambda: torch.ones(250_000).exp()) == 2_000_000  # input and output live at once
+    assert peak_alloc_bytes(lambda: torch.ones(250_000)) == 1_000_000
+    assert peak_alloc_bytes(lambda: torch.ones(250_000).exp()) == 2_000_000  # input and output live at once
 
 
 def test_memory_bound_adds_three_routing_tensors():
@@ -59,6 +61,7 @@ def test_memory_bound_adds_three_routing_tensors():
     assert bound["no_grad"]["within"] and bound["grad"]["within"]
 
 
+@pytest.mark.slow
 def test_main_report_is_consistent_with_its_own_measurements(tmp_path):
     """The figures printed are derived correctly: GFLOP/s from the hand-counted FLOPs and the measured median,
     % of peak from the measured GEMM peak, ratios from the medians."""
@@ -81,3 +84,27 @@ def test_main_report_is_consistent_with_its_own_measurements(tmp_path):
     for key in ("forward", "forward_backward"):
         expected = layers["soft_moe"][key]["median_s"] / layers["dense"][key]["median_s"]
         assert result["ratios"]["soft_moe/dense"][key] == pytest.approx(expected)
+
+
+def test_time_median_is_the_median_of_the_timed_calls_after_warmup(monkeypatch):
+    """Each call advances a fake clock by its own duration: the timer reports the median and min of exactly the
+    calls after the warm-up."""
+    durations, clock = iter([9.0, 9.0, 3.0, 1.0, 2.0]), {"now": 0.0}
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock["now"])
+
+    def call() -> None:
+        clock["now"] += next(durations)
+
+    timing = common.time_median(call, repeats=3, warmup=2)
+    assert (timing["median_s"], timing["min_s"]) == (2.0, 1.0)
+
+
+def test_write_results_adds_the_load_after_and_writes_what_it_prints(tmp_path, capsys):
+    load, warning = common.check_machine()
+    report = {"meta": {"load_before": load, "load_warning": warning, "threads": 1}, "rows": [1, 2]}
+    out = tmp_path / "deep" / "r.json"
+    assert common.write_results(report, "TABLE", out, meta=report["meta"]) is report
+    assert set(report["meta"]) == {"load_before", "load_warning", "load_after", "threads"}
+    assert json.loads(out.read_text()) == report
+    printed = capsys.readouterr().out
+    assert json.loads(printed[:printed.index("\nTABLE\n")]) == report and f"wrote {out}" in printed

@@ -78,6 +78,7 @@ def test_manifest_lists_nested_files_and_catches_each_kind_of_damage(tmp_path):
         verify_checkpoint(folder, hashes=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated_model", "missing_optimizer", "cut_trainer_state"])
 def test_resume_skips_a_damaged_newest_checkpoint_and_trains_like_the_uninterrupted_run(
         kind, reference, killed, tmp_path, caplog):
@@ -100,6 +101,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_trains_like_the_uninterrup
         verify_checkpoint(folder, hashes=True)
 
 
+@pytest.mark.slow
 def test_explicit_resume_of_a_damaged_checkpoint_is_an_error(killed, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(killed, out)
@@ -112,6 +114,7 @@ def test_explicit_resume_of_a_damaged_checkpoint_is_an_error(killed, tmp_path):
         find_resume_checkpoint("auto", out)
 
 
+@pytest.mark.slow
 def test_a_step_folder_is_the_same_model_as_final(reference):
     step, final = reference / "checkpoints/step_00000006", reference / "final"
     from_step, _, config = load_clip(step)
@@ -121,6 +124,7 @@ def test_a_step_folder_is_the_same_model_as_final(reference):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_eval_and_export_read_a_step_folder(reference, tmp_path):
     step = reference / "checkpoints/step_00000006"
     numbers = {}
@@ -136,6 +140,7 @@ def test_eval_and_export_read_a_step_folder(reference, tmp_path):
     assert report["checkpoint"] == str(step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["eval", "export"])
 @pytest.mark.parametrize("manifest", [True, False], ids=["with_manifest", "no_manifest"])
 def test_damaged_checkpoint_is_one_error_line(command, manifest, reference, tmp_path, capsys):

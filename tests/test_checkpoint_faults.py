@@ -32,6 +32,7 @@ HOLD_LOCK = "import sys, time\nfrom training.lock import acquire_run_lock\nwith 
             "    print('held', flush=True)\n    time.sleep(120)\n"
 
 
+@pytest.mark.slow
 def test_a_second_run_refuses_and_a_stale_lock_is_taken_over(tmp_path, capsys, caplog):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -83,6 +84,7 @@ def test_torch_and_safetensors_write_failures_are_recognised_as_disk_full(tmp_pa
     assert not ckpt.is_disk_full(RuntimeError("size mismatch for visual.proj"))
 
 
+@pytest.mark.slow
 def test_full_disk_mid_save_keeps_the_previous_checkpoint_and_removes_the_temporary_folder(tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_save = train_main.save_checkpoint

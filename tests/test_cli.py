@@ -35,6 +35,7 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_train_one_run_equal_to_one_process(tmp_path):
     """The documented command: two ranks split each global batch and all-reduce gradients, so the run equals
     one process on the whole batch; two independent copies would each log a line per step and would not share
@@ -115,6 +116,7 @@ def test_user_errors_print_one_error_line_and_exit_2(args, message, tmp_path, mo
     assert len(errors) == 1 and message in errors[0], stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_user_error_in_the_installed_command_is_one_line_and_status_2(tmp_path):
     proc = mmsoftmoe("train", "--config", "smoke", "optim.lrr=1", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -137,6 +139,7 @@ def test_missing_tracker_package_is_an_error(tmp_path, monkeypatch):
         train_main.check_trackers(["tensorbord"])
 
 
+@pytest.mark.slow
 def test_run_folder_explains_itself_and_extending_says_so(tmp_path):
     cfg = load_config("smoke", [f"output_dir={tmp_path}", *RUN, "steps=2", "checkpoint_every=2"])
     train_main.fit(cfg)

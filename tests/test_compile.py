@@ -16,6 +16,8 @@ import torch
 import mmsoftmoe
 from mmsoftmoe.layers import MOE_LAYERS, collect_aux_loss, collect_routing_stats, set_record_stats
 
+pytestmark = pytest.mark.slow  # torch.compile traces
+
 LAYER_KWARGS = {"soft": {"num_experts": 4, "noise_std": 0.5}, "tokens_choice": {"num_experts": 4, "top_k": 2},
                 "experts_choice": {"num_experts": 4}, "dense": {}}
 # Every micro tower (every layer type and routing ablation); of the mini towers, which differ from the micro ones

@@ -55,6 +55,7 @@ def test_every_key_is_documented_in_the_dataclasses():
     assert "optim.lr" in valid_keys() and "eval.every" in valid_keys() and "model" not in valid_keys()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_runs_at_smoke_size(path, tmp_path):
     cfg = load_config(path, ["smoke=true", f"output_dir={tmp_path}", "eval.dataset=none", "trackers=[]",

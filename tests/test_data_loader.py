@@ -101,6 +101,7 @@ def test_run_config_reaches_the_readers(tmp_path):
                            tokenizer=None, rank=0, world_size=1)
 
 
+@pytest.mark.slow
 def test_trainer_state_counts_distinct_skips_with_workers_and_resume(tmp_path):
     import mmsoftmoe_training.main as train_main
     from tests.training_fixtures import shapes_image_folder, write_metadata
@@ -131,6 +132,7 @@ def test_trainer_state_counts_distinct_skips_with_workers_and_resume(tmp_path):
     assert run(2, "resume=none", source=good)["data_skipped"] == 0  # a fresh start forgets the old run's skips
 
 
+@pytest.mark.slow
 def test_loader_bench_layouts_hold_the_same_pairs_and_its_report_is_consistent(tmp_path):
     from benchmarks import loader_bench
     from mmsoftmoe.data import ShardStream, load_pairs

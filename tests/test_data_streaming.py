@@ -184,6 +184,7 @@ def test_resume_reads_one_window_not_the_samples_consumed(tmp_path, monkeypatch)
     assert len(reads) == 6  # window 4 (positions 24..29) only, not the 26 samples before it
 
 
+@pytest.mark.slow
 def test_a_streaming_training_run_outlasts_its_data(tmp_path):
     import mmsoftmoe_training.main as train_main
     from mmsoftmoe_training.config import load_config

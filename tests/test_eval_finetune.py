@@ -32,6 +32,7 @@ def frozen_probe_accuracy(tower: nn.Module) -> float:
     return evaluate_linear_probe(*train, *test)["acc1"]
 
 
+@pytest.mark.slow
 def test_short_finetune_beats_a_frozen_probe_of_the_same_untrained_tower(tmp_path):
     tower = timm.create_model(TOWER)
     before = {k: v.clone() for k, v in tower.state_dict().items()}
@@ -46,6 +47,7 @@ def test_short_finetune_beats_a_frozen_probe_of_the_same_untrained_tower(tmp_pat
     assert all(torch.equal(v, before[k]) for k, v in tower.state_dict().items())  # the caller's tower is untouched
 
 
+@pytest.mark.slow
 def test_saved_classifier_reloads_to_the_reported_accuracy(tmp_path):
     train, test = DigitsDataset("train", TRANSFORM), DigitsDataset("test", TRANSFORM)
     train.images, train.labels = train.images[:128], train.labels[:128]

@@ -74,6 +74,7 @@ def digits_features(model, transform, split):
     return pre_logits, encode_all(model.visual.head, pre_logits), torch.as_tensor(dataset.labels), dataset
 
 
+@pytest.mark.slow
 def test_report_has_clip_benchmark_keys_and_sane_values(results, cli_out):
     assert set(results) == {"digits", "shapes"}
     assert set(results["digits"]) == {"zeroshot", "fewshot", "linprobe", "seconds"}  # no captions: no retrieval
@@ -100,6 +101,7 @@ def test_report_has_clip_benchmark_keys_and_sane_values(results, cli_out):
     assert any((cli_out / "features").iterdir())
 
 
+@pytest.mark.slow
 def test_digits_metrics_equal_evaluators_on_independent_features(results, loaded):
     model, tokenizer, transform = loaded
     train_pre, train_emb, train_y, _ = digits_features(model, transform, "train")
@@ -118,6 +120,7 @@ def test_digits_metrics_equal_evaluators_on_independent_features(results, loaded
     assert results["digits"]["zeroshot"] == pytest.approx(zeroshot, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_shapes_retrieval_equals_direct_computation(results, loaded):
     model, tokenizer, transform = loaded
     num_samples, seed = SHAPES_SPLITS["test"]
@@ -150,6 +153,7 @@ def test_dispatch_maps_equal_a_hand_run_forward(loaded):
     torch.testing.assert_close(maps, dispatch_bms[:, :, slots].transpose(1, 2).reshape(3, 3, 8, 8))
 
 
+@pytest.mark.slow
 def test_training_time_calls_never_read_a_stale_cache(results, loaded, tmp_path):
     model, tokenizer, transform = loaded
     call = dict(dataset="shapes", tasks="zeroshot", preprocess=transform, cache_dir=tmp_path)
@@ -166,6 +170,7 @@ def test_training_time_calls_never_read_a_stale_cache(results, loaded, tmp_path)
     assert second != first
 
 
+@pytest.mark.slow
 def test_cached_second_run_gives_the_same_numbers(checkpoint, cli_out, results, caplog):
     out = cli_out / "rerun"
     argv = ["--checkpoint", str(checkpoint), "--dataset", "digits", "--tasks", "fewshot", "--shots", "1,5,10",
@@ -237,6 +242,7 @@ def test_user_errors_print_one_clear_line(case, message, checkpoint, tmp_path, c
     assert re.search(message, err[-1]), err[-1]
 
 
+@pytest.mark.slow
 def test_suite_cli_writes_the_table_and_clip_benchmark_files(checkpoint, results, tmp_path):
     suite = tmp_path / "suite.yaml"
     suite.write_text("- dataset: digits\n  tasks: zeroshot\n- dataset: shapes\n  tasks: [zeroshot, retrieval]\n")

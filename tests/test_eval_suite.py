@@ -42,6 +42,7 @@ def plain_pre_logits(clip, dataset):
     return features, torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
 
 
+@pytest.mark.slow
 def test_suite_chooses_l2_by_mean_held_out_rank_and_tabulates(model, tmp_path):
     clip, tokenizer, transform = model
     suite = tmp_path / "suite.yaml"

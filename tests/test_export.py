@@ -103,6 +103,7 @@ def test_every_format_has_a_user_loader():
     assert set(USER_LOADERS) == set(FORMATS) == set(TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(USER_LOADERS))
 @torch.no_grad()
 def test_export_matches_eager_model_at_any_batch_size(name, exported, eager, pixels):
@@ -118,6 +119,7 @@ def test_export_matches_eager_model_at_any_batch_size(name, exported, eager, pix
     assert (encoder(pixels[:3]) - expected[:3]).abs().max().item() <= tol  # a batch size never traced
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_exporter_records_its_own_parity_time_and_size(name, exported):
     out, reports = exported
@@ -133,6 +135,7 @@ def test_exporter_records_its_own_parity_time_and_size(name, exported):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
+@pytest.mark.slow
 def test_timm_folder_head_is_the_projection_with_zero_bias(exported, eager):
     out, _ = exported
     config = json.loads((out / "timm" / "config.json").read_text())
@@ -144,6 +147,7 @@ def test_timm_folder_head_is_the_projection_with_zero_bias(exported, eager):
     assert torch.count_nonzero(model.head.bias) == 0
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_open_clip_folder_is_the_whole_clip_model(exported, eager, checkpoint):
     folder = exported[0] / "open_clip"
@@ -158,6 +162,7 @@ def test_open_clip_folder_is_the_whole_clip_model(exported, eager, checkpoint):
     assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_hf_folder_is_remote_code_returning_embeddings_and_patch_tokens(exported, eager, pixels):
     folder = exported[0] / "hf"
@@ -177,6 +182,7 @@ def test_hf_folder_is_remote_code_returning_embeddings_and_patch_tokens(exported
     assert model(pixel_values=pixels).last_hidden_state is None
 
 
+@pytest.mark.slow
 def test_onnx_batch_dimension_is_symbolic(exported):
     session = ort.InferenceSession(str(exported[0] / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     (inp,), (outp,) = session.get_inputs(), session.get_outputs()
@@ -194,6 +200,7 @@ def analytic_flops(d: int, m: int, depth: int, h: int, moe_blocks: int, slots: i
     return depth * attention + (depth - moe_blocks) * mlp + moe_blocks * soft_moe + 2 * m * patch_in * d + 2 * d * e
 
 
+@pytest.mark.slow
 def test_model_card_counts_and_training_facts(exported):
     out, reports = exported
     report = reports["onnx"]
@@ -234,6 +241,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_hf_folder_runs_without_mmsoftmoe(exported, eager, pixels, tmp_path):
     """A fresh process where mmsoftmoe cannot be imported (fresh remote-code cache too) loads and runs it."""
     torch.save(pixels, tmp_path / "pixels.pt")
@@ -245,16 +253,37 @@ def test_hf_folder_runs_without_mmsoftmoe(exported, eager, pixels, tmp_path):
     assert (torch.load(tmp_path / "embeds.pt") - expected).abs().max().item() <= 1e-5
 
 
+# What each card's snippet leaves behind: (the name of its image embeddings, of the pixels they were computed from).
+SNIPPET_OUTPUT = {"timm": ("features", "pixels"), "open_clip": ("image_features", None), "hf": ("out", "pixels"),
+                  "onnx": ("embeds", "pixels"), "torch_export": ("embeds", "pixels")}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_model_card_snippet_runs(name, exported, pixels):
-    """The card's "How to load" code is real: run it with `pixels` (numpy for onnxruntime) and a PIL `image`."""
+def test_model_card_snippet_computes_the_eager_embeddings(name, exported, eager, pixels):
+    """The card's "How to load" code, run with `pixels` (numpy for onnxruntime) and a PIL `image`, gives the eager
+    model's image embeddings of the same input (for open_clip: of the image through the checkpoint's own eval
+    transform, built here without the export)."""
+    from mmsoftmoe.data import transforms_from_preprocess_cfg
+    from mmsoftmoe.models.clip import preprocess_config
+
     card = (exported[0] / name / "README.md").read_text()
     code = card.split("## How to load", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    namespace = {"pixels": pixels.numpy() if name == "onnx" else pixels, "image": Image.new("RGB", (40, 48))}
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    namespace = {"pixels": pixels.numpy() if name == "onnx" else pixels, "image": image}
     with torch.no_grad():
         exec(compile(code, f"{name}/README.md", "exec"), namespace)
+        output, inputs = SNIPPET_OUTPUT[name]
+        got = namespace[output].image_embeds if name == "hf" else torch.as_tensor(namespace[output])
+        # hf's snippet replaces `pixels` by its image processor's output: the input the embeddings came from.
+        x = torch.as_tensor(namespace[inputs]) if inputs else transforms_from_preprocess_cfg(
+            preprocess_config(eager[0]))[1](image)[None]
+        expected = eager[0].encode_image(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= TOLERANCE[name]
 
 
+@pytest.mark.slow
 def test_hf_image_processor_matches_the_open_clip_eval_transform(exported, eager):
     """AutoImageProcessor from the hf export prepares images like the checkpoint's own eval transform: exactly
     (rescale, mean, std, size) for an image at the model's size; within resampling differences (the two libraries

@@ -43,6 +43,7 @@ def per_image(row: dict, what: str) -> float:
     return row[what]["seconds"] / row[what]["batch"]
 
 
+@pytest.mark.slow
 def test_every_part_measures_every_row(smoke):
     report, out = smoke
     parts = report["parts"]
@@ -64,6 +65,7 @@ def test_every_part_measures_every_row(smoke):
     assert all((out / "parts" / f"{name}.json").is_file() for name in gpu_suite.PARTS_ORDER)
 
 
+@pytest.mark.slow
 def test_mfu_is_achieved_flop_rate_over_the_peak_of_the_same_run(smoke):
     report, _ = smoke
     peak = report["parts"]["peak"]["rows"]["gemm"]["bf16"]["tflops"]
@@ -85,6 +87,7 @@ def vit_flops(m: int, d: int, depth: int, patch: int, h: int, moe_blocks: int = 
     return 2 * m * 3 * patch * patch * d + depth * attention + (depth - moe_blocks) * mlp + moe_blocks * soft_moe
 
 
+@pytest.mark.slow
 def test_flops_equal_independent_counts(smoke):
     report, _ = smoke
     parts = report["parts"]
@@ -125,6 +128,7 @@ def test_flops_equal_independent_counts(smoke):
             == parts["clip"]["rows"]["dense"]["mmsoftmoe"]["eager"]["step"]["flops"])
 
 
+@pytest.mark.slow
 def test_ratios_are_ratios_of_measured_times(smoke):
     report, _ = smoke
     rows = {name: data["rows"] for name, data in report["parts"].items()}
@@ -150,6 +154,7 @@ def test_ratios_are_ratios_of_measured_times(smoke):
         assert sweep["loss"] == pytest.approx(1 - ips["e16"] / ips["e4"])
 
 
+@pytest.mark.slow
 def test_targets_follow_from_the_figures(smoke):
     report, out = smoke
     rows, derived, targets = report["parts"]["clip"]["rows"], report["derived"], report["targets"]
@@ -187,6 +192,7 @@ def test_no_time_left_runs_nothing_and_says_so(tmp_path):
     assert markdown.count("| unmeasured |") == 4 and "towers: budget:" in markdown
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_initialized(), reason="parts are spawned, not forked, once CUDA is initialised "
                     "here: the patched part would not reach them")
 def test_a_part_over_its_budget_is_killed_and_keeps_its_finished_rows(tmp_path, monkeypatch, fresh_accelerate_state):

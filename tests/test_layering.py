@@ -1,4 +1,4 @@
-"""Dependencies point one way: mmsoftmoe <- eval <- training <- benchmarks (STYLE rule 1), checked on the source."""
+"""Dependencies point one way: mmsoftmoe <- eval <- training <- benchmarks (README, "Layout"), checked on the source."""
 
 import ast
 from pathlib import Path

@@ -34,6 +34,7 @@ def test_soft_moe_routes_in_float32_and_runs_experts_in_bf16_under_autocast():
     assert not torch.equal(y.float(), layer(x))  # the contractions really ran in bf16
 
 
+@pytest.mark.slow
 def test_bf16_run_tracks_the_fp32_run_and_checkpoints_stay_fp32(tmp_path: Path):
     fp32 = _fit(tmp_path / "fp32", "steps=20", "checkpoint_every=10")
     AcceleratorState._reset_state(True)  # accelerate keeps one precision per process

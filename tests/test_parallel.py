@@ -55,6 +55,7 @@ def assert_matches_one_process(sharded: dict[str, torch.Tensor], layout: str) ->
         assert all(reference[f"step{s}/grad_norm"] > MAX_NORM for s in range(3)), "clipping was not exercised"
 
 
+@pytest.mark.slow
 def test_expert_parallel_two_processes_match_one_process(tmp_path):
     """ep=2 over dp_shard=2 (dense FSDP2 over the same two ranks, experts split 8 + 8), in one pass and with the
     trainer's gradient accumulation over two micro-batches per process."""
@@ -63,6 +64,7 @@ def test_expert_parallel_two_processes_match_one_process(tmp_path):
     assert_matches_one_process(sharded, "1,2,2,2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["1,4,4", "1,4,2", "2,2,2"])
 def test_four_process_layouts_match_one_process(tmp_path_factory, layout):
     """ep=4; FSDP2 + ep=2 (experts further sharded by FSDP2 over efsdp=2); HSDP 2 x 2 with ep=2."""
@@ -105,6 +107,7 @@ def test_config_default_is_ddp():
     assert load_config(None, ["parallel.dp_shard=4", "parallel.ep=2"]).parallel.sharded
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_by_four_processes_resumes_on_two_and_one_and_consolidates(tmp_path):
     """Saved at FSDP2 + ep=2 on 4 processes after two steps; the third step after resuming at ep=2 on 2 processes,
     and in one unsharded process, equals the third step of the uninterrupted run; `consolidate` gives the model."""
@@ -141,6 +144,7 @@ def test_checkpoint_saved_by_four_processes_resumes_on_two_and_one_and_consolida
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_consolidate_refuses_a_folder_without_a_sharded_state(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a sharded training checkpoint"):
         consolidate(tmp_path, tmp_path / "out")

@@ -35,6 +35,8 @@ COMMON = ["--config", "smoke", f"steps={STEPS}", "batch_size=16", "log_every=1",
 EP2 = ["parallel.dp_shard=2", "parallel.ep=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
+pytestmark = pytest.mark.slow  # multi-process training runs
+
 
 def torchrun(nproc: int, *args: str) -> list[str]:
     """The README's command: torchrun starting the installed `mmsoftmoe` entry point on every process."""

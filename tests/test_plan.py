@@ -58,6 +58,7 @@ def test_bytes_hand_computed(micro):
     assert ep["reduce_scatter"] == 4 * dense and dense >= p - counts.expert_params - counts.scalar_params
 
 
+@pytest.mark.slow
 def test_bytes_equal_traced_two_process_step(micro):
     _, counts = micro
     row = launch(MICRO, 2, "fsdp2+ep", 16, 1)

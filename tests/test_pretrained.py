@@ -21,6 +21,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["final", "checkpoints/step_00000002"])
 def test_image_tower_warm_start_loads_only_the_image_tower(trained, folder, tmp_path):
     source = load_file(str(trained / "final" / "open_clip_model.safetensors"))
@@ -37,6 +38,7 @@ def test_image_tower_warm_start_loads_only_the_image_tower(trained, folder, tmp_
     assert not torch.equal(source["token_embedding.weight"], model.token_embedding.weight)  # text stayed fresh
 
 
+@pytest.mark.slow
 def test_warm_start_reports_missing_and_unexpected_and_refuses_other_shapes(trained):
     model, _ = build_clip("SoftMoE-Micro-4-32")
     state = read_weights(trained / "final")

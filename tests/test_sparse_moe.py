@@ -1,4 +1,4 @@
-"""Tokens Choice and Experts Choice against loop references of vmoe's routing rules (SPEC section 3).
+"""Tokens Choice and Experts Choice against loop references of vmoe's routing rules (docs/design.md, section 3).
 
 Capacities follow vmoe `moe.compute_capacity` (written out again in `vmoe_capacity`), the aux losses
 `vmoe/nn/routing.py`'s `NoisyTopExpertsPerItemRouter`, Experts Choice the Soft MoE paper's config

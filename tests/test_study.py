@@ -104,6 +104,7 @@ def test_inits_draw_experts_like_the_mlps_they_replace_or_as_vmoe():
         study.build_tower("dense", 8, init="xavier")
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
     torch.set_num_threads(1)
     report = study.main(["--variants", "dense,softmoe_p1,tokens_choice_k1", "--seeds", "0,1", "--steps", "3",
@@ -120,6 +121,7 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "softmoe_p1 > dense" in (tmp_path / "study.md").read_text()
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_in_process_results(tmp_path):
     """`--jobs 2` (the CPU command of the full study) trains each (variant, seed) in its own 1-thread process; the
     runs are deterministic in (variant, seed), so they must equal this process's."""

@@ -33,6 +33,7 @@ def _fit(tmp_path: Path, *overrides: str) -> dict:
     return {r["step"]: r for r in train_main.MetricsLogger(Accelerator(), tmp_path).read() if "loss" in r}
 
 
+@pytest.mark.slow
 def test_loss_falls_and_checkpoints_are_written(tmp_path):
     records = _fit(tmp_path, "steps=24", "checkpoint_every=8", "keep_checkpoints=2", "optim.warmup_steps=3")
     first = sum(records[s]["loss"] for s in range(1, 5)) / 4
@@ -46,6 +47,7 @@ def test_loss_falls_and_checkpoints_are_written(tmp_path):
     assert (tmp_path / "final/open_clip_model.safetensors").is_file() and (tmp_path / "training.png").is_file()
 
 
+@pytest.mark.slow
 def test_resume_is_step_exact(tmp_path, monkeypatch):
     reference = _fit(tmp_path / "a", "steps=6", "checkpoint_every=3")
 
@@ -68,6 +70,7 @@ def test_resume_is_step_exact(tmp_path, monkeypatch):
         assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_data_workers_do_not_change_the_batches(tmp_path):
     a = _fit(tmp_path / "a", "steps=2", "data.num_workers=0")
     b = _fit(tmp_path / "b", "steps=2", "data.num_workers=2")
@@ -153,6 +156,7 @@ def test_accumulation_refuses_routing_over_the_whole_batch():
         train_step(model, micro, loss_fn, Accelerator(cpu=True), model.visual, 1.0)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     out = tmp_path / "two.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -176,6 +180,7 @@ def test_two_processes_match_one_process(tmp_path):
             torch.testing.assert_close(two[f"{kind}/grad/{name}"], g, atol=1e-5, rtol=1e-4, msg=f"{kind} {name}")
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     real_step = mmsoftmoe_training.loop.train_step
     calls = {"n": 0}
@@ -202,6 +207,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         _fit(tmp_path / "stop_logged", "steps=8", "max_nonfinite_steps=3", "log_every=4")
 
 
+@pytest.mark.slow
 def test_locked_image_tower_does_not_move(tmp_path):
     cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "eval.dataset=none", "data.num_workers=0", "batch_size=8",
                               "steps=2", "model.lock_image=true"])
@@ -219,6 +225,7 @@ def test_locked_image_tower_does_not_move(tmp_path):
     assert not torch.equal(before.token_embedding.weight, after.token_embedding.weight)
 
 
+@pytest.mark.slow
 def test_trains_from_an_image_folder_skipping_a_corrupt_image(tmp_path):
     folder = tmp_path / "pairs"
     rows = shapes_image_folder(folder, 15)
@@ -231,6 +238,7 @@ def test_trains_from_an_image_folder_skipping_a_corrupt_image(tmp_path):
     assert state["data_skipped"] == 1  # one bad image, counted once however often it was met
 
 
+@pytest.mark.slow
 def test_trains_with_a_hugging_face_text_encoder(tmp_path):
     from tests.test_clip_models import _tiny_hf_encoder
 
@@ -241,6 +249,7 @@ def test_trains_with_a_hugging_face_text_encoder(tmp_path):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2, losses  # it learns through the HF tower
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one(tmp_path):
     eager = _fit(tmp_path / "eager", "steps=3")
     compiled = _fit(tmp_path / "compiled", "steps=3", "model.compile=true")
@@ -248,6 +257,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
         assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], abs=1e-4), step
 
 
+@pytest.mark.slow
 def test_siglip_needs_a_model_with_a_bias(tmp_path):
     with pytest.raises(ValueError, match="loss=siglip needs a model with a logit bias"):
         _fit(tmp_path, "steps=1", "loss=siglip")

@@ -44,6 +44,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
 
+from mmsoftmoe.atomic import publish_folder
 from mmsoftmoe.checkpoint import (
     MANIFEST_NAME,
     SHARDED_DIR,
@@ -153,13 +154,8 @@ def _discard(folder: Path) -> None:
 
 def _publish(tmp: Path, target: Path) -> None:
     """Rename the complete `tmp` to `target` durably, replacing an existing `target` only once `tmp` is in place."""
-    replaced = target.with_name(f"{REPLACED_PREFIX}{target.name}")
-    if target.exists():
-        target.rename(replaced)
-    tmp.rename(target)
-    fsync_dir(target.parent)
-    if replaced.exists():
-        shutil.rmtree(replaced)  # already hidden; with `target` in place, the cleanup deletes what a kill leaves
+    # `.replaced_<name>` is hidden: if a kill leaves it, `remove_unfinished_saves` deletes (or puts back) it.
+    publish_folder(tmp, target, aside=target.with_name(f"{REPLACED_PREFIX}{target.name}"))
 
 
 def _state_bytes(model: nn.Module) -> int:

@@ -1,7 +1,8 @@
 """WebDataset tar shards as an endless, shuffled, exactly resumable stream of training batches.
 
 The streaming mode of training (`data.streaming=true`, the mode the paper-scale configs use), with what open_clip's
-users rely on (its `--dataset-resampled`, shard split by node and worker; SPEC section 7) and an exact resume:
+users rely on (its `--dataset-resampled`, shard split by node and worker; docs/design.md, section 8) and an exact
+resume:
 
 - Readers: each of the `world_size x num_workers` DataLoader workers reads its own stream of shards
   (`stream = rank * num_workers + worker`). Without resampling every stream needs a shard of its own: fewer shards

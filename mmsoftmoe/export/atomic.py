@@ -1,4 +1,5 @@
-"""Atomic export folders: everything is written into a temporary folder beside the target, then renamed.
+"""Atomic export folders: everything is written into a temporary folder beside the target, flushed to disk and
+renamed (`mmsoftmoe.atomic.publish_folder`, the trainer's checkpoint writer too).
 
 A failure mid-export removes the temporary folder, so no half-written export is ever left at the target, and an
 existing target is replaced only when asked (`overwrite`), after the new folder is complete. A killed export cannot
@@ -17,6 +18,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from mmsoftmoe.atomic import publish_folder
 
 logger = logging.getLogger("mmsoftmoe.export")
 
@@ -45,14 +48,11 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target`; an existing target is moved aside first and deleted after."""
-    if not target.exists():
-        tmp.rename(target)
-        return
-    old = sibling(target, "old")
-    target.rename(old / target.name)
-    tmp.rename(target)
-    shutil.rmtree(old)
+    """Publish `tmp` as `target` (flushed to disk first); an existing target waits in an `old` sibling meanwhile."""
+    old = sibling(target, "old") if target.exists() else None
+    publish_folder(tmp, target, aside=old / target.name if old else None)
+    if old:
+        old.rmdir()
 
 
 def sibling(target: Path, kind: str) -> Path:

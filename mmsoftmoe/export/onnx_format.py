@@ -1,6 +1,6 @@
 """ONNX export: the image encoder (pixels -> embedding), dynamic batch size, fixed image size.
 
-Exporter: `torch.onnx.export(..., dynamo=True)` from a `torch.export` program (SPEC section 6: torch >= 2.9
+Exporter: `torch.onnx.export(..., dynamo=True)` from a `torch.export` program (docs/design.md, section 6: torch >= 2.9
 defaults to it; the TorchScript exporter is deprecated). `torch.export` traces the batch size as a symbol, so
 Soft MoE's per-example reshapes and transposes, which use it, stay dynamic in the graph; the export fails
 rather than silently baking in the example's batch size. Large weights go to `model.onnx.data` beside the graph

@@ -4,7 +4,7 @@ open_clip assembles the model (`CLIP` / `CustomTextCLIP`: `encode_image`, `encod
 `logit_bias`, dict output), so a model trained with mmsoftmoe is an open_clip model. The configs in
 `model_configs/` (one file per model name, open_clip's format) are registered with `open_clip.add_model_config`
 when `mmsoftmoe` is imported; their vision towers are timm names registered by `mmsoftmoe_vit`, since open_clip
-only forwards drop-path / patch-drop settings to timm (SPEC section 4).
+only forwards drop-path / patch-drop settings to timm (docs/design.md, section 4).
 
 A Hugging Face transformers text encoder can replace open_clip's text transformer: `text_model` is a local folder
 with the model and its tokenizer (`save_pretrained` output); nothing is downloaded.
