@@ -82,7 +82,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """accelerate's Accelerator for this run; refuses to start as several independent copies of one run.
 
     Without an accelerator device accelerate must be told to use the CPU, or under `torchrun` it sees one process
-    and every rank trains alone (SPEC section 7).
+    and every rank trains alone (docs/design.md, section 7).
     """
     trackers = check_trackers([t for t in cfg.trackers if t])
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.parallel.nccl_timeout_s))
