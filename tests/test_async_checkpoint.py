@@ -15,6 +15,7 @@ from mmsoftmoe_training.checkpoint import find_resume_checkpoint, list_checkpoin
 from tests.checkpoint_fixtures import SimulatedKill, run
 
 SHARDED = ["parallel.dp_shard=1", "steps=6", "checkpoint_every=2", "keep_checkpoints=8"]
+pytestmark = pytest.mark.slow  # full (short) training runs
 
 
 def consolidated(checkpoint, out) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # builds and installs a wheel
 
 pytestmark = pytest.mark.slow  # builds a wheel and a virtual environment
 

@@ -59,6 +59,7 @@ def test_a_run_refused_at_start_leaves_a_fresh_folder_as_it_found_it(tmp_path, c
     assert not (tmp_path / "new").exists() and empty.is_dir() and not any(empty.iterdir())
 
 
+@pytest.mark.slow
 def test_errors_reach_train_log_of_an_existing_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert train(out, capsys, "eval.dataset=none", "steps=2")[0] == 0
@@ -68,6 +69,7 @@ def test_errors_reach_train_log_of_an_existing_run(tmp_path, capsys):
     assert (out / "final").is_dir() and (out / "checkpoints/step_00000002").is_dir()  # the earlier run's, kept
 
 
+@pytest.mark.slow
 def test_a_failing_final_evaluation_loses_nothing(tmp_path, capsys, monkeypatch):
     data = class_folders(tmp_path / "data")
     real_step = train_main.optimizer_step
@@ -90,6 +92,7 @@ def test_a_failing_final_evaluation_loses_nothing(tmp_path, capsys, monkeypatch)
     assert "the final evaluation failed" in log and errors[0] in log
 
 
+@pytest.mark.slow
 def test_the_final_metrics_are_recorded_in_final_and_no_empty_rows_are_logged(tmp_path, capsys):
     data = class_folders(tmp_path / "data")
     assert train(tmp_path / "eval", capsys, f"eval.dataset=folder:{data}", "steps=2")[0] == 0
