@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # builds and installs a wheel
 
 pytestmark = pytest.mark.slow  # builds a wheel and a virtual environment
 
