@@ -9,7 +9,6 @@ expected stream can be written down from the seeded permutations alone (the inde
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmsoftmoe.data import ShardStream, count_skipped, train_transform
+from mmsoftmoe.data import ShardStream, count_skipped, shard_writer, train_transform
 from mmsoftmoe.data.shards import _ShardReader
 from mmsoftmoe_training.data import build_train_loader
 
@@ -28,22 +27,17 @@ def colour(n: int) -> tuple[int, int, int]:
     return (5 * n % 256, 255 - 3 * n % 256, 60)
 
 
-def write_shards(folder: Path, num_shards: int, bad: tuple[int, ...] = ()) -> list[str]:
-    """`num_shards` tars of SHARD_SIZE samples, sample n in shard n // SHARD_SIZE; samples in `bad` are corrupt."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(num_shards):
-        paths.append(str(folder / f"shard-{s:03d}.tar"))
-        with tarfile.open(paths[-1], "w") as tar:
-            for n in range(s * SHARD_SIZE, (s + 1) * SHARD_SIZE):
-                buffer = io.BytesIO()
-                Image.new("RGB", (12, 12), colour(n)).save(buffer, "PNG")
-                image = b"not an image" if n in bad else buffer.getvalue()
-                for name, data in ((f"s{n:04d}.png", image), (f"s{n:04d}.txt", f"sample {n}".encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return paths
+def write_shards(folder: Path, num_shards: int, bad: tuple[int, ...] = (), first: int = 0) -> list[str]:
+    """`num_shards` tars of SHARD_SIZE samples, sample `first + n` in shard n // SHARD_SIZE; samples in `bad` are
+    corrupt."""
+    def samples():
+        for n in range(first, first + num_shards * SHARD_SIZE):
+            buffer = io.BytesIO()
+            Image.new("RGB", (12, 12), colour(n)).save(buffer, "PNG")
+            image = b"not an image" if n in bad else buffer.getvalue()
+            yield f"s{n:04d}", {"png": image, "txt": f"sample {n}".encode()}
+
+    return shard_writer.write_shards(samples(), folder, SHARD_SIZE, pattern="shard-{:03d}.tar")
 
 
 def loader(shards: list[str], *, batch: int, steps: int, start_step: int = 0, workers: int = 0, rank: int = 0,

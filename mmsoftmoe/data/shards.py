@@ -50,7 +50,8 @@ from mmsoftmoe.data.pairs import (
     _process_tag,
     collate,
 )
-from mmsoftmoe.data.sources import PIPE, list_items, open_shard, split_sources
+from mmsoftmoe.data.shard_writer import TarShard, convert_to_shards, write_shards  # noqa: F401 - re-exported
+from mmsoftmoe.data.sources import PIPE, Unreadable, list_items, open_shard, retrying, split_sources
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,6 @@ _MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_p
 _MAX_LOOKAHEAD = 10_000  # samples searched for a replacement before the stream is declared unreadable
 _END_OF_ARCHIVE = 1024  # two zero blocks close every tar archive
 _WHOLE_SHARD = "(whole shard)"  # the key a skipped unreadable shard is logged under
-_RETRY_DELAYS = (0.2, 1.0, 4.0)  # seconds before the 2nd, 3rd and 4th try of a failed shard read
-_PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)  # not worth a retry
-
-
-class _Unreadable(Exception):
-    """A shard read that failed for good (after retries, or a missing object)."""
 
 Sample = tuple[str, dict[str, tuple[int, int]]]  # (key, {extension: (byte offset, size)})
 Record = tuple[str, str, dict[str, bytes]]  # (shard path, key, {extension: bytes})
@@ -116,7 +111,7 @@ class _ShardReader:
     """Reads sample bytes from shards anywhere `open_shard` reaches, keeping the current shard's index and file open.
 
     Network errors (a reset connection, a 5xx answer, a timeout) are retried with growing delays and logged; a shard
-    still unreadable after `_RETRY_DELAYS` is reported to `on_unreadable(shard, reason)` and read as empty. A
+    still unreadable after the retries (`mmsoftmoe.data.sources.retrying`) is reported to `on_unreadable(shard, reason)` and read as empty. A
     truncated shard's cut sample is reported to `on_truncated(shard, key)`.
     """
 
@@ -142,31 +137,15 @@ class _ShardReader:
         self._file = (-1, None)
 
     def _retrying(self, shard: int, what: str, action: Callable[[IO[bytes]], Any]) -> Any:
-        """`action(file)` on shard `shard`, retried after transient errors; raises _Unreadable when it gives up."""
-        url = self.shards[shard]
-        for attempt, delay in enumerate((*_RETRY_DELAYS, None)):
-            try:
-                return action(self._handle(shard))
-            except ValueError:  # a user error (a protocol without its package), not the shard's
-                raise
-            except _PERMANENT_ERRORS as err:
-                self._close()
-                raise _Unreadable(f"{type(err).__name__}: {err}") from err
-            except Exception as err:  # noqa: BLE001 - network stacks raise many types; all are retried, then skipped
-                self._close()
-                if delay is None:
-                    raise _Unreadable(f"{type(err).__name__}: {err} ({attempt + 1} tries)") from err
-                logger.warning("%s: %s failed (%s: %s); retry %d of %d in %.2g s [%s]", url, what,
-                               type(err).__name__, err, attempt + 1, len(_RETRY_DELAYS), delay, _process_tag())
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        """`action(file)` on shard `shard`, retried after transient errors; raises Unreadable when it gives up."""
+        return retrying(lambda: action(self._handle(shard)), self.shards[shard], what, self._close)
 
     def samples(self, shard: int) -> list[Sample]:
         if self._index[0] != shard:
             try:
                 samples, cut = self._retrying(shard, "reading the tar headers",
                                               lambda handle: _index(handle, self.shards[shard]))
-            except _Unreadable as err:
+            except Unreadable as err:
                 self.on_unreadable(self.shards[shard], str(err))
                 samples, cut = [], None
             if cut is not None:
@@ -191,7 +170,7 @@ class _ShardReader:
 
         try:
             return self.shards[shard], sample[0], self._retrying(shard, f"reading sample {sample[0]!r}", fields)
-        except _Unreadable as err:
+        except Unreadable as err:
             self.on_unreadable(self.shards[shard], str(err))
             return self.shards[shard], sample[0], {}
 

@@ -22,17 +22,26 @@ Credentials and endpoints come from the protocol's own configuration (for S3: `A
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from typing import IO, Any
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
 
 import fsspec
 from braceexpand import braceexpand
 
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_DELAYS = (0.2, 1.0, 4.0)  # seconds before the 2nd, 3rd and 4th try of a failed remote read
+# Not worth a retry. A missing object is retried: fsspec's HTTP filesystem reports a dropped connection during its
+# size probe as FileNotFoundError, so "missing" is believed only once the retries are spent.
+PERMANENT_ERRORS = (PermissionError, IsADirectoryError)
 _COMMA_OUTSIDE_BRACES = re.compile(r",(?![^{]*\})")
 _GLOB_CHARS = "*?["
 PIPE = "pipe:"
@@ -116,13 +125,49 @@ def list_items(source: str, storage_options: dict[str, Any] | None = None) -> li
 
 
 def check_exists(item: str, storage_options: dict[str, Any]) -> None:
-    """Raise FileNotFoundError naming `item` if it is a local path or URL that does not exist (pipes pass)."""
+    """Raise FileNotFoundError naming `item` if it is a local path or URL that does not exist (pipes pass), a
+    ValueError if a URL stays unreachable after retries."""
     if item.startswith(PIPE):
         return
-    exists = _filesystem(item, storage_options).exists(item) if is_url(item) else os.path.exists(item)
-    if not exists:
+    try:
+        if is_url(item):
+            fs = _filesystem(item, storage_options)
+            retrying(lambda: fs.info(item), item, "checking that it exists")
+        elif not os.path.exists(item):
+            raise Unreadable("missing") from FileNotFoundError(item)
+    except Unreadable as err:
+        if not isinstance(err.__cause__, FileNotFoundError):
+            raise ValueError(f"data.source: {item!r} cannot be read ({err}); check the URL, the endpoint and "
+                             "credentials (AWS_ENDPOINT_URL, data.storage_options)") from None
         raise FileNotFoundError(f"data.source: {item!r} does not exist; check the path or URL (and, for object "
-                                "storage, the endpoint and credentials: AWS_ENDPOINT_URL, data.storage_options)")
+                                "storage, the endpoint and credentials: AWS_ENDPOINT_URL, data.storage_options)") \
+            from None
+
+
+class Unreadable(Exception):
+    """A read that failed for good: a missing object, or transient errors that outlasted the retries."""
+
+
+def retrying(action: Callable[[], T], url: str, what: str, cleanup: Callable[[], None] = lambda: None) -> T:
+    """`action()`, retried after transient errors (reset connections, 5xx answers, timeouts, apparently missing
+    objects: any error but a permission or user error) with the delays `RETRY_DELAYS`, each retry logged; `cleanup()` runs after every
+    failure (close the broken file). Raises Unreadable when it gives up, ValueError as it comes."""
+    for attempt, delay in enumerate((*RETRY_DELAYS, None)):
+        try:
+            return action()
+        except ValueError:  # a user error (a protocol without its package), not the shard's
+            raise
+        except PERMANENT_ERRORS as err:
+            cleanup()
+            raise Unreadable(f"{type(err).__name__}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - network stacks raise many types; all are retried, then given up
+            cleanup()
+            if delay is None:
+                raise Unreadable(f"{type(err).__name__}: {err} ({attempt + 1} tries)") from err
+            logger.warning("%s: %s failed (%s: %s); retry %d of %d in %.2g s", url, what, type(err).__name__, err,
+                           attempt + 1, len(RETRY_DELAYS), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def open_shard(item: str, storage_options: dict[str, Any] | None = None) -> IO[bytes]:
