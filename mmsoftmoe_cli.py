@@ -1,4 +1,5 @@
-"""The `mmsoftmoe` command: `mmsoftmoe {train,eval,export,demo,consolidate,plan,shards} ...`, and its one error contract.
+"""The `mmsoftmoe` command: `mmsoftmoe {train,eval,export,demo,consolidate,plan,shards} ...`, and its one error
+contract.
 
 It lives outside the library so that `mmsoftmoe/` imports neither `training/` nor `eval/`; each subcommand's
 module is imported only when that subcommand runs. Every documented entry point goes through this command

@@ -175,7 +175,8 @@ CONTEXTS = {"mmsoftmoe shards my_pairs my_shards --samples-per-shard 10000 --res
             OWN_DATA + LAION: _loopback_s3, OWN_DATA + MIX: _loopback_s3}
 TWINS.update({OWN_DATA + LAION: ("replace", _small(OWN_DATA + LAION) + " output_dir=runs/laion", _final("laion")),
               OWN_DATA + MIX: ("replace", _small(OWN_DATA + MIX) + " output_dir=runs/mix", _final("mix"))})
-RUN_AS_WRITTEN = {"mmsoftmoe shards my_pairs my_shards --samples-per-shard 10000 --resize 256": _shards,"mmsoftmoe train --help-config": _help_config,
+RUN_AS_WRITTEN = {"mmsoftmoe shards my_pairs my_shards --samples-per-shard 10000 --resize 256": _shards,
+                  "mmsoftmoe train --help-config": _help_config,
                   "mmsoftmoe train --config demo --print-config": _print_config,
                   "mmsoftmoe consolidate runs/smoke/checkpoints/step_00000020 runs/smoke_step20": _consolidated,
                   "mmsoftmoe plan --config softmoe_l16_sigmoid --gpus 64 --gpu-memory 80": _plan}

@@ -49,8 +49,8 @@ from typing import Any
 
 import datasets
 import numpy as np
-from braceexpand import braceexpand
 import torch
+from braceexpand import braceexpand
 from datasets.data_files import EmptyDatasetError
 from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetGenerationError
@@ -371,7 +371,7 @@ def expand_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     if not items:
         raise ValueError("source is an empty list; give a folder, a file, a glob pattern, or a list of them")
     paths = []
-    for item in (expanded for item in map(str, items) for expanded in braceexpand(item)):
+    for item in (expanded for pattern in map(str, items) for expanded in braceexpand(pattern)):
         if any(c in item for c in "*?["):
             matches = sorted(glob.glob(item))
         else:

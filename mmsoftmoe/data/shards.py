@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import tarfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
@@ -47,7 +46,6 @@ from mmsoftmoe.data.pairs import (
     MAX_IMAGE_PIXELS,
     Tokenizer,
     _PairConverter,
-    _process_tag,
     collate,
 )
 from mmsoftmoe.data.shard_writer import TarShard, convert_to_shards, write_shards  # noqa: F401 - re-exported
@@ -110,9 +108,9 @@ def index_shard(path: str) -> list[Sample]:
 class _ShardReader:
     """Reads sample bytes from shards anywhere `open_shard` reaches, keeping the current shard's index and file open.
 
-    Network errors (a reset connection, a 5xx answer, a timeout) are retried with growing delays and logged; a shard
-    still unreadable after the retries (`mmsoftmoe.data.sources.retrying`) is reported to `on_unreadable(shard, reason)` and read as empty. A
-    truncated shard's cut sample is reported to `on_truncated(shard, key)`.
+    Network errors (a reset connection, a 5xx answer, a timeout) are retried with growing delays and logged
+    (`mmsoftmoe.data.sources.retrying`); a shard still unreadable after the retries is reported to
+    `on_unreadable(shard, reason)` and read as empty. A truncated shard's cut sample goes to `on_truncated(shard, key)`.
     """
 
     def __init__(self, shards: list[str], storage_options: dict[str, Any] | None = None,

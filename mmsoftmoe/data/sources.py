@@ -150,8 +150,9 @@ class Unreadable(Exception):
 
 def retrying(action: Callable[[], T], url: str, what: str, cleanup: Callable[[], None] = lambda: None) -> T:
     """`action()`, retried after transient errors (reset connections, 5xx answers, timeouts, apparently missing
-    objects: any error but a permission or user error) with the delays `RETRY_DELAYS`, each retry logged; `cleanup()` runs after every
-    failure (close the broken file). Raises Unreadable when it gives up, ValueError as it comes."""
+    objects: any error but a permission or user error) with the delays `RETRY_DELAYS`, each retry logged;
+    `cleanup()` runs after every failure (close the broken file). Raises Unreadable when it gives up, and a
+    ValueError as it comes."""
     for attempt, delay in enumerate((*RETRY_DELAYS, None)):
         try:
             return action()
