@@ -24,7 +24,6 @@ import argparse
 import io
 import json
 import statistics
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from PIL import Image
 
 from benchmarks.layer_bench import check_machine, machine_load
 from benchmarks.train_bench import make_batch, ours_step
-from mmsoftmoe.data import ShardStream, list_shards, load_pairs, transforms_from_preprocess_cfg
+from mmsoftmoe.data import ShardStream, TarShard, list_shards, load_pairs, transforms_from_preprocess_cfg
 from mmsoftmoe.models.clip import build_clip, preprocess_config
 from mmsoftmoe_training.data import PREFETCH_FACTOR, build_train_loader
 from mmsoftmoe_training.loop import build_loss
@@ -61,18 +60,16 @@ def write_data(folder: Path, samples: int, shards: int, side: int) -> tuple[list
     rng = np.random.default_rng(0)
     images = folder / "images"
     images.mkdir(parents=True)
-    tars = [tarfile.open(folder / f"shard-{s:04d}.tar", "w") for s in range(shards)]
-    rows = []
+    rows, pairs = [], []
     for i in range(samples):
         jpeg, caption = photo_like(rng, side), f"a photo of a random colour field, number {i}"
         (images / f"{i:06d}.jpg").write_bytes(jpeg)
         rows.append(json.dumps({"file_name": f"{i:06d}.jpg", "text": caption}))
-        for name, data in ((f"{i:06d}.jpg", jpeg), (f"{i:06d}.txt", caption.encode())):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tars[i % shards].addfile(info, io.BytesIO(data))
-    for tar in tars:
-        tar.close()
+        pairs.append((f"{i:06d}", {"jpg": jpeg, "txt": caption.encode()}))
+    for s in range(shards):
+        with TarShard(folder / f"shard-{s:04d}.tar") as shard:
+            for key, fields in pairs[s::shards]:
+                shard.write(key, fields)
     (images / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return list_shards(str(folder / "*.tar")), images
 
