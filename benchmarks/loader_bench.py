@@ -23,26 +23,31 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 from accelerate import Accelerator
+from mmsoftmoe_training.data import PREFETCH_FACTOR, build_train_loader
+from mmsoftmoe_training.loop import build_loss
+from mmsoftmoe_training.optim import build_optimizer
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from benchmarks.layer_bench import check_machine, machine_load
 from benchmarks.train_bench import make_batch, ours_step
 from mmsoftmoe.data import ShardStream, TarShard, list_shards, load_pairs, transforms_from_preprocess_cfg
+from mmsoftmoe.data.shards import index_shard
 from mmsoftmoe.models.clip import build_clip, preprocess_config
-from mmsoftmoe_training.data import PREFETCH_FACTOR, build_train_loader
-from mmsoftmoe_training.loop import build_loss
-from mmsoftmoe_training.optim import build_optimizer
 
 SHUFFLE_BUFFER = 256
+B16_DEMAND = 667  # images/s one GPU consumes at the paper's 1.5 ms per image (B/16 recipe)
 
 
 def photo_like(rng: np.random.Generator, side: int) -> bytes:
@@ -108,6 +113,99 @@ def step_rate(model_name: str, batch: int, steps: int = 5, warmup: int = 2) -> f
     return batch / statistics.median(times[warmup:])
 
 
+def _time_pass(batches: Iterator[dict], count: int | None) -> tuple[list[str], float]:
+    """Captions of `count` samples (all, when None) taken from `batches`, and the seconds it took."""
+    start, captions = time.perf_counter(), []
+    for batch in batches:
+        captions.extend(batch["text"] if isinstance(batch, dict) else batch[1])
+        if count is not None and len(captions) >= count:
+            break
+    return captions, time.perf_counter() - start
+
+
+def shardstream_pass(shards: list[str], transform: Callable, workers: int, batch: int, total: int) -> tuple[int, float]:
+    """Distinct samples read and seconds for one epoch of `ShardStream` (no shuffle window), `workers` workers."""
+    stream = ShardStream(shards, transform=transform)
+    batches = stream.batches(batch, workers, seed=0)
+    loader = DataLoader(batches, batch_size=None, num_workers=workers,
+                        prefetch_factor=PREFETCH_FACTOR if workers else None)
+    captions, seconds = _time_pass(iter(loader), total)
+    return len(set(captions)), seconds
+
+
+def webdataset_pass(urls: list[str], transform: Callable, workers: int, batch: int) -> tuple[int, float]:
+    """Samples read and seconds for one pass of webdataset's own pipeline: decode to PIL RGB, the same transform."""
+    import webdataset as wds
+
+    dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.single_node_only,
+                              workersplitter=wds.split_by_worker, empty_check=False)
+               .decode("pil").to_tuple("jpg;png", "txt").map_tuple(transform, lambda text: text)
+               .batched(batch, partial=True))
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers,
+                           prefetch_factor=PREFETCH_FACTOR if workers else None)
+    captions, seconds = _time_pass(iter(loader), None)
+    return len(captions), seconds
+
+
+def versus_webdataset(shards: list[str], transform: Callable, workers: list[int], batch: int) -> list[dict]:
+    """Samples/s of one epoch read by ShardStream and by webdataset, local and from a loopback S3 server, with the
+    ratio; ShardStream reads s3:// through s3fs, webdataset the same objects through presigned http:// URLs and
+    curl (its own remote path)."""
+    import boto3
+
+    from tests.servers import s3_server, upload
+
+    rows = []
+    total = sum(len(index_shard(s)) for s in shards)
+    with s3_server() as endpoint:
+        urls = upload(endpoint, "bench", "shards", shards)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        signed = [client.generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": u.split("/", 3)[3]})
+                  for u in urls]
+        places = {"local": (shards, shards), "s3 (loopback)": (urls, signed)}
+        for where, (ours, theirs) in places.items():
+            for count in workers:
+                read, ours_s = shardstream_pass(ours, transform, count, batch, total)
+                read_wds, theirs_s = webdataset_pass(theirs, transform, count, batch)
+                rows.append({"where": where, "workers": count, "samples": total, "shardstream_samples": read,
+                             "webdataset_samples": read_wds, "shardstream_samples_per_s": total / ours_s,
+                             "webdataset_samples_per_s": read_wds / theirs_s,
+                             "ratio": (total / ours_s) / (read_wds / theirs_s)})
+    return rows
+
+
+def main_versus(args: argparse.Namespace) -> dict:
+    """The `--versus-webdataset` run: JSON, a table, and the workers one GPU at the B/16 recipe needs."""
+    load, _ = check_machine()
+    model, _ = build_clip(args.model)
+    train_tf, _ = transforms_from_preprocess_cfg(preprocess_config(model))
+    with tempfile.TemporaryDirectory() as tmp:
+        shards, _ = write_data(Path(tmp), args.samples, args.shards, args.image_px)
+        rows = versus_webdataset(shards, train_tf, [int(w) for w in args.workers.split(",")], args.batch)
+    per_worker = max(r["shardstream_samples_per_s"] / r["workers"] for r in rows if r["where"] == "local")
+    result = {"mode": "versus_webdataset", "model": args.model, "batch": args.batch, "image_px": args.image_px,
+              "samples": args.samples, "shards": args.shards, "load_before": load,
+              "load_after": machine_load(measure_busy=False), "webdataset": _version("webdataset"), "rows": rows,
+              "b16_demand_img_per_s": B16_DEMAND, "shardstream_samples_per_s_per_worker": per_worker,
+              "workers_per_gpu_b16": math.ceil(B16_DEMAND / per_worker)}
+    print(f"{'where':<16}{'workers':>8}{'ShardStream/s':>15}{'webdataset/s':>14}{'ratio':>7}")
+    for r in rows:
+        print(f"{r['where']:<16}{r['workers']:>8}{r['shardstream_samples_per_s']:>15.1f}"
+              f"{r['webdataset_samples_per_s']:>14.1f}{r['ratio']:>7.2f}")
+    print(f"B/16 recipe demand {B16_DEMAND} img/s per GPU (1.5 ms/img): {result['workers_per_gpu_b16']} ShardStream "
+          f"workers at {per_worker:.0f} samples/s each")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return result
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="SoftMoE-Mini-8-64", help="the demo's model (configs/demo.yaml)")
@@ -120,8 +218,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training step")
     parser.add_argument("--step-samples-per-s", type=float, default=None, help="the demand, instead of measuring")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/loader_bench.json"))
+    parser.add_argument("--versus-webdataset", action="store_true",
+                        help="instead: ShardStream vs webdataset's pipeline, local and over a loopback S3 server")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.versus_webdataset:
+        return main_versus(args)
     load, _ = check_machine()
     model, tokenizer = build_clip(args.model)
     train_tf, _ = transforms_from_preprocess_cfg(preprocess_config(model))

@@ -202,3 +202,17 @@ def test_a_pipe_stream_is_the_seeded_arithmetic(tmp_path):
                                            steps=3, seed=7), 3)]
     order = np.random.default_rng([7, 0]).permutation(3)
     assert got == [[s * SHARD_SIZE + i for i in range(SHARD_SIZE)] for s in order]
+
+
+def test_loader_bench_versus_webdataset_reads_every_sample_once(tmp_path):
+    from benchmarks import loader_bench
+
+    result = loader_bench.main(["--versus-webdataset", "--model", "SoftMoE-Micro-4-32", "--batch", "4", "--samples",
+                                "16", "--shards", "2", "--image-px", "16", "--workers", "1",
+                                "--out", str(tmp_path / "bench.json")])
+    assert [(r["where"], r["workers"]) for r in result["rows"]] == [("local", 1), ("s3 (loopback)", 1)]
+    for row in result["rows"]:  # one epoch each: every sample of the shards, ShardStream's once each
+        assert row["shardstream_samples"] == row["webdataset_samples"] == row["samples"] == 16
+        assert row["ratio"] == pytest.approx(row["shardstream_samples_per_s"] / row["webdataset_samples_per_s"])
+    assert result["workers_per_gpu_b16"] == math.ceil(667 / result["shardstream_samples_per_s_per_worker"])
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == result["rows"]
