@@ -113,28 +113,36 @@ def step_rate(model_name: str, batch: int, steps: int = 5, warmup: int = 2) -> f
     return batch / statistics.median(times[warmup:])
 
 
-def _time_pass(batches: Iterator[dict], count: int | None) -> tuple[list[str], float]:
-    """Captions of `count` samples (all, when None) taken from `batches`, and the seconds it took."""
+def _time_pass(batches: Iterator[dict], count: int | None) -> tuple[list[str], float, float]:
+    """Captions of `count` samples (all, when None) taken from `batches`; the seconds to the first batch (worker
+    start-up, connections) and samples/s after it (steady state)."""
     start, captions = time.perf_counter(), []
+    first = after_first = 0.0
     for batch in batches:
         captions.extend(batch["text"] if isinstance(batch, dict) else batch[1])
+        if not first:
+            first, after_first = time.perf_counter() - start, len(captions)
+            start = time.perf_counter()
         if count is not None and len(captions) >= count:
             break
-    return captions, time.perf_counter() - start
+    return captions, first, (len(captions) - after_first) / (time.perf_counter() - start)
 
 
-def shardstream_pass(shards: list[str], transform: Callable, workers: int, batch: int, total: int) -> tuple[int, float]:
-    """Distinct samples read and seconds for one epoch of `ShardStream` (no shuffle window), `workers` workers."""
+def shardstream_pass(shards: list[str], transform: Callable, workers: int, batch: int,
+                     total: int) -> tuple[int, float, float]:
+    """Distinct samples read, first-batch seconds and steady samples/s for one epoch of `ShardStream` (no shuffle
+    window), `workers` workers."""
     stream = ShardStream(shards, transform=transform)
     batches = stream.batches(batch, workers, seed=0)
     loader = DataLoader(batches, batch_size=None, num_workers=workers,
                         prefetch_factor=PREFETCH_FACTOR if workers else None)
-    captions, seconds = _time_pass(iter(loader), total)
-    return len(set(captions)), seconds
+    captions, first, rate = _time_pass(iter(loader), total)
+    return len(set(captions)), first, rate
 
 
-def webdataset_pass(urls: list[str], transform: Callable, workers: int, batch: int) -> tuple[int, float]:
-    """Samples read and seconds for one pass of webdataset's own pipeline: decode to PIL RGB, the same transform."""
+def webdataset_pass(urls: list[str], transform: Callable, workers: int, batch: int) -> tuple[int, float, float]:
+    """Samples read, first-batch seconds and steady samples/s for one pass of webdataset's own pipeline: decode to
+    PIL RGB, the same transform."""
     import webdataset as wds
 
     dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.single_node_only,
@@ -143,8 +151,8 @@ def webdataset_pass(urls: list[str], transform: Callable, workers: int, batch: i
                .batched(batch, partial=True))
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers,
                            prefetch_factor=PREFETCH_FACTOR if workers else None)
-    captions, seconds = _time_pass(iter(loader), None)
-    return len(captions), seconds
+    captions, first, rate = _time_pass(iter(loader), None)
+    return len(captions), first, rate
 
 
 def versus_webdataset(shards: list[str], transform: Callable, workers: list[int], batch: int) -> list[dict]:
@@ -163,14 +171,14 @@ def versus_webdataset(shards: list[str], transform: Callable, workers: list[int]
         signed = [client.generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": u.split("/", 3)[3]})
                   for u in urls]
         places = {"local": (shards, shards), "s3 (loopback)": (urls, signed)}
-        for where, (ours, theirs) in places.items():
+        for where, (our_urls, their_urls) in places.items():
             for count in workers:
-                read, ours_s = shardstream_pass(ours, transform, count, batch, total)
-                read_wds, theirs_s = webdataset_pass(theirs, transform, count, batch)
+                read, ours_first, ours = shardstream_pass(our_urls, transform, count, batch, total)
+                read_wds, theirs_first, theirs = webdataset_pass(their_urls, transform, count, batch)
                 rows.append({"where": where, "workers": count, "samples": total, "shardstream_samples": read,
-                             "webdataset_samples": read_wds, "shardstream_samples_per_s": total / ours_s,
-                             "webdataset_samples_per_s": read_wds / theirs_s,
-                             "ratio": (total / ours_s) / (read_wds / theirs_s)})
+                             "webdataset_samples": read_wds, "shardstream_samples_per_s": ours,
+                             "webdataset_samples_per_s": theirs, "ratio": ours / theirs,
+                             "shardstream_first_batch_s": ours_first, "webdataset_first_batch_s": theirs_first})
     return rows
 
 
@@ -188,10 +196,11 @@ def main_versus(args: argparse.Namespace) -> dict:
               "load_after": machine_load(measure_busy=False), "webdataset": _version("webdataset"), "rows": rows,
               "b16_demand_img_per_s": B16_DEMAND, "shardstream_samples_per_s_per_worker": per_worker,
               "workers_per_gpu_b16": math.ceil(B16_DEMAND / per_worker)}
-    print(f"{'where':<16}{'workers':>8}{'ShardStream/s':>15}{'webdataset/s':>14}{'ratio':>7}")
+    print(f"{'where':<16}{'workers':>8}{'ShardStream/s':>15}{'webdataset/s':>14}{'ratio':>7}{'first batch s':>16}")
     for r in rows:
         print(f"{r['where']:<16}{r['workers']:>8}{r['shardstream_samples_per_s']:>15.1f}"
-              f"{r['webdataset_samples_per_s']:>14.1f}{r['ratio']:>7.2f}")
+              f"{r['webdataset_samples_per_s']:>14.1f}{r['ratio']:>7.2f}"
+              f"{r['shardstream_first_batch_s']:>8.2f} /{r['webdataset_first_batch_s']:>6.2f}")
     print(f"B/16 recipe demand {B16_DEMAND} img/s per GPU (1.5 ms/img): {result['workers_per_gpu_b16']} ShardStream "
           f"workers at {per_worker:.0f} samples/s each")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ class SeededSamples(Dataset):
         index, epoch = key
         seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: see mmsoftmoe.data.shards.ShardStream.sample
             return self.dataset[index]
 
 
