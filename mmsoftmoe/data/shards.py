@@ -8,7 +8,12 @@ users rely on (its `--dataset-resampled`, shard split by node and worker; SPEC s
   than streams is an error naming both counts (webdataset would stall or repeat data, open_clip issues #480, #703).
 - Never ends: shards are dealt out anew every epoch (a permutation seeded by (seed, epoch); stream s takes every
   `num_streams`-th shard from position s), epoch after epoch. With `resampled=True` each stream instead draws shards
-  with replacement, seeded by (seed, stream): a run is a number of steps, not epochs.
+  with replacement, seeded by (seed, stream): a run is a number of steps, not epochs; `shard_weights` (open_clip's
+  upsampling factors, one per shard from `data.source_weights`) make some shards likelier than others.
+- Anywhere: shards are local files, fsspec URLs (byte-range reads, so the resume below seeks inside a remote shard)
+  or `pipe:` commands (`mmsoftmoe.data.sources`); failed reads are retried, a shard that stays unreadable is
+  skipped and logged, and too many of them (`max_unreadable_fraction`) stop the stream naming them. A truncated
+  shard (no end-of-archive blocks) keeps the samples before the cut; the cut one is logged as truncated.
 - Shuffle: each consecutive window of `shuffle_buffer` samples of a stream is permuted (seeded by (seed, stream,
   window)). A window holds encoded bytes, as webdataset's shuffle buffer does; unlike that buffer, which sample
   comes where is arithmetic, so a resume can seek to it.
