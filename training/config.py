@@ -325,7 +325,7 @@ def _validate_paths(cfg: TrainConfig) -> None:
     if output.exists() and not output.is_dir():
         raise ValueError(f"output_dir={cfg.output_dir!r} is a file, not a folder; choose another output_dir")
     if cfg.data.source != "shapes":
-        from mmsoftmoe.data.sources import local_items_exist
+        from mmsoftmoe.data.sources import local_items_exist  # here: mmsoftmoe.data loads torch and datasets
 
         local_items_exist(cfg.data.source)
     if cfg.model.text_model is not None and not Path(cfg.model.text_model).is_dir():
