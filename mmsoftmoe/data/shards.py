@@ -67,7 +67,7 @@ Sample = tuple[str, dict[str, tuple[int, int]]]  # (key, {extension: (byte offse
 Record = tuple[str, str, dict[str, bytes]]  # (shard path, key, {extension: bytes})
 
 
-def _index(handle: IO[bytes], name: str) -> tuple[list[Sample], str | None]:
+def _index(handle: IO[bytes]) -> tuple[list[Sample], str | None]:
     """The complete samples of an open tar shard in file order, from its member headers, and the key of a sample
     cut by truncation (None if the shard is whole).
 
@@ -103,7 +103,7 @@ def index_shard(path: str) -> list[Sample]:
     A truncated shard keeps the samples before the cut, with a warning.
     """
     with open(path, "rb") as handle:
-        samples, cut = _index(handle, path)
+        samples, cut = _index(handle)
     if cut is not None:
         logger.warning("%s: truncated shard (no end-of-archive); read %d samples, sample %r is cut", path,
                        len(samples), cut)
@@ -146,8 +146,7 @@ class _ShardReader:
     def samples(self, shard: int) -> list[Sample]:
         if self._index[0] != shard:
             try:
-                samples, cut = self._retrying(shard, "reading the tar headers",
-                                              lambda handle: _index(handle, self.shards[shard]))
+                samples, cut = self._retrying(shard, "reading the tar headers", _index)
             except Unreadable as err:
                 self.on_unreadable(self.shards[shard], str(err))
                 samples, cut = [], None
