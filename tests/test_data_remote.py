@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import mmsoftmoe_cli
 from mmsoftmoe.data import ShardStream, count_skipped, list_shards, sources
@@ -216,3 +217,40 @@ def test_loader_bench_versus_webdataset_reads_every_sample_once(tmp_path):
         assert row["ratio"] == pytest.approx(row["shardstream_samples_per_s"] / row["webdataset_samples_per_s"])
     assert result["workers_per_gpu_b16"] == math.ceil(667 / result["shardstream_samples_per_s_per_worker"])
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == result["rows"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_shard_and_resumed_over_s3_reads_the_uninterrupted_samples(s3, tmp_path, monkeypatch):
+    import mmsoftmoe_training.main as train_main
+
+    read: list[tuple[str, str]] = []
+    real_sample, real_step = ShardStream.sample, train_main.optimizer_step
+
+    def recorded(self, record, stream, position, seed):
+        read.append((record[0], record[1]))
+        return real_sample(self, record, stream, position, seed)
+
+    monkeypatch.setattr(ShardStream, "sample", recorded)
+    args = (f"data.source={s3}/{NAMES}", "batch_size=2", "steps=6", "checkpoint_every=3", "data.shuffle_buffer=3")
+    assert smoke(tmp_path, "full", *args)[0] == 0
+    uninterrupted, read[:] = list(read), []
+    calls = {"n": 0}
+
+    def killed_at_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_main, "optimizer_step", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        smoke(tmp_path, "killed", *args)
+    monkeypatch.setattr(train_main, "optimizer_step", real_step)
+    read[:] = []
+    assert smoke(tmp_path, "killed", *args)[0] == 0  # resumes at step 3: stream position 6, inside shard 1
+    # The resumed run reads one shuffle window (positions 6..8), then exactly what the uninterrupted run read;
+    # the bad sample 5's replacements are read in the same order too.
+    assert len(read) >= 6 and read == uninterrupted[len(uninterrupted) - len(read):]
+    assert len(uninterrupted) >= 12 and read != uninterrupted[:len(read)]  # not simply the stream from its start
+    final = [load_file(str(tmp_path / run / "final" / "open_clip_model.safetensors")) for run in ("full", "killed")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
