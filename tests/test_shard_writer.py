@@ -9,6 +9,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,7 +37,14 @@ def write_csv(folder: Path) -> Path:
     return folder / "pairs.tsv"
 
 
+def write_arrow(folder: Path) -> Path:
+    rows = records()
+    datasets.Dataset.from_dict({"jpg": [r[1] for r in rows], "txt": [r[2] for r in rows]}).save_to_disk(str(folder))
+    return folder
+
+
 SOURCES = {"imagefolder": lambda tmp: write_imagefolder(tmp / "images", "jsonl", "text"),
+           "arrow": lambda tmp: write_arrow(tmp / "saved"),
            "tsv": lambda tmp: write_csv(tmp / "csvdata"),
            "parquet": lambda tmp: write_parquet(tmp / "pairs.parquet")}
 
