@@ -1,4 +1,5 @@
-"""The `mmsoftmoe` command: `mmsoftmoe {train,eval,export,demo,consolidate} ...`, and its one error contract.
+"""The `mmsoftmoe` command: `mmsoftmoe {train,eval,export,demo,consolidate,plan,shards} ...`, and its one error
+contract.
 
 It lives outside the library so that `mmsoftmoe/` imports neither `training/` nor `eval/`; each subcommand's
 module is imported only when that subcommand runs. Every documented entry point goes through this command
@@ -22,6 +23,7 @@ COMMANDS = {
     "export": ("mmsoftmoe.export", "export the image encoder (timm, open_clip, hf, onnx, torchscript)"),
     "demo": ("mmsoftmoe_training.demo", "pretrain on built-in data, evaluate, export, print a results table"),
     "consolidate": ("mmsoftmoe.parallel.checkpoint", "a sharded (FSDP2/EP) checkpoint -> the single-file model"),
+    "shards": ("mmsoftmoe.data.shard_writer", "image folder / CSV / parquet pairs -> WebDataset shards"),
     "plan": ("mmsoftmoe_training.plan",
              "per-GPU memory and step time of DDP / FSDP2 / FSDP2+EP layouts; the fastest that fits"),
 }

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import socket
-import tarfile
 
 import datasets
 import numpy as np
@@ -27,6 +26,7 @@ from mmsoftmoe.data import (
     IterablePairDataset,
     PairDataset,
     ShapesCaptions,
+    TarShard,
     collate,
     decode_image,
     eval_transform,
@@ -115,15 +115,10 @@ def write_shards(folder, num_shards: int) -> list[str]:
     """WebDataset tar shards, records dealt round-robin; jpg and png mixed within a shard."""
     folder.mkdir()
     paths = [str(folder / f"shard-{s:03d}.tar") for s in range(num_shards)]
-    tars = [tarfile.open(p, "w") for p in paths]
-    for position, (key, data, caption) in enumerate(records()):
-        ext = "jpg" if key == "corrupt" else extension(data)
-        for name, payload in ((f"{key}.{ext}", data), (f"{key}.txt", caption.encode())):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tars[position % num_shards].addfile(info, io.BytesIO(payload))
-    for tar in tars:
-        tar.close()
+    for s, path in enumerate(paths):
+        with TarShard(path) as shard:
+            for key, data, caption in records()[s::num_shards]:
+                shard.write(key, {"jpg" if key == "corrupt" else extension(data): data, "txt": caption.encode()})
     return paths
 
 
@@ -280,7 +275,7 @@ def test_empty_sources_raise_naming_the_source(tmp_path, cache):
                    str(tmp_path / "none.parquet"))
     with pytest.raises(ValueError, match="none.parquet"):
         load_pairs(str(tmp_path / "none.parquet"), cache_dir=cache)
-    with tarfile.open(tmp_path / "nothing.tar", "w"):
+    with TarShard(tmp_path / "nothing.tar"):
         pass
     with pytest.raises(ValueError, match="nothing.tar"):
         list(load_pairs(str(tmp_path / "nothing.tar"), streaming=True))

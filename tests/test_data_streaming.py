@@ -9,7 +9,7 @@ expected stream can be written down from the seeded permutations alone (the inde
 from __future__ import annotations
 
 import io
-import tarfile
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmsoftmoe.data import ShardStream, count_skipped, train_transform
+from mmsoftmoe.data import ShardStream, count_skipped, shard_writer, train_transform
 from mmsoftmoe.data.shards import _ShardReader
 from mmsoftmoe_training.data import build_train_loader
 
@@ -28,22 +28,17 @@ def colour(n: int) -> tuple[int, int, int]:
     return (5 * n % 256, 255 - 3 * n % 256, 60)
 
 
-def write_shards(folder: Path, num_shards: int, bad: tuple[int, ...] = ()) -> list[str]:
-    """`num_shards` tars of SHARD_SIZE samples, sample n in shard n // SHARD_SIZE; samples in `bad` are corrupt."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(num_shards):
-        paths.append(str(folder / f"shard-{s:03d}.tar"))
-        with tarfile.open(paths[-1], "w") as tar:
-            for n in range(s * SHARD_SIZE, (s + 1) * SHARD_SIZE):
-                buffer = io.BytesIO()
-                Image.new("RGB", (12, 12), colour(n)).save(buffer, "PNG")
-                image = b"not an image" if n in bad else buffer.getvalue()
-                for name, data in ((f"s{n:04d}.png", image), (f"s{n:04d}.txt", f"sample {n}".encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return paths
+def write_shards(folder: Path, num_shards: int, bad: tuple[int, ...] = (), first: int = 0) -> list[str]:
+    """`num_shards` tars of SHARD_SIZE samples, sample `first + n` in shard n // SHARD_SIZE; samples in `bad` are
+    corrupt."""
+    def samples():
+        for n in range(first, first + num_shards * SHARD_SIZE):
+            buffer = io.BytesIO()
+            Image.new("RGB", (12, 12), colour(n)).save(buffer, "PNG")
+            image = b"not an image" if n in bad else buffer.getvalue()
+            yield f"s{n:04d}", {"png": image, "txt": f"sample {n}".encode()}
+
+    return shard_writer.write_shards(samples(), folder, SHARD_SIZE, pattern="shard-{:03d}.tar")
 
 
 def loader(shards: list[str], *, batch: int, steps: int, start_step: int = 0, workers: int = 0, rank: int = 0,
@@ -195,3 +190,26 @@ def test_a_streaming_training_run_outlasts_its_data(tmp_path):
         "data.num_workers=0", "eval.dataset=none", "batch_size=4", "steps=5", "checkpoint_every=100", "trackers=[]"])
     train_main.fit(cfg)
     assert (tmp_path / "run/final/trainer_state.json").is_file()
+
+
+def test_skip_log_lines_are_distinct_across_workers_epochs_and_resumes(tmp_path):
+    shards = write_shards(tmp_path, 2, bad=(1, 2, 6))
+    log = tmp_path / "skipped.jsonl"
+    take(loader(shards, batch=2, steps=8, workers=2, skip_log=log), 8)  # each worker meets its bad samples twice
+    take(loader(shards, batch=2, steps=8, start_step=3, workers=2, skip_log=log), 5)  # a resume meets them again
+    lines = log.read_text().splitlines()
+    assert len(lines) == len(set(lines)) == count_skipped(log) == 3
+
+
+def test_a_truncated_shard_is_reported_once_and_its_cut_sample_as_truncated(tmp_path, caplog):
+    shards = write_shards(tmp_path, 2)
+    whole = Path(shards[1]).read_bytes()
+    Path(shards[1]).write_bytes(whole[:3 * 2048 + 700])  # samples of 4 blocks of 512 bytes: cut in sample 7
+    log = tmp_path / "skipped.jsonl"
+    with caplog.at_level("WARNING"):
+        got = [n for b in take(loader(shards, batch=3, steps=6, seed=4, skip_log=log), 6) for n in numbers(b)]
+    assert set(got) == set(range(7)) - {7}  # three epochs: samples 4..6 of the cut shard are read, 7 never
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert entries == [{"source": shards[1], "key": "s0007", "reason": entries[0]["reason"]}]
+    assert entries[0]["reason"].startswith("truncated shard")
+    assert sum("truncated" in r.getMessage() for r in caplog.records) == 1

@@ -1,7 +1,8 @@
 """``wds:ROOT`` datasets (CLIP_benchmark's layout) scored by our evaluators against CLIP_benchmark's own code.
 
-A tiny wds dataset is generated with ``tarfile``; CLIP_benchmark (``clip_benchmark.metrics``, a test-only extra)
-scores the same untrained model on a loader built here from the tar files by a separate reader, with amp off.
+A tiny wds dataset is generated with ``mmsoftmoe.data.TarShard``; CLIP_benchmark (``clip_benchmark.metrics``, a
+test-only extra) scores the same untrained model on a loader built here from the tar files by a separate reader,
+with amp off.
 CLIP_benchmark 1.6.2's top-k helper fails under NumPy 2 (``float()`` of a 1-element array); the test swaps in the
 same formula with ``.item()``, everything else is its code as installed.
 """
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 from mmsoftmoe_eval.datasets import build_dataset
 from mmsoftmoe_eval.fewshot import evaluate_fewshot
 from mmsoftmoe_eval.main import run_evaluation
+from mmsoftmoe.data import TarShard
 from mmsoftmoe.models.clip import build_clip, preprocess_config
 
 MODEL = "SoftMoE-Micro-4-32"
@@ -40,25 +42,16 @@ def _picture(label: int, index: int) -> bytes:
     return buffer.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_wds(root, split, samples, num_shards, retrieval=False):
     """samples: (png bytes, label or list of captions); round-robin over ``num_shards`` tar files."""
     (root / split).mkdir(parents=True)
     (root / split / "nshards.txt").write_text(f"{num_shards}\n")
     for shard in range(num_shards):
-        with tarfile.open(root / split / f"{shard}.tar", "w") as tar:
+        with TarShard(root / split / f"{shard}.tar") as tar:
             for i in range(shard, len(samples), num_shards):
                 image, target = samples[i]
-                _add(tar, f"s{i:05d}.png", image)
-                if retrieval:
-                    _add(tar, f"s{i:05d}.txt", "\n".join(target).encode())
-                else:
-                    _add(tar, f"s{i:05d}.cls", f"{target}\n".encode())
+                label = {"txt": "\n".join(target).encode()} if retrieval else {"cls": f"{target}\n".encode()}
+                tar.write(f"s{i:05d}", {"png": image, **label})
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +183,8 @@ def test_wds_errors_name_the_problem(case, message, tmp_path):
     if case == "no_nshards":
         (root / "test" / "nshards.txt").unlink()
     elif case == "no_label":
-        with tarfile.open(root / "test" / "0.tar", "w") as tar:
-            _add(tar, "s00001.png", _picture(1, 1))
+        with TarShard(root / "test" / "0.tar") as tar:
+            tar.write("s00001", {"png": _picture(1, 1)})
     else:
         (root / "classnames.txt").unlink()
     with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -6,12 +6,13 @@ so the README cannot drift from what the commands do. Lines run in README order 
 is what the eval and export lines read.
 """
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import open_clip
@@ -156,7 +157,52 @@ TWINS: dict[str, tuple[str, str, Callable | None]] = {
         "replace", f"{SLURM_ENV} bash {ROOT}/scripts/slurm_train.sbatch --config softmoe_h14_sigmoid {CLUSTER_TWIN} "
                    "output_dir=runs/h14", _final("h14")),
 }
-RUN_AS_WRITTEN = {"mmsoftmoe train --help-config": _help_config,
+OWN_DATA = "mmsoftmoe train --config softmoe_b16_sigmoid_256 data.streaming=true data.resampled=true data.source="
+LAION = '"s3://bucket/laion/{00000..41455}.tar"'
+MIX = '"s3://bucket/laion/{00000..41455}.tar::s3://bucket/cc12m/{0000..1242}.tar" data.source_weights=[1,4]'
+SMALL = {"{00000..41455}": "{00000..00002}", "{0000..1242}": "{0000..0001}"}  # the loopback bucket's shard ranges
+
+
+def _small(command: str) -> str:
+    for big, small in SMALL.items():
+        command = command.replace(big, small)
+    return f"{command} {TRAIN_TWIN} data.num_workers=1 steps=2"
+
+
+def _shards(cwd: Path, out: str) -> None:
+    summary = json.loads((cwd / "my_shards/summary.json").read_text())
+    assert summary["samples"] == 24 and len(summary["shards"]) == 1 and not summary["skipped"]
+
+
+@contextlib.contextmanager
+def _pairs_folder(cwd: Path) -> Iterator[dict]:
+    from tests.training_fixtures import shapes_image_folder, write_metadata
+
+    write_metadata(cwd / "my_pairs", shapes_image_folder(cwd / "my_pairs", 24))
+    yield {}
+
+
+@contextlib.contextmanager
+def _loopback_s3(cwd: Path) -> Iterator[dict]:
+    """s3://bucket/laion/0000{0,1,2}.tar and s3://bucket/cc12m/000{0,1}.tar on a moto server; its AWS_* settings."""
+    from tests.servers import s3_server, upload
+    from tests.test_data_streaming import write_shards
+
+    with s3_server() as endpoint:
+        for prefix, count, pattern in (("laion", 3, "{:05d}.tar"), ("cc12m", 2, "{:04d}.tar")):
+            paths = write_shards(cwd / "s3data" / prefix, count)
+            upload(endpoint, "bucket", prefix, [Path(p).rename(Path(p).with_name(pattern.format(i)))
+                                                for i, p in enumerate(paths)])
+        yield {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+# README lines that need data or a server first: the context makes it and gives the line's extra environment.
+CONTEXTS = {"mmsoftmoe shards my_pairs my_shards --samples-per-shard 10000 --resize 256": _pairs_folder,
+            OWN_DATA + LAION: _loopback_s3, OWN_DATA + MIX: _loopback_s3}
+TWINS.update({OWN_DATA + LAION: ("replace", _small(OWN_DATA + LAION) + " output_dir=runs/laion", _final("laion")),
+              OWN_DATA + MIX: ("replace", _small(OWN_DATA + MIX) + " output_dir=runs/mix", _final("mix"))})
+RUN_AS_WRITTEN = {"mmsoftmoe shards my_pairs my_shards --samples-per-shard 10000 --resize 256": _shards,
+                  "mmsoftmoe train --help-config": _help_config,
                   "mmsoftmoe train --config demo --print-config": _print_config,
                   "mmsoftmoe consolidate runs/smoke/checkpoints/step_00000020 runs/smoke_step20": _consolidated,
                   "mmsoftmoe plan --config softmoe_l16_sigmoid --gpus 64 --gpu-memory 80": _plan}
@@ -180,7 +226,9 @@ def test_bash_line_runs(line, workdir):
     if how == "skip":
         pytest.skip(extra)
     command = extra if how == "replace" else f"{line} {extra}".strip()
-    proc = subprocess.run(command, shell=True, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=600)
+    with CONTEXTS.get(line, lambda cwd: contextlib.nullcontext({}))(workdir) as env:
+        proc = subprocess.run(command, shell=True, cwd=workdir, env={**ENV, **env}, capture_output=True,
+                              text=True, timeout=600)
     assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
     check(workdir, proc.stdout)
 

@@ -9,7 +9,6 @@ applied with `smoke=true`. Unknown or mistyped keys are rejected with the list o
 from __future__ import annotations
 
 import dataclasses
-import glob
 import types
 import typing
 from collections.abc import Iterator
@@ -49,7 +48,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = setting("shapes", "'shapes' (built-in generated pairs) or a path / glob / comma list of pair files")
+    source: str = setting("shapes", "'shapes' (built-in generated pairs) or pair files: paths, globs, braces "
+                                    "({000..099}), comma lists; streaming also s3:// https:// ... URLs, pipe:CMD, "
+                                    "and several sources joined by '::'")
+    source_weights: list[float] | None = setting(None, "streaming + resampled: one weight per '::' source (open_clip's "
+                                                       "--train-data-upsampling-factors; per shard of that source)")
+    storage_options: str | None = setting(None, "JSON of fsspec options for remote shards, e.g. "
+                                                "'{\"endpoint_url\": \"http://host:9000\"}' (default: AWS_* env)")
+    max_unreadable_shards: float = setting(0.01, "streaming: fraction of shards that may stay unreadable after "
+                                                 "retries (skipped, logged) before the run stops", minimum=0)
     format: str | None = setting(None, "imagefolder | parquet | arrow | webdataset | csv (inferred when None)")
     image_column: str | None = setting(None, "image column (';' separates alternatives); None: inferred (csv: "
                                              "filepath, paths relative to the csv file)")
@@ -323,10 +330,9 @@ def _validate_paths(cfg: TrainConfig) -> None:
     if output.exists() and not output.is_dir():
         raise ValueError(f"output_dir={cfg.output_dir!r} is a file, not a folder; choose another output_dir")
     if cfg.data.source != "shapes":
-        for item in (s for s in cfg.data.source.split(",") if s):
-            if not glob.glob(item):
-                raise ValueError(f"data.source: {item!r} does not exist (or matches no file); give a folder, a file, "
-                                 "a glob pattern or 'shapes' (the built-in data)")
+        from mmsoftmoe.data.sources import local_items_exist  # here: mmsoftmoe.data loads torch and datasets
+
+        local_items_exist(cfg.data.source)
     if cfg.model.text_model is not None and not Path(cfg.model.text_model).is_dir():
         raise ValueError(f"model.text_model={cfg.model.text_model!r} is not a folder; give a local Hugging Face "
                          "model folder (config.json, weights, tokenizer files)")

@@ -19,6 +19,7 @@ to `skip_log` by whichever process meets them; `mmsoftmoe.data.count_skipped(ski
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 
@@ -35,6 +36,7 @@ from mmsoftmoe.data import (
     load_pairs,
     transforms_from_preprocess_cfg,
 )
+from mmsoftmoe.data.sources import split_commas, split_sources
 from mmsoftmoe_training.config import DataConfig
 
 PREFETCH_FACTOR = 4  # batches each DataLoader worker prepares ahead
@@ -104,7 +106,7 @@ class SeededSamples(Dataset):
         index, epoch = key
         seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: see mmsoftmoe.data.shards.ShardStream.sample
             return self.dataset[index]
 
 
@@ -121,17 +123,59 @@ def build_pair_dataset(cfg: DataConfig, preprocess_cfg: dict, tokenizer: Callabl
         size = size if isinstance(size, int) else size[0]
         shapes = ShapesCaptions(cfg.num_samples, image_size=size, seed=cfg.image_seed)
         return PairDataset(shapes, name="shapes", **common)
-    sources = [s for s in cfg.source.split(",") if s]
-    source = sources if len(sources) > 1 else sources[0]
     if cfg.streaming:
         if cfg.format not in (None, "webdataset"):
             raise ValueError(f"data.streaming=true reads WebDataset shards, not data.format={cfg.format!r}; set "
                              "data.streaming=false (the other formats are read through a memory-mapped Arrow cache)")
-        columns = {k: v for k, v in (("image_column", cfg.image_column), ("caption_column", cfg.caption_column)) if v}
-        return ShardStream(list_shards(source), rank=rank, world_size=world_size, resampled=cfg.resampled,
-                           shuffle_buffer=cfg.shuffle_buffer, **columns, **common)
-    return load_pairs(source, cfg.format, image_column=cfg.image_column, caption_column=cfg.caption_column,
-                      csv_separator=cfg.csv_separator, **common)
+        return build_shard_stream(cfg, rank, world_size, **common)
+    if "::" in cfg.source or cfg.source_weights is not None:
+        raise ValueError("several sources joined by '::' (and data.source_weights) are read by data.streaming=true "
+                         "only; join map-style sources with commas")
+    sources = [s for s in split_commas(cfg.source) if s]
+    return load_pairs(sources if len(sources) > 1 else sources[0], cfg.format, image_column=cfg.image_column,
+                      caption_column=cfg.caption_column, csv_separator=cfg.csv_separator, **common)
+
+
+def build_shard_stream(cfg: DataConfig, rank: int, world_size: int, **common) -> ShardStream:
+    """The `ShardStream` of `cfg.source`: its `::` sources listed, each shard weighted by its source's weight."""
+    options = _storage_options(cfg.storage_options)
+    groups = [list_shards(part, options) for part in split_sources(cfg.source)]
+    weights = None
+    if cfg.source_weights is not None:
+        if len(cfg.source_weights) != len(groups):
+            raise ValueError(f"data.source_weights has {len(cfg.source_weights)} value(s) for {len(groups)} "
+                             "'::'-joined source(s) in data.source; give one weight per source")
+        weights = [w for group, w in zip(groups, cfg.source_weights, strict=True) for _ in group]
+    columns = {k: v for k, v in (("image_column", cfg.image_column), ("caption_column", cfg.caption_column)) if v}
+    return ShardStream([shard for group in groups for shard in group], rank=rank, world_size=world_size,
+                       resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, shard_weights=weights,
+                       storage_options=options, max_unreadable_fraction=cfg.max_unreadable_shards, **columns, **common)
+
+
+def _storage_options(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"data.storage_options is not JSON ({err}): give e.g. "
+                         '\'{"endpoint_url": "http://127.0.0.1:9000"}\'') from None
+    if not isinstance(options, dict):
+        raise ValueError(f"data.storage_options must be a JSON object of fsspec options, got {text!r}")
+    return options
+
+
+def _user_errors_unwrapped(batches: Iterator[dict]) -> Iterator[dict]:
+    """`batches`, with a user error raised in a DataLoader worker (which the DataLoader re-raises with the worker's
+    traceback in its message) re-raised as its own one-line message, as in the main process."""
+    try:
+        yield from batches
+    except (ValueError, FileNotFoundError) as err:
+        text = str(err)
+        if not text.startswith("Caught ") or "Original Traceback" not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]
+        raise type(err)(last.split(": ", 1)[1] if ": " in last else last) from None
 
 
 def build_train_loader(dataset: PairDataset | ShardStream, *, global_batch: int, grad_accum_steps: int, rank: int,
@@ -146,7 +190,7 @@ def build_train_loader(dataset: PairDataset | ShardStream, *, global_batch: int,
     if isinstance(dataset, ShardStream):
         micro = micro_batch_size(global_batch, world_size, grad_accum_steps)
         batches = dataset.batches(micro, num_workers, seed, start_batch=start_step * grad_accum_steps)
-        return iter(DataLoader(batches, batch_size=None, **common))
+        return _user_errors_unwrapped(iter(DataLoader(batches, batch_size=None, **common)))
     sampler = StepSampler(len(dataset), global_batch, grad_accum_steps, rank, world_size, seed, start_step,
                           total_steps, allow_repeats)
     return iter(DataLoader(SeededSamples(dataset, seed), batch_sampler=sampler, collate_fn=collate, **common))

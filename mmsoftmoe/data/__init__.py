@@ -7,6 +7,9 @@
 - `ShardStream` (`list_shards`): WebDataset shards as the endless training stream: split across processes and
   DataLoader workers, shards shuffled per epoch or resampled, a seeded shuffle window, and every batch a pure
   function of (seed, rank, worker, step), so a resumed run reads exactly the samples an uninterrupted one would.
+- Sources (`mmsoftmoe.data.sources`): brace patterns, `::`-joined weighted sources, fsspec URLs (s3://, https://,
+  ...) and `pipe:` commands, read with retries; `write_shards` / `convert_to_shards` (`mmsoftmoe shards`) write
+  WebDataset shards atomically.
 - `decode_image`: the one image decoder (training and evaluation): 16-bit and float images scaled to 8 bits, very
   large images bounded.
 - `train_transform` / `eval_transform`: open_clip-compatible preprocessing; `collate` builds batches.
@@ -24,7 +27,7 @@ from mmsoftmoe.data.pairs import (
     decode_image,
     load_pairs,
 )
-from mmsoftmoe.data.shards import ShardStream, list_shards
+from mmsoftmoe.data.shards import ShardStream, TarShard, convert_to_shards, list_shards, write_shards
 from mmsoftmoe.data.synthetic import ShapesCaptions, ShapesClassification
 from mmsoftmoe.data.transforms import (
     CLIP_CROP_SCALE,
@@ -46,7 +49,9 @@ __all__ = [
     "ShapesCaptions",
     "ShapesClassification",
     "ShardStream",
+    "TarShard",
     "collate",
+    "convert_to_shards",
     "count_skipped",
     "decode_image",
     "eval_transform",
@@ -54,4 +59,5 @@ __all__ = [
     "load_pairs",
     "train_transform",
     "transforms_from_preprocess_cfg",
+    "write_shards",
 ]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import fcntl
 import glob
 import io
 import json
@@ -49,6 +50,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from braceexpand import braceexpand
 from datasets.data_files import EmptyDatasetError
 from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetGenerationError
@@ -154,9 +156,9 @@ class _PairConverter:
 
     The base of the pair datasets: it holds their skip counters. A bad sample is counted once per process however
     often it is met (a map-style replacement search meets a bad neighbour again; each process remembers the last
-    `_RECENT_SKIPS`, so memory stays bounded at any scale); with `skip_log` set, each process
-    appends it as one JSON line {"source", "key", "reason"} to that file, so `count_skipped(skip_log)` gives the
-    distinct count over every DataLoader worker, process and resumed run.
+    `_RECENT_SKIPS`, so memory stays bounded at any scale); with `skip_log` set, it is appended as one JSON line
+    {"source", "key", "reason"} to that file unless a line already holds it (`_log_once`), so the file lists each
+    skipped sample once over every DataLoader worker, process and resumed run (`count_skipped(skip_log)` counts them).
     """
 
     def __init__(
@@ -180,6 +182,7 @@ class _PairConverter:
         self.num_empty_captions = 0
         self.skipped_examples: list[tuple[Any, str]] = []  # the first few (key, reason), for the log and for tests
         self._recent_skips: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._log_offset, self._logged = 0, set()  # how far this process has read the skip log, and what it holds
 
     @property
     def num_skipped(self) -> int:
@@ -193,9 +196,8 @@ class _PairConverter:
         self._recent_skips[ident] = None
         if len(self._recent_skips) > _RECENT_SKIPS:
             self._recent_skips.popitem(last=False)
-        if self.skip_log is not None:
-            with open(self.skip_log, "a") as log:  # one short write per line: appends from processes do not mix
-                log.write(json.dumps({"source": source, "key": str(key), "reason": reason[:300]}) + "\n")
+        if self.skip_log is not None and not self._log_once(ident, reason):
+            return  # another worker, process or an earlier run already logged (and counted) it
         if bad_image:
             self.num_bad_images += 1
         else:
@@ -209,6 +211,26 @@ class _PairConverter:
                 "%s: %d samples skipped so far (%d unreadable images, %d empty captions) [%s]",
                 self.name, total, self.num_bad_images, self.num_empty_captions, _process_tag(),
             )
+
+    def _log_once(self, ident: tuple[str, str], reason: str) -> bool:
+        """Append `ident` to the skip log unless a line already holds it; True if appended.
+
+        The log is read incrementally under an exclusive lock, so DataLoader workers, processes and resumed runs
+        sharing it write each skipped sample once (a hash per logged sample is kept, not the lines).
+        """
+        with open(self.skip_log, "a+") as log:
+            fcntl.flock(log, fcntl.LOCK_EX)  # released when the file closes
+            if log.seek(0, os.SEEK_END) < self._log_offset:  # the log was replaced (a fresh run): read it anew
+                self._log_offset, self._logged = 0, set()
+            log.seek(self._log_offset)
+            for line in filter(str.strip, log.readlines()):
+                entry = json.loads(line)
+                self._logged.add(hash((entry["source"], entry["key"])))
+            self._log_offset = log.tell()
+            if hash(ident) in self._logged:
+                return False
+            log.write(json.dumps({"source": ident[0], "key": ident[1], "reason": reason[:300]}) + "\n")
+            return True
 
     def _image_value(self, example: dict[str, Any]) -> Any:
         return next((example[c] for c in self.image_columns if example.get(c) is not None), None)
@@ -343,12 +365,13 @@ class IterablePairDataset(_PairConverter, torch.utils.data.IterableDataset):
 
 
 def expand_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Paths named by `source`: paths or glob patterns, one or a list; raises FileNotFoundError for a missing one."""
+    """Paths named by `source`: paths, glob or brace patterns (`part-{000..009}.parquet`), one or a list; raises
+    FileNotFoundError for a missing one."""
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
         raise ValueError("source is an empty list; give a folder, a file, a glob pattern, or a list of them")
     paths = []
-    for item in map(str, items):
+    for item in (expanded for pattern in map(str, items) for expanded in braceexpand(pattern)):
         if any(c in item for c in "*?["):
             matches = sorted(glob.glob(item))
         else:
