@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.layer_bench import check_machine, machine_load
+from benchmarks.common import check_machine, write_results
 from mmsoftmoe.machine import describe_machine
 from mmsoftmoe_training.logger import read_metrics
 
@@ -58,23 +58,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", default="benchmarks/results/checkpoint_bench.json")
     args = parser.parse_args(argv)
-    load, _ = check_machine()
+    load, warning = check_machine()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, background in (("blocking", False), ("background", True)):
             rows[name] = summarise(train(Path(tmp) / name, args, background), args.every, args.steps)
-    result = {"args": vars(args), "machine": describe_machine(), "load_before": load,
-              "load_after": machine_load(measure_busy=False), "rows": rows,
+    result = {"args": vars(args), "machine": describe_machine(), "load_before": load, "load_warning": warning,
+              "rows": rows,
               "stall_ratio_background_over_blocking": rows["background"]["stall_s"] / rows["blocking"]["stall_s"]}
-    print(f"{'save':<12}{'step after a save (s)':>24}{'other steps (s)':>18}{'stall (s)':>12}")
-    for name, row in rows.items():
-        print(f"{name:<12}{row['after_save_s']:>24.3f}{row['other_s']:>18.3f}{row['stall_s']:>12.3f}")
-    print(f"stall background / blocking: {result['stall_ratio_background_over_blocking']:.2f} "
-          f"(load before {load['loadavg_1_5_15'][0]:.1f})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
-
+    lines = [f"{'save':<12}{'step after a save (s)':>24}{'other steps (s)':>18}{'stall (s)':>12}"]
+    lines += [f"{name:<12}{row['after_save_s']:>24.3f}{row['other_s']:>18.3f}{row['stall_s']:>12.3f}"
+              for name, row in rows.items()]
+    lines.append(f"stall background / blocking: {result['stall_ratio_background_over_blocking']:.2f}")
+    return write_results(result, "\n".join(lines), args.out)
 
 if __name__ == "__main__":
     main()
