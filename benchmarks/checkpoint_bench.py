@@ -11,7 +11,6 @@ compares those steps with the others. Writes JSON and a table to `benchmarks/res
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
