@@ -248,8 +248,9 @@ def collective_bytes(counts: ModelCounts, layout: Layout, local_batch: int, act_
     out["all_gather"] += 2 * ((dense + experts) * param_bytes + routing * (FP32 - param_bytes))
     out["reduce_scatter"] = (dense + experts) * FP32
     out["all_reduce"] = counts.scalar_params * FP32
-    if layout.dp_replicate > 1:  # HSDP: the reduced shards are then all-reduced over the replicas
-        out["all_reduce"] += (dense // layout.dp_shard + experts // max(efsdp, 1)) * FP32
+    if layout.dp_replicate > 1:  # HSDP: the reduced shards (experts' too, even unsharded) all-reduced over replicas
+        expert_shard = _padded(counts.expert_shapes, efsdp, layout.ep) // efsdp
+        out["all_reduce"] += (dense // layout.dp_shard + expert_shard) * FP32
     if layout.ep > 1:
         out["all_to_all"] = sum(2 * local_batch * slots * (d_in + d_out) * act_bytes
                                 for slots, d_in, d_out in counts.moe_layers)
