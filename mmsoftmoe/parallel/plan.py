@@ -23,9 +23,9 @@ Collective payload per step and process, the definition `benchmarks/dist_bench.p
 each call): DDP all-reduces every gradient (fp32) once and broadcasts the module buffers; FSDP2 all-gathers every
 unit (padded) in forward and again in backward (reshard_after_forward), in bf16 under `precision=bf16` (the MoE
 routing parameters in fp32), and reduce-scatters each once in fp32; a unit on a one-rank mesh moves nothing; 0-d
-parameters are all-reduced (4 B each), and under HSDP (dp_replicate > 1) the reduced shards too; EP does 4 all-to-alls per MoE layer
-(dispatch and combine, forward and backward) of local_batch x slots x width; the contrastive loss all-gathers
-image and text features (local_batch x embed_dim each).
+parameters are all-reduced (4 B each), and under HSDP (dp_replicate > 1) the reduced shards too; EP does 4
+all-to-alls per MoE layer (dispatch and combine, forward and backward) of local_batch x slots x width; the
+contrastive loss all-gathers image and text features (local_batch x embed_dim each).
 
 Start-up host memory per process: DDP builds the whole model on the host; a sharded start-up draws one parameter
 (or one expert's slice) at a time there and keeps only its shards (`mmsoftmoe.parallel.init_sharded_`).
