@@ -15,8 +15,8 @@ Reported per layout: the median step time (the slowest process), each process's 
 start-up (materializing the weights) above its resident memory before, against the target model bytes / the
 processes it is sharded over (dp_shard) + the largest parameter's bytes (`startup_target`), the peak resident
 memory of each process above its resident memory before the model was built, the training state each process
-holds (parameters, gradients, AdamW moments: local shards, bytes) split into experts and the rest, and the payload of the collectives of one traced step by kind (all-gather,
-reduce-scatter, all-to-all, ...).
+holds (parameters, gradients, AdamW moments: local shards, bytes) split into experts and the rest, and the
+payload of the collectives of one traced step by kind (all-gather, reduce-scatter, all-to-all, ...).
 The expert state per process must be the single-process figure / (processes the experts are split over).
 Several processes on a 2-core machine share its cores: their step times measure contention, not scaling.
 """
@@ -201,7 +201,8 @@ def worker(model_name: str, layout: str, batch_size: int, steps: int, out_dir: P
     result = {"rank": rank, "step_s": statistics.median(times[2:] or times),
               "startup_peak_rss_above_start_bytes": startup,
               "startup_target_bytes": whole // (sharding[0] if sharding else 1) + largest,
-              "peak_rss_above_start_bytes": peak_rss_bytes() - before, "state_bytes": state_bytes(getattr(model, "module", model), optimizer),
+              "peak_rss_above_start_bytes": peak_rss_bytes() - before,
+              "state_bytes": state_bytes(getattr(model, "module", model), optimizer),
               "collective_bytes": dict(traced.bytes)}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
