@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['layout']:<10}{r['processes']:>6}{1e3 * r['step_s']:>9.1f}{r['expert_state_mib']:>12.2f}"
               f"{r['rest_state_mib']:>10.2f}{r.get('expert_state_vs_single_over_split', float('nan')):>11.3f}  "
               f"{r['peak_rss_above_start_mib']}")
-    print("start-up: peak RSS above start per process (MiB) / target (model / processes + largest parameter)")
+    print("start-up: peak RSS above start per process (MiB) / target (model / shards + largest parameter)")
     for r in rows:
         print(f"  {r['layout']:<10}{r['processes']:>3}  {r['startup_peak_rss_mib']} / {r['startup_target_mib']}"
               f"  ratio {r['startup_over_target']}")
