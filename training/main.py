@@ -6,8 +6,8 @@ train ...` (CPU processes use gloo) or `accelerate launch --multi_gpu --no_pytho
 
 Two ways of spreading a run over processes, chosen by `parallel.*`: accelerate's DDP (the default: every process
 holds the whole model), or, with `parallel.dp_shard` set, `mmsoftmoe.parallel` (FSDP2 for the dense parameters,
-the experts split over `parallel.ep` processes). A sharded run builds its model on the meta device and fills its
-shards from one full build on rank 0, saves DCP checkpoints (resumable at another process count or layout),
+the experts split over `parallel.ep` processes). A sharded run builds its model on the meta device and each
+process draws its own shards (a whole build on rank 0 only for weights read from a file), saves DCP checkpoints (resumable at another process count or layout),
 clips by the global norm over both parameter kinds, and evaluates and writes `final/` from a whole copy gathered
 on rank 0 (`build_sharded_model`, `gather_plain_model`).
 """
