@@ -13,10 +13,10 @@ ep = N, and ep = 2 with FSDP2 over the other 2 at 4 processes), `hsdp` at 4 (2 r
 sharded layouts build the model on the meta device and each process draws only its shards (`init_sharded_`).
 Reported per layout: the median step time (the slowest process), each process's peak resident memory during
 start-up (materializing the weights) above its resident memory before, against the target model bytes / the
-processes it is sharded over (dp_shard) + the largest parameter's bytes (`startup_target`), the peak resident memory of each process above its resident
-memory before the model was built, the training state each process holds (parameters, gradients, AdamW moments: local shards, bytes) split
-into experts and the rest, and the payload of the collectives of one traced step by kind (all-gather,
-reduce-scatter, all-to-all, ...).
+processes it is sharded over (dp_shard) + the largest parameter's bytes (`startup_target`), the peak resident
+memory of each process above its resident memory before the model was built, the training state each process
+holds (parameters, gradients, AdamW moments: local shards, bytes) split into experts and the rest, and the
+payload of the collectives of one traced step by kind (all-gather, reduce-scatter, all-to-all, ...).
 The expert state per process must be the single-process figure / (processes the experts are split over).
 Several processes on a 2-core machine share its cores: their step times measure contention, not scaling.
 """
@@ -198,9 +198,11 @@ def worker(model_name: str, layout: str, batch_size: int, steps: int, out_dir: P
     traced = CollectiveBytes()
     with traced:
         step()
-    result = {"rank": rank, "step_s": statistics.median(times[2:] or times), "startup_peak_rss_above_start_bytes":
-              startup, "startup_target_bytes": whole // (sharding[0] if sharding else 1) + largest, "peak_rss_above_start_bytes":
-              peak_rss_bytes() - before, "state_bytes": state_bytes(getattr(model, "module", model), optimizer),
+    result = {"rank": rank, "step_s": statistics.median(times[2:] or times),
+              "startup_peak_rss_above_start_bytes": startup,
+              "startup_target_bytes": whole // (sharding[0] if sharding else 1) + largest,
+              "peak_rss_above_start_bytes": peak_rss_bytes() - before,
+              "state_bytes": state_bytes(getattr(model, "module", model), optimizer),
               "collective_bytes": dict(traced.bytes)}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['layout']:<10}{r['processes']:>6}{1e3 * r['step_s']:>9.1f}{r['expert_state_mib']:>12.2f}"
               f"{r['rest_state_mib']:>10.2f}{r.get('expert_state_vs_single_over_split', float('nan')):>11.3f}  "
               f"{r['peak_rss_above_start_mib']}")
-    print("start-up: peak RSS above start per process (MiB) / target (model / processes + largest parameter)")
+    print("start-up: peak RSS above start per process (MiB) / target (model / shards + largest parameter)")
     for r in rows:
         print(f"  {r['layout']:<10}{r['processes']:>3}  {r['startup_peak_rss_mib']} / {r['startup_target_mib']}"
               f"  ratio {r['startup_over_target']}")

@@ -4,9 +4,10 @@
 Run as `python -m benchmarks.plan_check [--models SoftMoE-Micro-4-32,SoftMoE-Mini-8-64] [--procs 1,2,4]`.
 
 For each model and layout dist_bench runs (single at 1 process; DDP, FSDP2, FSDP2+EP, bf16 FSDP2 at 2 and 4, HSDP
-at 4), the planner's per-process memory at the micro-batch (in the run's precision) is compared with the largest measured peak resident
-memory above the start, and its collective payload per kind with the bytes dist_bench traces in one step. Exits
-with status 1 if any byte count differs; memory is reported (ratio and whether it lands within 15%), not asserted.
+at 4), the planner's per-process memory at the micro-batch (in the run's precision) is compared with the largest
+measured peak resident memory above the start, and its collective payload per kind with the bytes dist_bench
+traces in one step. Exits with status 1 if any byte count differs; memory is reported (ratio and whether it lands
+within 15%), not asserted.
 
 The runs serve large blocks by mmap (dist_bench's `RSS_TRACKS_LIVE_MEMORY`), so the peak RSS is the live peak;
 otherwise glibc keeps freed FSDP2 all-gather outputs resident and sharded runs measured 2-4x the plan. Measured

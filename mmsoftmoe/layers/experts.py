@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmsoftmoe.layers.init import InitRule, apply_rules_, constant, lecun_normal, normal, trunc_normal, xavier_uniform
+from mmsoftmoe.layers.init import InitRule, apply_rules_, constant, normal, trunc_normal, xavier_uniform
 
 EXPERT_INITS = ("vmoe", "independent")
 _VMOE_BIAS_STD = 1e-6  # vit_jax MlpBlock: bias_init = normal(stddev=1e-6)

@@ -109,7 +109,8 @@ def build_clip(
     output_dict: bool = True,
     device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, object]:
-    """Build a CLIP model and its tokenizer (random weights).
+    """Build a CLIP model and its tokenizer (random weights: each parameter drawn from its own generator, seeded by
+    its name and the seed torch was last seeded with, `mmsoftmoe.models.init.init_weights_`).
 
     Args:
         model_name: An open_clip config name, e.g. "SoftMoE-Mini-8-64" (see `list_clip_models`).

@@ -23,9 +23,9 @@ Collective payload per step and process, the definition `benchmarks/dist_bench.p
 each call): DDP all-reduces every gradient (fp32) once and broadcasts the module buffers; FSDP2 all-gathers every
 unit (padded) in forward and again in backward (reshard_after_forward), in bf16 under `precision=bf16` (the MoE
 routing parameters in fp32), and reduce-scatters each once in fp32; a unit on a one-rank mesh moves nothing; 0-d
-parameters are all-reduced (4 B each), and under HSDP (dp_replicate > 1) the reduced shards too; EP does 4 all-to-alls per MoE layer
-(dispatch and combine, forward and backward) of local_batch x slots x width; the contrastive loss all-gathers
-image and text features (local_batch x embed_dim each).
+parameters are all-reduced (4 B each), and under HSDP (dp_replicate > 1) the reduced shards too; EP does 4
+all-to-alls per MoE layer (dispatch and combine, forward and backward) of local_batch x slots x width; the
+contrastive loss all-gathers image and text features (local_batch x embed_dim each).
 
 Start-up host memory per process: DDP builds the whole model on the host; a sharded start-up draws one parameter
 (or one expert's slice) at a time there and keeps only its shards (`mmsoftmoe.parallel.init_sharded_`).
@@ -248,8 +248,9 @@ def collective_bytes(counts: ModelCounts, layout: Layout, local_batch: int, act_
     out["all_gather"] += 2 * ((dense + experts) * param_bytes + routing * (FP32 - param_bytes))
     out["reduce_scatter"] = (dense + experts) * FP32
     out["all_reduce"] = counts.scalar_params * FP32
-    if layout.dp_replicate > 1:  # HSDP: the reduced shards are then all-reduced over the replicas
-        out["all_reduce"] += (dense // layout.dp_shard + experts // max(efsdp, 1)) * FP32
+    if layout.dp_replicate > 1:  # HSDP: the reduced shards (experts' too, even unsharded) all-reduced over replicas
+        expert_shard = _padded(counts.expert_shapes, efsdp, layout.ep) // efsdp
+        out["all_reduce"] += (dense // layout.dp_shard + expert_shard) * FP32
     if layout.ep > 1:
         out["all_to_all"] = sum(2 * local_batch * slots * (d_in + d_out) * act_bytes
                                 for slots, d_in, d_out in counts.moe_layers)
