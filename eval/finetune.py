@@ -28,9 +28,6 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from mmsoftmoe_eval.datasets import ClassificationDataset
-from mmsoftmoe_eval.features import UNREADABLE_LABEL, eval_mode, extract_features
-from mmsoftmoe_eval.metrics import classification_metrics
 from safetensors.torch import load_file, save_file
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -40,6 +37,9 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mmsoftmoe_eval.datasets import ClassificationDataset
+from mmsoftmoe_eval.features import UNREADABLE_LABEL, eval_mode, extract_features
+from mmsoftmoe_eval.metrics import classification_metrics
 from mmsoftmoe.console import progress_bar
 from mmsoftmoe.layers import collect_aux_loss
 

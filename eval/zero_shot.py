@@ -12,11 +12,11 @@ from collections.abc import Callable, Sequence
 import open_clip
 import torch
 from accelerate import Accelerator
-from mmsoftmoe_eval.features import FeatureCacheKey, eval_mode, extract_features, resolve_device
-from mmsoftmoe_eval.metrics import classification_metrics
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mmsoftmoe_eval.features import FeatureCacheKey, eval_mode, extract_features, resolve_device
+from mmsoftmoe_eval.metrics import classification_metrics
 from mmsoftmoe.console import progress_enabled
 
 Tokenizer = Callable[[list[str]], torch.Tensor]

@@ -55,8 +55,8 @@ def test_redirected_run_has_no_carriage_return_frames_but_the_step_lines(redirec
 
 
 def _export(checkpoint: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([MMSOFTMOE, "export", "--checkpoint", str(checkpoint), "--format", "hf,onnx", "--out", str(out),
-                           *extra], env=ENV, capture_output=True, text=True, timeout=600)
+    cmd = [MMSOFTMOE, "export", "--checkpoint", str(checkpoint), "--format", "hf,onnx", "--out", str(out), *extra]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def test_export_is_quiet_unless_verbose(redirected_run, tmp_path):

@@ -30,20 +30,8 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
-from mmsoftmoe_eval.main import run_evaluation
-from mmsoftmoe_training.checkpoint import (
-    choose_resume_checkpoint,
-    restore_training_state,
-    save_checkpoint,
-    save_final_model,
-)
-from mmsoftmoe_training.config import TrainConfig, config_help, config_yaml, get_value, load_config, to_dict, valid_keys
-from mmsoftmoe_training.data import build_pair_dataset, build_train_loader
-from mmsoftmoe_training.lock import acquire_run_lock
-from mmsoftmoe_training.logger import MetricsLogger, plot_training
-from mmsoftmoe_training.loop import TrainState, build_loss, optimizer_step, record_step, step_metrics
-from mmsoftmoe_training.optim import build_optimizer, lr_multiplier
 
+from mmsoftmoe_eval.main import run_evaluation
 from mmsoftmoe.console import progress_bar
 from mmsoftmoe.data import SKIP_LOG_NAME, count_skipped, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
@@ -60,6 +48,13 @@ from mmsoftmoe.parallel import (
     materialize_from_rank0,
     parallelize,
 )
+from mmsoftmoe_training.checkpoint import choose_resume_checkpoint, restore_training_state, save_checkpoint, save_final_model
+from mmsoftmoe_training.config import TrainConfig, config_help, config_yaml, get_value, load_config, to_dict, valid_keys
+from mmsoftmoe_training.data import build_pair_dataset, build_train_loader
+from mmsoftmoe_training.lock import acquire_run_lock
+from mmsoftmoe_training.logger import MetricsLogger, plot_training
+from mmsoftmoe_training.loop import TrainState, build_loss, optimizer_step, record_step, step_metrics
+from mmsoftmoe_training.optim import build_optimizer, lr_multiplier
 
 logger = logging.getLogger("mmsoftmoe.train")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
