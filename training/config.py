@@ -371,8 +371,20 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.optim.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     _validate_parallel(cfg.parallel, cfg.precision)
+    _validate_model(cfg.model)
     _validate_data(cfg.data)
     _validate_paths(cfg)
+
+
+def _validate_model(model: ModelConfig) -> None:
+    if not 0 <= model.patch_dropout < 1:
+        raise ValueError(f"model.patch_dropout is the fraction of patches dropped, in [0, 1); got {model.patch_dropout}"
+                         " (FLIP uses 0.5 to 0.75)")
+    for tower, lock, unlocked in (("image", model.lock_image, "lock_image_unlocked_groups"),
+                                  ("text", model.lock_text, "lock_text_unlocked_layers")):
+        if getattr(model, unlocked) and not lock:
+            raise ValueError(f"model.{unlocked} leaves part of a locked {tower} tower trainable, but "
+                             f"model.lock_{tower}=false; set model.lock_{tower}=true or drop model.{unlocked}")
 
 
 def _validate_data(data: DataConfig) -> None:

@@ -114,7 +114,8 @@ def build_pair_dataset(cfg: DataConfig, preprocess_cfg: dict, tokenizer: Callabl
 
     `skip_log`: the file skipped samples are appended to (the run folder's `mmsoftmoe.data.SKIP_LOG_NAME`).
     """
-    train_tf, _ = transforms_from_preprocess_cfg(preprocess_cfg, scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
+    train_tf, _ = transforms_from_preprocess_cfg(preprocess_cfg, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
+                                                 aug_cfg=cfg.aug_cfg())
     common = dict(transform=train_tf, tokenizer=tokenizer, max_pixels=cfg.max_image_pixels, skip_log=skip_log)
     if cfg.source == "shapes":
         size = preprocess_cfg["size"]
@@ -131,7 +132,7 @@ def build_pair_dataset(cfg: DataConfig, preprocess_cfg: dict, tokenizer: Callabl
         return ShardStream(list_shards(source), rank=rank, world_size=world_size, resampled=cfg.resampled,
                            shuffle_buffer=cfg.shuffle_buffer, **columns, **common)
     return load_pairs(source, cfg.format, image_column=cfg.image_column, caption_column=cfg.caption_column,
-                      csv_separator=cfg.csv_separator, **common)
+                      csv_separator=cfg.csv_separator, cache_dir=cfg.cache_dir, **common)
 
 
 def build_train_loader(dataset: PairDataset | ShardStream, *, global_batch: int, grad_accum_steps: int, rank: int,

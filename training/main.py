@@ -36,7 +36,12 @@ from mmsoftmoe.console import progress_bar
 from mmsoftmoe.data import SKIP_LOG_NAME, count_skipped, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.accounting import count_parameters, parameter_counts
-from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
+from mmsoftmoe.models.clip import (
+    build_clip_from_config,
+    preprocess_config,
+    resolve_clip_config,
+    with_patch_dropout,
+)
 from mmsoftmoe.models.pretrained import read_weights, warm_start_
 from mmsoftmoe.models.upcycle import read_state_dict, upcycle_
 from mmsoftmoe.parallel import (
@@ -130,14 +135,15 @@ def build_model(cfg: TrainConfig, device: str = "cpu"):
     if cfg.loss == "siglip" and model_cfg.get("init_logit_bias") is None:
         raise ValueError(f"loss=siglip needs a model with a logit bias, and {cfg.model.name} has none; use a "
                          "*-Sigmoid model config (init_logit_bias=-10, init_logit_scale=log 10) or loss=clip")
-    model, tokenizer = build_clip_from_config(model_cfg, device=device)
+    # patch dropout is a training setting: the config saved with the model (final/, exports) does not carry it
+    model, tokenizer = build_clip_from_config(with_patch_dropout(model_cfg, cfg.model.patch_dropout), device=device)
     open_clip.set_model_preprocess_cfg(model, preprocess_config(model))
     if device != "meta":
         load_start_weights(cfg, model)
     if cfg.model.lock_image:
-        model.lock_image_tower()
+        model.lock_image_tower(unlocked_groups=cfg.model.lock_image_unlocked_groups)
     if cfg.model.lock_text:
-        model.lock_text_tower()
+        model.lock_text_tower(unlocked_layers=cfg.model.lock_text_unlocked_layers)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return model, tokenizer, model_cfg
 
@@ -215,7 +221,10 @@ def log_summary(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Modu
         size = len(dataset)
         data = f"{size} samples, {cfg.steps * cfg.batch_size / size:.3g} epochs in {cfg.steps} steps"
     except TypeError:
-        data = "streaming (size unknown)"
+        size = cfg.data.train_num_samples  # open_clip's epoch size of a streaming source
+        data = (f"streaming, {size} samples per epoch (data.train_num_samples), "
+                f"{cfg.steps * cfg.batch_size / size:.3g} epochs in {cfg.steps} steps" if size
+                else "streaming (size unknown; set data.train_num_samples)")
     per_process = cfg.batch_size // accelerator.num_processes
     logger.info(
         "run %s: model %s, %.2fM parameters (%.2fM trainable; image tower %.2fM, experts %.2fM, active per image "
