@@ -1,0 +1,71 @@
+"""Held-out validation (open_clip's `--val-data`) against a hand computation: the per-batch contrastive loss
+averaged over samples, and retrieval ranks from open_clip's own `get_clip_metrics` on the whole set."""
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip_train.train import get_clip_metrics
+from torch.utils.data import DataLoader
+
+import mmsoftmoe_training.main as train_main
+from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
+from mmsoftmoe.models.clip import preprocess_config
+from mmsoftmoe_training.config import load_config
+from mmsoftmoe_training.loop import build_loss
+from mmsoftmoe_training.validate import validation_metrics
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model, tokenizer, _ = train_main.build_model(load_config(None))
+    _, eval_tf = transforms_from_preprocess_cfg(preprocess_config(model))
+    pairs = PairDataset(ShapesCaptions(20, image_size=32, seed=5), transform=eval_tf, tokenizer=tokenizer)
+    return model, DataLoader(pairs, batch_size=8, collate_fn=collate)  # batches of 8, 8, 4
+
+
+def test_loss_and_retrieval_equal_a_hand_computation(setup):
+    model, loader = setup
+    model.train()
+    metrics = validation_metrics(model, loader, build_loss("clip", local_loss=True, gather_with_grad=True, rank=0,
+                                                           world_size=1))
+    assert model.training  # the mode is restored
+
+    model.eval()
+    weighted, images, texts = 0.0, [], []
+    with torch.no_grad():
+        for batch in loader:  # open_clip_train's evaluate, written out
+            out = model(batch["image"], batch["text"])
+            logits = out["logit_scale"] * out["image_features"] @ out["text_features"].t()
+            labels = torch.arange(len(logits))
+            weighted += (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)).item() / 2 * len(logits)
+            images.append(out["image_features"])
+            texts.append(out["text_features"])
+    assert metrics["val/contrastive_loss"] == pytest.approx(weighted / 20, rel=1e-5)
+    assert metrics["val/num_samples"] == 20
+    theirs = get_clip_metrics(torch.cat(images), torch.cat(texts), out["logit_scale"])
+    for name, value in theirs.items():
+        direction, _, stat = name.rpartition("_R@") if "_R@" in name else (name, None, None)
+        key = f"val/{direction}_recall@{stat}" if stat else f"val/{name}"
+        assert metrics[key] == pytest.approx(float(value), abs=1e-9), key
+    assert 0 < metrics["val/image_to_text_recall@1"] < metrics["val/image_to_text_recall@10"] <= 1
+
+
+def test_one_batch_is_open_clips_loss_on_the_whole_set(setup):
+    model, loader = setup
+    whole = DataLoader(loader.dataset, batch_size=20, collate_fn=collate)
+    loss_fn = open_clip.ClipLoss()
+    metrics = validation_metrics(model, whole, loss_fn)
+    model.eval()
+    batch = next(iter(whole))
+    with torch.no_grad():
+        out = model(batch["image"], batch["text"])
+        expected = loss_fn(out["image_features"], out["text_features"], out["logit_scale"]).item()
+    assert metrics["val/contrastive_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_empty_loader_is_an_error_naming_the_key(setup):
+    model, _ = setup
+    with pytest.raises(ValueError, match="data.val_source"):
+        validation_metrics(model, [], open_clip.ClipLoss())
