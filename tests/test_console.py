@@ -21,9 +21,8 @@ def _probe(stderr_to_terminal: bool, **env: str) -> str:
     """What `progress_enabled()` says in a fresh process whose stderr is a terminal (a pty) or a pipe."""
     master, slave = pty.openpty()
     try:
-        proc = subprocess.run([sys.executable, "-c", PROBE], env={**ENV, **env}, capture_output=not stderr_to_terminal,
-                              stdout=subprocess.PIPE if stderr_to_terminal else None,
-                              stderr=slave if stderr_to_terminal else None, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-c", PROBE], env={**ENV, **env}, stdout=subprocess.PIPE,
+                              stderr=slave if stderr_to_terminal else subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(master)
         os.close(slave)
