@@ -13,7 +13,8 @@ from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from
 from mmsoftmoe.models.clip import preprocess_config
 from mmsoftmoe_training.config import load_config
 from mmsoftmoe_training.loop import build_loss
-from mmsoftmoe_training.validate import validation_metrics
+from mmsoftmoe_training.validate import build_val_loader, validation_metrics
+from tests.test_data_pairs import write_csv
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +70,20 @@ def test_an_empty_loader_is_an_error_naming_the_key(setup):
     model, _ = setup
     with pytest.raises(ValueError, match="data.val_source"):
         validation_metrics(model, [], open_clip.ClipLoss())
+
+
+def test_val_loader_reads_data_val_source_in_equal_shares(setup, tmp_path):
+    model, _ = setup
+    write_csv(tmp_path, "val.tsv", "\t", ("filepath", "title"), range(5))
+    data = load_config(None, [f"data.val_source={tmp_path / 'val.tsv'}", f"data.cache_dir={tmp_path / 'cache'}"]).data
+    tokenizer = open_clip.SimpleTokenizer(context_length=32)
+    shares = [build_val_loader(data, preprocess_config(model), tokenizer, batch_size=2, rank=r, world_size=2)
+              for r in range(2)]
+    texts = [[row.tolist() for batch in loader for row in batch["text"]] for loader in shares]
+    assert [len(t) for t in texts] == [2, 2]  # 5 pairs over 2 processes: 2 each, the last left out
+    expected = tokenizer([f"sample {i}, with a comma" for i in range(4)]).tolist()
+    assert texts[0] + texts[1] == expected
+    assert next(iter(shares[0]))["image"].shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="set data.val_source"):
+        build_val_loader(load_config(None).data, preprocess_config(model), tokenizer, batch_size=2, rank=0,
+                         world_size=1)

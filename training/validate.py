@@ -5,20 +5,44 @@ validation batch, averaged over samples (`clip_val_loss`; like open_clip's, it d
 a batch's other pairs are its negatives), and retrieval among all validation pairs from the similarity matrix of
 the whole set: the rank of each image's own caption (`image_to_text`) and of each caption's own image
 (`text_to_image`), as recall@k, mean and median rank. The similarity matrix is (pairs x pairs): meant for
-validation sets of thousands, not millions. The config keys are `data.val_source` and `val_every`.
+validation sets of thousands, not millions. The config keys are `data.val_source` and `val_every`;
+`build_val_loader` reads the former.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
+from mmsoftmoe.data import collate, load_pairs, transforms_from_preprocess_cfg
+from mmsoftmoe_training.config import DataConfig
 from mmsoftmoe_training.loop import loss_terms
 
 RECALL_KS = (1, 5, 10)
+
+
+def build_val_loader(data: DataConfig, preprocess_cfg: dict, tokenizer: Callable, *, batch_size: int, rank: int,
+                     world_size: int) -> DataLoader:
+    """This process's batches of `data.val_source` (read like `data.source`, map-style, evaluation transform).
+
+    Each process takes an equal contiguous share (the last `len % world_size` pairs are left out), so the
+    distributed loss sees equal batches on every process; `batch_size` is per process.
+    """
+    if data.val_source is None:
+        raise ValueError("validation needs held-out pairs: set data.val_source")
+    _, eval_tf = transforms_from_preprocess_cfg(preprocess_cfg)
+    pairs = load_pairs(data.val_source, data.format, image_column=data.image_column,
+                       caption_column=data.caption_column, csv_separator=data.csv_separator, cache_dir=data.cache_dir,
+                       transform=eval_tf, tokenizer=tokenizer, max_pixels=data.max_image_pixels)
+    share = len(pairs) // world_size
+    if share == 0:
+        raise ValueError(f"data.val_source holds {len(pairs)} pairs, fewer than the {world_size} processes")
+    return DataLoader(Subset(pairs, range(rank * share, (rank + 1) * share)), batch_size=batch_size,
+                      collate_fn=collate)
 
 
 def validation_metrics(model: nn.Module, loader: Iterable[dict], loss_fn: nn.Module,
