@@ -16,11 +16,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 
 COMMANDS = {
     "train": ("mmsoftmoe_training.main", "contrastive pretraining (accelerate; one CPU to many nodes)"),
     "eval": ("mmsoftmoe_eval.main", "zero-shot, retrieval, few-shot, linear probe and fine-tuning evaluation"),
-    "export": ("mmsoftmoe.export", "export the image encoder (timm, open_clip, hf, onnx, torchscript)"),
+    "export": ("mmsoftmoe.export", "export the image encoder (timm, open_clip, hf, onnx, torch_export)"),
     "demo": ("mmsoftmoe_training.demo", "pretrain on built-in data, evaluate, export, print a results table"),
     "consolidate": ("mmsoftmoe.parallel.checkpoint", "a sharded (FSDP2/EP) checkpoint -> the single-file model"),
     "shards": ("mmsoftmoe.data.shard_writer", "image folder / CSV / parquet pairs -> WebDataset shards"),
@@ -51,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     # torch's CPU allocator backs large tensors with transparent huge pages only if this is set before torch
     # loads; measured on the S/16 Soft MoE layer it removes ~97% of page faults per step (docs/design.md, section 6).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: library warnings once, from rank 0, not once per process
+        warnings.simplefilter("ignore")
     module = importlib.import_module(COMMANDS[argv[0]][0])
+    from mmsoftmoe.console import quiet_third_party_bars
+
+    quiet_third_party_bars()
     try:
         return module.main(argv[1:]) or 0
     except USER_ERRORS as err:

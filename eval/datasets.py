@@ -2,7 +2,8 @@
 
 Kinds (``build_dataset(spec, split, transform)``):
 
-- ``folder:ROOT[:CLASSES.json]``: the ImageNet layout ``ROOT/<split>/<class>/*.jpg`` (torchvision's ``ImageFolder``).
+- ``folder:ROOT[:CLASSES.json]``: the ImageNet layout ``ROOT/<split>/<class>/*.jpg`` (torchvision's ``ImageFolder``),
+  or class folders directly, ``ROOT/<class>/*.jpg`` (ImageNet's ``val/<wnid>/``), which serve as any split.
   Class names come from the JSON mapping (folder name -> name, or Keras' ``{"0": [wnid, name]}``), else, for exactly
   the 1000 ImageNet WordNet-id folders, from open_clip's ``IMAGENET_CLASSNAMES`` with the OpenAI ImageNet templates
   (CLIP, Radford et al. 2021), else from the folder names.
@@ -36,6 +37,7 @@ import open_clip
 import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from mmsoftmoe_eval.features import UNREADABLE_LABEL
 from mmsoftmoe_eval.prompts import apply_text_files
@@ -108,11 +110,12 @@ def _folder_classnames(folders: list[str], class_map: str | Path | None) -> tupl
 
 
 class ImageFolderDataset(ImageFolder):
-    """``root/<split>/<class>/*.jpg`` (torchvision's ``ImageFolder``) with class names, templates and safe decoding.
+    """``root/<split>/<class>/*.jpg``, or ``root/<class>/*.jpg`` (one split, e.g. ImageNet's ``val/<wnid>/``), read
+    by torchvision's ``ImageFolder``, with class names, templates and safe decoding.
 
     Args:
-        root: Dataset root holding one folder per split.
-        split: Split folder name, e.g. ``"train"`` or ``"val"``.
+        root: Dataset root holding one folder per split, or the class folders themselves.
+        split: Split folder name, e.g. ``"train"`` or ``"val"``; unused when ``root`` holds the class folders.
         transform: Applied to each RGB PIL image.
         class_map: Optional JSON file naming the class folders (see ``load_class_map``).
     """
@@ -120,11 +123,7 @@ class ImageFolderDataset(ImageFolder):
     def __init__(
         self, root: str | Path, split: str, transform: Transform | None = None, class_map: str | Path | None = None
     ) -> None:
-        split_dir = Path(root) / split
-        if not split_dir.is_dir():
-            found = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else None
-            hint = f"it has splits {found}" if found is not None else "the root does not exist"
-            raise FileNotFoundError(f"No split folder {split_dir} ({hint}); expected ROOT/<split>/<class>/<image>.")
+        split_dir = _split_folder(Path(root), split)
         super().__init__(split_dir, transform=transform, allow_empty=True)
         empty = sorted(set(self.classes) - {self.classes[label] for label in self.targets})
         if empty:
@@ -249,6 +248,25 @@ def _build_shapes(split: str, transform: Transform | None) -> ClassificationData
         raise ValueError(f"shapes has splits {list(SHAPES_SPLITS)}, not {split!r}.")
     num_samples, seed = SHAPES_SPLITS[split]
     return ShapesClassification(num_samples, seed=seed, transform=transform)
+
+
+def _holds_class_folders(root: Path) -> bool:
+    """Whether ``root``'s subfolders hold images themselves (class folders), not further folders (splits)."""
+    return any(path.is_file() and path.suffix.lower() in IMG_EXTENSIONS
+               for folder in root.iterdir() if folder.is_dir() for path in folder.iterdir())
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """``root/split`` when it exists, else ``root`` itself when it holds the class folders (one split)."""
+    if (root / split).is_dir():
+        return root / split
+    if root.is_dir() and _holds_class_folders(root):
+        logger.info("%s holds class folders, not split folders: it is the %r split", root, split)
+        return root
+    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else None
+    hint = f"it has splits {found}" if found is not None else "the root does not exist"
+    raise FileNotFoundError(f"No split folder {root / split} ({hint}); expected ROOT/<split>/<class>/<image> or "
+                            "ROOT/<class>/<image>.")
 
 
 def _build_folder(arg: str, split: str, transform: Transform | None) -> ClassificationDataset:

@@ -33,6 +33,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from mmsoftmoe.console import progress_bar
+
 logger = logging.getLogger(__name__)
 
 UNREADABLE_LABEL = -1
@@ -265,7 +267,7 @@ def _compute(
     show = accelerator is None or accelerator.is_local_main_process
     total = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
     start = time.perf_counter()
-    with tqdm(total=total, desc=desc, unit="sample", disable=not show) as progress:
+    with progress_bar(total=total, desc=desc, unit="sample", show=show) as progress:
         features, labels = _run_loop(encode_fn, batches, device, accelerator, autocast_dtype, progress)
     if not features:
         raise ValueError(f"{desc}: the loader yielded no batches; check that the dataset is not empty.")

@@ -37,11 +37,11 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from mmsoftmoe_eval.datasets import ClassificationDataset
 from mmsoftmoe_eval.features import UNREADABLE_LABEL, eval_mode, extract_features
 from mmsoftmoe_eval.metrics import classification_metrics
+from mmsoftmoe.console import progress_bar
 from mmsoftmoe.layers import collect_aux_loss
 
 logger = logging.getLogger(__name__)
@@ -224,8 +224,8 @@ def _fit(
     images_per_step = config.batch_size * accelerator.num_processes
     step, loss = 0, torch.tensor(math.nan)
     model.train()
-    with tqdm(total=config.epochs * len(loader) * images_per_step, desc="finetune", unit="img",
-              disable=not accelerator.is_local_main_process) as progress:
+    with progress_bar(total=config.epochs * len(loader) * images_per_step, desc="finetune", unit="img",
+                      show=accelerator.is_local_main_process) as progress:
         for epoch in range(config.epochs):
             for batch in loader:
                 loss = _train_step(model, batch, criterion, mixup, optimizer, accelerator, config.clip_grad)

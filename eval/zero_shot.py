@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from mmsoftmoe_eval.features import FeatureCacheKey, eval_mode, extract_features, resolve_device
 from mmsoftmoe_eval.metrics import classification_metrics
+from mmsoftmoe.console import progress_enabled
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -47,7 +48,7 @@ def zero_shot_classifier(
     with torch.inference_mode(), eval_mode(model):
         return open_clip.build_zero_shot_classifier(
             model, tokenizer, list(classnames), list(templates),
-            num_classes_per_batch=classes_per_batch, device=device, use_tqdm=progress,
+            num_classes_per_batch=classes_per_batch, device=device, use_tqdm=progress_enabled(progress),
         ).float()
 
 

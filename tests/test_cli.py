@@ -3,6 +3,7 @@ configs by name from any folder, a run folder that explains itself, and one erro
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 import mmsoftmoe_cli as cli
+from mmsoftmoe.export import FORMATS
 import mmsoftmoe_training.main as train_main
 from mmsoftmoe_training.config import config_yaml, load_config, valid_keys
 
@@ -163,3 +165,10 @@ def test_readme_commands_use_the_mmsoftmoe_entry_point():
     readme = (ROOT / "README.md").read_text()
     assert "-m training." not in readme and "-m eval." not in readme
     assert shutil.which("mmsoftmoe", path=str(BIN))
+
+
+def test_top_level_help_names_the_export_formats_as_export_accepts_them(capsys):
+    assert cli.main(["--help"]) == 0
+    export_line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("export"))
+    named = re.findall(r"\b(\w+)(?=[,)])", export_line.split("(", 1)[1])
+    assert named == list(FORMATS)

@@ -19,7 +19,7 @@ def test_overrides_are_typed():
 
 
 @pytest.mark.parametrize(("override", "match"), [
-    ("optim.lrr=1", "unknown config key 'optim.lrr'; valid keys: model.name"),
+    ("optim.lrr=1", "unknown config key 'optim.lrr' \\(did you mean 'optim.lr'"),
     ("steps=ten", "steps: expected int"),
     ("loss=triplet", r"loss='triplet' is not valid; choices: \['clip', 'siglip'\]"),
     ("optim.schedule=linear", "optim.schedule"),

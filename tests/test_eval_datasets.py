@@ -157,3 +157,17 @@ def test_class_names_and_templates_from_files_next_to_the_data_or_given(folder_r
     names.write_text(json.dumps({"other": ["x"]}))
     with pytest.raises(ValueError, match=rf"has no entry '{folder_root.name}' \(it has \['other'\]\)"):
         build_dataset(f"folder:{folder_root}", "val", classnames_file=names)
+
+
+def test_class_folders_without_a_split_folder_are_read_as_the_split(folder_root):
+    """ImageNet's `val/<wnid>/` layout: `folder:ROOT/val` reads the class folders directly, as `folder:ROOT` does
+    with split `val`; a root of split folders still needs its split."""
+    via_split = build_dataset(f"folder:{folder_root}", "val", to_tensor)
+    direct = build_dataset(f"folder:{folder_root / 'val'}", "test", to_tensor)  # any split name: the one split
+    assert direct.classnames == via_split.classnames == ["cat", "dog", "sea lion"]
+    assert len(direct) == len(via_split) == 6
+    assert [label for _, label in direct] == [label for _, label in via_split]
+    torch.testing.assert_close(torch.stack([image for image, _ in direct]),
+                               torch.stack([image for image, _ in via_split]))
+    with pytest.raises(FileNotFoundError, match=r"ROOT/<class>/<image>"):
+        build_dataset(f"folder:{folder_root}", "test")  # split folders, none called test

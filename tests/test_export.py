@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -303,3 +304,32 @@ def test_hf_image_processor_matches_the_open_clip_eval_transform(exported, eager
     smooth = Image.fromarray(ramp.astype(np.uint8))
     theirs, ours = processor(smooth, return_tensors="pt").pixel_values[0], eval_tf(smooth)
     assert theirs.shape == ours.shape and (theirs - ours).abs().mean() < 0.1
+
+
+def markdown_tables(text: str) -> list[list[str]]:
+    """The rows of each Markdown table in `text` (a table: consecutive lines starting with `|`)."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def columns(row: str) -> int:
+    return len(re.split(r"(?<!\\)\|", row.strip())) - 2  # the pipes that are not escaped, less the outer two
+
+
+def test_model_card_tables_keep_their_shape(exported):
+    """Every row of every card table has the header's columns: no multi-line repr or bare pipe breaks a row."""
+    out, _ = exported
+    for name in FORMATS:
+        card = (out / name / "README.md").read_text()
+        tables = markdown_tables(card)
+        assert len(tables) >= 4, name
+        for rows in tables:
+            assert rows[1].startswith("|---"), (name, rows[:2])
+            assert {columns(row) for row in rows} == {columns(rows[0])}, (name, rows)
+        assert "| MoE layer / blocks | soft / [2, 3] |" in card, name

@@ -3,12 +3,15 @@
 A run config file is YAML whose top-level keys are the fields of `TrainConfig` (sections `model`, `data`,
 `optim`, plus run fields). `base: other.yaml` (relative to the file) is loaded first and the file's keys are
 merged over it; a `smoke:` mapping holds the overrides that shrink the run to seconds (big_vision's `runlocal`),
-applied with `smoke=true`. Unknown or mistyped keys are rejected with the list of valid keys.
+applied with `smoke=true`. Unknown or mistyped keys and values are rejected naming the nearest valid ones
+("did you mean ..."); open_clip's precision names (`amp`, `amp_bf16`, `fp32`) are accepted as aliases.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import glob
 import types
 import typing
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from open_clip.transform import AugmentationCfg
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # the run configs shipped with the package
 
@@ -44,6 +48,13 @@ class ModelConfig:
     pretrained: str | None = setting(None, "warm start from a CLIP checkpoint folder or weights file (not a resume)")
     pretrained_towers: str = setting("both", "which towers the warm start loads: both | image | text")
     upcycle_from: str | None = setting(None, "dense ViT/CLIP weights whose MLPs seed every expert (sparse upcycling)")
+    patch_dropout: float = setting(0.0, "FLIP: fraction of image patches dropped at random in training (none in "
+                                        "evaluation); open_clip's --force-patch-dropout", minimum=0)
+    lock_image_unlocked_groups: int = setting(0, "with lock_image: leave the last N layer groups of the image "
+                                                 "tower trainable (open_clip's --lock-image-unlocked-groups)",
+                                              minimum=0)
+    lock_text_unlocked_layers: int = setting(0, "with lock_text: leave the last N layers of the text tower "
+                                                "trainable (open_clip's --lock-text-unlocked-layers)", minimum=0)
 
 
 @dataclass
@@ -76,6 +87,36 @@ class DataConfig:
     num_workers: int = setting(2, "DataLoader worker processes per training process", minimum=0)
     crop_scale: tuple[float, float] = setting((0.9, 1.0), "RandomResizedCrop scale; (0.08, 1.0) is Inception crop")
     hflip: bool = setting(False, "random horizontal flips (off: flips contradict captions saying left/right)")
+    train_num_samples: int | None = setting(None, "streaming: samples per epoch (open_clip's --train-num-samples); "
+                                                  "only counts epochs in the logs", minimum=1)
+    cache_dir: str | None = setting(None, "where map-style sources are converted to Arrow files (None: the HF "
+                                          "datasets cache, ~/.cache/huggingface/datasets or $HF_DATASETS_CACHE)")
+    val_source: str | None = setting(None, "held-out pairs (same forms as data.source) for the validation loss and "
+                                           "retrieval of mmsoftmoe_training.validate (open_clip's --val-data)")
+    aug_use_timm: bool = setting(False, "open_clip aug_cfg use_timm: the train transform from timm's "
+                                        "create_transform (ratio, color_jitter, re_prob, re_count)")
+    aug_ratio: tuple[float, float] | None = setting(None, "open_clip aug_cfg ratio: crop aspect-ratio range (timm; "
+                                                          "None: 3/4..4/3)")
+    aug_color_jitter: tuple[float, float, float, float] | None = setting(
+        None, "open_clip aug_cfg color_jitter: (brightness, contrast, saturation, hue); None: no jitter")
+    aug_color_jitter_prob: float | None = setting(None, "open_clip aug_cfg color_jitter_prob (torchvision pipeline: "
+                                                        "how often the jitter applies)", minimum=0)
+    aug_gray_scale_prob: float | None = setting(None, "open_clip aug_cfg gray_scale_prob (torchvision pipeline)",
+                                                minimum=0)
+    aug_re_prob: float | None = setting(None, "open_clip aug_cfg re_prob: random-erasing probability (timm)",
+                                        minimum=0)
+    aug_re_count: int | None = setting(None, "open_clip aug_cfg re_count: random-erasing count (timm)", minimum=1)
+
+    def aug_cfg(self) -> AugmentationCfg:
+        """open_clip's `AugmentationCfg` of these settings (`crop_scale` is its `scale`)."""
+        return AugmentationCfg(scale=tuple(self.crop_scale), ratio=_tuple(self.aug_ratio),
+                               color_jitter=_tuple(self.aug_color_jitter), re_prob=self.aug_re_prob,
+                               re_count=self.aug_re_count, use_timm=self.aug_use_timm,
+                               color_jitter_prob=self.aug_color_jitter_prob, gray_scale_prob=self.aug_gray_scale_prob)
+
+
+def _tuple(value: Any) -> tuple | None:
+    return None if value is None else tuple(value)
 
 
 @dataclass
@@ -140,7 +181,8 @@ class TrainConfig:
     batch_size: int = setting(64, "global batch per optimizer step (all processes, all accumulation steps)", minimum=1)
     grad_accum_steps: int = setting(1, "micro-batches per optimizer step (exact full-batch gradient)",
                                    minimum=1)
-    precision: str = setting("no", "accelerate mixed precision: no | bf16 | fp16")
+    precision: str = setting("no", "accelerate mixed precision: no | bf16 | fp16 (open_clip's fp32 | amp_bf16 | "
+                                   "amp are aliases)")
     seed: int = setting(0, "seed of initialisation, data order and augmentation")
     output_dir: str = setting("runs/default", "run folder: config, logs, metrics, checkpoints, final model")
     log_every: int = setting(10, "log metrics every N steps", minimum=1)
@@ -153,6 +195,7 @@ class TrainConfig:
                                        "at the next logging step", minimum=1)
     trackers: list[str] = setting(factory=lambda: ["tensorboard"], help="trackers (tensorboard, wandb); [] for none")
     smoke: bool = setting(False, "apply the config file's `smoke:` overrides")
+    val_every: int = setting(0, "validation on data.val_source every N steps (0: only at the end)", minimum=0)
 
 
 CHOICES = {
@@ -162,6 +205,34 @@ CHOICES = {
     "model.pretrained_towers": ("both", "image", "text"),
     "data.format": (None, "imagefolder", "parquet", "arrow", "webdataset", "csv"),
 }
+
+
+# open_clip's --precision names that mean the same as one of ours (open_clip_train/precision.py: `amp` is fp16
+# autocast with a GradScaler, `amp_bf16` bf16 autocast, `fp32` none; the weights stay fp32 in all three).
+PRECISION_ALIASES = {"amp": "fp16", "amp_bf16": "bf16", "amp_bfloat16": "bf16", "fp32": "no"}
+# open_clip names with no faithful counterpart: they cast the weights themselves (no fp32 master copy).
+PRECISION_REFUSED = {
+    "pure_bf16": "bf16 weights with no fp32 master copy",
+    "pure_fp16": "fp16 weights with no fp32 master copy",
+}
+
+
+def suggest(word: str, options: list[str]) -> str:
+    """` (did you mean 'a' or 'b'?)` for the options nearest to `word`, matched whole and by their last dotted
+    part (so `lr` finds `optim.lr`); empty when none is near."""
+    near = difflib.get_close_matches(word, options, n=3)
+    leaves = {option.rsplit(".", 1)[-1]: option for option in options}
+    near += [leaves[leaf] for leaf in difflib.get_close_matches(word.rsplit(".", 1)[-1], list(leaves), n=3)]
+    near = list(dict.fromkeys(near))[:3]
+    return f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+
+
+def canonical_precision(value: str) -> str:
+    """Our precision name for `value`, open_clip's aliases mapped; open_clip's `pure_*` names are refused."""
+    if value in PRECISION_REFUSED:
+        raise ValueError(f"precision={value!r} (open_clip: {PRECISION_REFUSED[value]}) has no counterpart here; "
+                         "use precision=bf16 (open_clip's amp_bf16: bf16 autocast over fp32 weights)")
+    return PRECISION_ALIASES.get(value, value)
 
 
 def valid_keys() -> list[str]:
@@ -217,11 +288,13 @@ def get_value(cfg: TrainConfig, dotted: str) -> Any:
 
 def _set(cfg: Any, dotted: str, value: Any) -> None:
     if dotted not in valid_keys():
-        raise ValueError(f"unknown config key {dotted!r}; valid keys: {', '.join(valid_keys())}")
+        raise ValueError(f"unknown config key {dotted!r}{suggest(dotted, valid_keys())}; `mmsoftmoe train "
+                         "--help-config` lists every key")
     parent, _, name = dotted.rpartition(".")
     target = get_value(cfg, parent) if parent else cfg
     hints = typing.get_type_hints(type(target))
-    setattr(target, name, _coerce(value, hints[name], dotted))
+    value = _coerce(value, hints[name], dotted)
+    setattr(target, name, canonical_precision(value) if dotted == "precision" else value)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -263,7 +336,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     explicit = {}
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value; valid keys: {', '.join(valid_keys())}")
+            raise ValueError(f"override {item!r} is not key=value{suggest(item, valid_keys())}; `mmsoftmoe train "
+                             "--help-config` lists every key")
         key, value = item.split("=", 1)
         explicit[key.strip()] = value
     cfg = TrainConfig()
@@ -295,7 +369,9 @@ def validate(cfg: TrainConfig) -> None:
     for key, choices in CHOICES.items():
         value = get_value(cfg, key)
         if value not in choices:
-            raise ValueError(f"{key}={value!r} is not valid; choices: {[c for c in choices if c is not None]}")
+            named = [str(c) for c in choices if c is not None] + (list(PRECISION_ALIASES) if key == "precision" else [])
+            raise ValueError(f"{key}={value!r} is not valid{suggest(str(value), named)}; choices: "
+                             f"{[c for c in choices if c is not None]}")
     for key, f in _fields():
         value, minimum = get_value(cfg, key), f.metadata.get("minimum")
         if minimum is not None and value is not None and value < minimum:
@@ -308,7 +384,51 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.checkpoint_async and not cfg.parallel.sharded:
         raise ValueError("checkpoint_async=true writes DCP shards in the background, which only sharded runs save; "
                          "set parallel.dp_shard (e.g. -1: every process) or checkpoint_async=false")
+    _validate_model(cfg.model)
+    _validate_data(cfg.data)
     _validate_paths(cfg)
+
+
+def _validate_model(model: ModelConfig) -> None:
+    if not 0 <= model.patch_dropout < 1:
+        raise ValueError(f"model.patch_dropout is the fraction of patches dropped, in [0, 1); got {model.patch_dropout}"
+                         " (FLIP uses 0.5 to 0.75)")
+    for tower, lock, unlocked in (("image", model.lock_image, "lock_image_unlocked_groups"),
+                                  ("text", model.lock_text, "lock_text_unlocked_layers")):
+        if getattr(model, unlocked) and not lock:
+            raise ValueError(f"model.{unlocked} leaves part of a locked {tower} tower trainable, but "
+                             f"model.lock_{tower}=false; set model.lock_{tower}=true or drop model.{unlocked}")
+
+
+def _validate_data(data: DataConfig) -> None:
+    """Settings that only mean something together with another one."""
+    if data.resampled and not data.streaming:
+        raise ValueError("data.resampled=true draws WebDataset shards with replacement, which only streaming does; "
+                         "set data.streaming=true (or drop data.resampled)")
+    if data.train_num_samples is not None and not data.streaming:
+        raise ValueError("data.train_num_samples sets the epoch size of a streaming source; a map-style source "
+                         "knows its size: set data.streaming=true or drop data.train_num_samples")
+    _validate_augmentation(data)
+
+
+# open_clip's image_transform uses these aug_cfg items only in one of its two pipelines (and warns, unused, in the
+# other); here that is an error naming the switch.
+TIMM_ONLY_AUG = ("aug_ratio", "aug_re_prob", "aug_re_count")
+TORCHVISION_ONLY_AUG = ("aug_color_jitter_prob", "aug_gray_scale_prob")
+
+
+def _validate_augmentation(data: DataConfig) -> None:
+    unused, pipeline = (TORCHVISION_ONLY_AUG, "torchvision") if data.aug_use_timm else (TIMM_ONLY_AUG, "timm")
+    for name in unused:
+        if getattr(data, name) is not None:
+            raise ValueError(f"data.{name} is used only by {pipeline}'s pipeline; set "
+                             f"data.aug_use_timm={str(not data.aug_use_timm).lower()} or drop data.{name}")
+    for name in ("aug_color_jitter_prob", "aug_gray_scale_prob", "aug_re_prob"):
+        if (getattr(data, name) or 0) > 1:
+            raise ValueError(f"data.{name} is a probability, got {getattr(data, name)}; give a value in [0, 1]")
+    if not data.aug_use_timm and data.aug_color_jitter is not None and not data.aug_color_jitter_prob:
+        raise ValueError("data.aug_color_jitter without data.aug_use_timm applies with data.aug_color_jitter_prob; "
+                         "set data.aug_color_jitter_prob (e.g. 0.8) or data.aug_use_timm=true")
 
 
 def _validate_parallel(par: ParallelConfig, precision: str) -> None:
@@ -333,6 +453,9 @@ def _validate_paths(cfg: TrainConfig) -> None:
         from mmsoftmoe.data.sources import local_items_exist  # here: mmsoftmoe.data loads torch and datasets
 
         local_items_exist(cfg.data.source)
+    if cfg.data.val_source is not None and not glob.glob(cfg.data.val_source):
+        raise ValueError(f"data.val_source: {cfg.data.val_source!r} does not exist (or matches no file); give a "
+                         "folder, a file or a glob pattern of held-out pairs")
     if cfg.model.text_model is not None and not Path(cfg.model.text_model).is_dir():
         raise ValueError(f"model.text_model={cfg.model.text_model!r} is not a folder; give a local Hugging Face "
                          "model folder (config.json, weights, tokenizer files)")

@@ -116,7 +116,8 @@ def build_pair_dataset(cfg: DataConfig, preprocess_cfg: dict, tokenizer: Callabl
 
     `skip_log`: the file skipped samples are appended to (the run folder's `mmsoftmoe.data.SKIP_LOG_NAME`).
     """
-    train_tf, _ = transforms_from_preprocess_cfg(preprocess_cfg, scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
+    train_tf, _ = transforms_from_preprocess_cfg(preprocess_cfg, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
+                                                 aug_cfg=cfg.aug_cfg())
     common = dict(transform=train_tf, tokenizer=tokenizer, max_pixels=cfg.max_image_pixels, skip_log=skip_log)
     if cfg.source == "shapes":
         size = preprocess_cfg["size"]
@@ -133,7 +134,8 @@ def build_pair_dataset(cfg: DataConfig, preprocess_cfg: dict, tokenizer: Callabl
                          "only; join map-style sources with commas")
     sources = [s for s in split_commas(cfg.source) if s]
     return load_pairs(sources if len(sources) > 1 else sources[0], cfg.format, image_column=cfg.image_column,
-                      caption_column=cfg.caption_column, csv_separator=cfg.csv_separator, **common)
+                      caption_column=cfg.caption_column, csv_separator=cfg.csv_separator, cache_dir=cfg.cache_dir,
+                      **common)
 
 
 def build_shard_stream(cfg: DataConfig, rank: int, world_size: int, **common) -> ShardStream:

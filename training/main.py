@@ -6,7 +6,8 @@ train ...` (CPU processes use gloo) or `accelerate launch --multi_gpu --no_pytho
 `fit(cfg)` checks everything the run will use before it creates anything, takes the run folder, and runs a
 `Trainer`. The Trainer's loop is the step (`mmsoftmoe_training.loop.optimizer_step`) followed by components that
 each decide their own timing: `StepLog` (progress, the log line and metrics of logging steps), `Evaluator`
-(zero-shot every `eval.every` steps) and `Checkpointer` (every `checkpoint_every` steps). How the run is spread over
+(zero-shot every `eval.every` steps), `Validator` (held-out pairs every `val_every` steps) and `Checkpointer`
+(every `checkpoint_every` steps). How the run is spread over
 processes, replicated (accelerate's DDP) or sharded (FSDP2 + expert parallelism), is one `Strategy` object chosen
 at start-up (`mmsoftmoe_training.strategy`).
 
@@ -33,8 +34,8 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
-from tqdm.auto import tqdm
 
+from mmsoftmoe.console import progress_bar
 from mmsoftmoe.data import SKIP_LOG_NAME, count_skipped, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.accounting import count_parameters, parameter_counts
@@ -58,6 +59,7 @@ from mmsoftmoe_training.logger import MetricsLogger, plot_training
 from mmsoftmoe_training.loop import StepResult, TrainState, build_loss, optimizer_step, record_step, step_metrics
 from mmsoftmoe_training.optim import lr_multiplier
 from mmsoftmoe_training.strategy import Strategy, build_strategy, process_group
+from mmsoftmoe_training.validate import build_val_loader, validation_metrics
 
 logger = logging.getLogger("mmsoftmoe.train")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -183,7 +185,10 @@ def log_summary(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Modu
         size = len(dataset)
         data = f"{size} samples, {cfg.steps * cfg.batch_size / size:.3g} epochs in {cfg.steps} steps"
     except TypeError:
-        data = "streaming (size unknown)"
+        size = cfg.data.train_num_samples  # open_clip's epoch size of a streaming source
+        data = (f"streaming, {size} samples per epoch (data.train_num_samples), "
+                f"{cfg.steps * cfg.batch_size / size:.3g} epochs in {cfg.steps} steps" if size
+                else "streaming (size unknown; set data.train_num_samples)")
     per_process = cfg.batch_size // accelerator.num_processes
     logger.info(
         "run %s: model %s, %.2fM parameters (%.2fM trainable; image tower %.2fM, experts %.2fM, active per image "
@@ -217,8 +222,8 @@ class StepLog:
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator, strategy: Strategy, desc: str, start: int) -> None:
         self.cfg, self.accelerator, self.strategy = cfg, accelerator, strategy
-        self.progress = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True,
-                             disable=not accelerator.is_local_main_process)
+        self.progress = progress_bar(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True,
+                                     show=accelerator.is_local_main_process)
         self.interval_start, self.interval_samples = time.perf_counter(), 0
 
     def due(self, step: int) -> bool:
@@ -275,6 +280,29 @@ class Evaluator:
 
         self.last = self.strategy.evaluate(run)
         return self.last
+
+
+class Validator:
+    """open_clip's `--val-data`: the contrastive loss and retrieval recall on the held-out pairs of
+    `data.val_source`, every `val_every` steps and at the end (`mmsoftmoe_training.validate`); nothing without it."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, strategy: Strategy, loss_fn: torch.nn.Module,
+                 batch_size: int) -> None:
+        self.cfg, self.accelerator, self.strategy, self.loss_fn = cfg, accelerator, strategy, loss_fn
+        self.loader = None if cfg.data.val_source is None else build_val_loader(
+            cfg.data, preprocess_config(strategy.module), strategy.tokenizer, batch_size=batch_size,
+            rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+    def maybe(self, step: int) -> dict[str, float]:
+        every = self.cfg.val_every
+        if not every or step % every or step >= self.cfg.steps:  # the last step is validated by `final`
+            return {}
+        return self.final()
+
+    def final(self) -> dict[str, float]:
+        if self.loader is None:
+            return {}
+        return validation_metrics(self.strategy.module, self.loader, self.loss_fn, self.accelerator)
 
 
 class Checkpointer:
@@ -334,6 +362,7 @@ class Trainer:
         log_summary(cfg, accelerator, self.strategy.module, self.dataset, self.state)
         self.log = StepLog(cfg, accelerator, self.strategy, desc, self.state.step)
         self.evaluator = Evaluator(cfg, self.strategy, self.micro_batch, last_eval)
+        self.validator = Validator(cfg, accelerator, self.strategy, self.loss_fn, self.micro_batch)
         self.checkpointer = Checkpointer(cfg, accelerator, self.strategy, out, self.trainer_state)
 
     def restore(self) -> tuple[TrainState, dict[str, float]]:
@@ -393,6 +422,7 @@ class Trainer:
             result = self.step(logging_step=self.log.due(state.step + 1))
             record = self.log.maybe(state, result)
             record.update(self.evaluator.maybe(state.step))
+            record.update(self.validator.maybe(state.step))
             self.metrics.log(state.step, record)
             self.checkpointer.maybe(state.step)
         return self.finish()
@@ -407,7 +437,7 @@ class Trainer:
             save_final_model(whole, self.strategy.model_cfg, self.out, self.trainer_state())
         del whole
         try:
-            final = self.evaluator.final()
+            final = {**self.evaluator.final(), **self.validator.final()}
         except Exception as err:
             logger.error("the final evaluation failed (%s: %s); the last checkpoint (step %d) and final/ are saved: "
                          "evaluate them with `mmsoftmoe eval --checkpoint %s`", type(err).__name__, err, step,

@@ -8,7 +8,7 @@ import logging
 import open_clip
 import torch
 
-from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
+from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config, with_patch_dropout
 from mmsoftmoe.models.pretrained import read_weights, warm_start_
 from mmsoftmoe.models.upcycle import read_state_dict, upcycle_
 from mmsoftmoe_training.config import TrainConfig
@@ -25,14 +25,15 @@ def build_model(cfg: TrainConfig, device: str = "cpu"):
     if cfg.loss == "siglip" and model_cfg.get("init_logit_bias") is None:
         raise ValueError(f"loss=siglip needs a model with a logit bias, and {cfg.model.name} has none; use a "
                          "*-Sigmoid model config (init_logit_bias=-10, init_logit_scale=log 10) or loss=clip")
-    model, tokenizer = build_clip_from_config(model_cfg, device=device)
+    # patch dropout is a training setting: the config saved with the model (final/, exports) does not carry it
+    model, tokenizer = build_clip_from_config(with_patch_dropout(model_cfg, cfg.model.patch_dropout), device=device)
     open_clip.set_model_preprocess_cfg(model, preprocess_config(model))
     if device != "meta":
         load_start_weights(cfg, model)
     if cfg.model.lock_image:
-        model.lock_image_tower()
+        model.lock_image_tower(unlocked_groups=cfg.model.lock_image_unlocked_groups)
     if cfg.model.lock_text:
-        model.lock_text_tower()
+        model.lock_text_tower(unlocked_layers=cfg.model.lock_text_unlocked_layers)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return model, tokenizer, model_cfg
 

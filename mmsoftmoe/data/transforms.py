@@ -6,13 +6,15 @@ RGB, normalise); building ours the same way keeps training, evaluation and expor
 (the `preprocess_cfg` of a model config) drives both. Two things open_clip lacks are added here: a configurable
 crop scale with named presets (CLIP-style (0.9, 1.0), open_clip's default; Inception-crop (0.08, 1.0), which helps
 Soft MoE per the paper's appendix F.1) and an optional horizontal flip. The flip is off by default because it
-contradicts captions that say "left" or "right", as the built-in shapes captions do.
+contradicts captions that say "left" or "right", as the built-in shapes captions do. The rest of open_clip's
+`AugmentationCfg` (`ratio`, `color_jitter`, `re_prob`, `re_count`, `use_timm` for timm's `create_transform`, ...)
+passes through unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -40,8 +42,10 @@ def train_transform(
     hflip: bool = False,
     mean: Sequence[float] = OPENAI_DATASET_MEAN,
     std: Sequence[float] = OPENAI_DATASET_STD,
+    aug_cfg: AugmentationCfg | None = None,
 ) -> Compose:
-    """Random resized crop (bicubic) of area fraction in `scale`, optional flip, to tensor, normalise.
+    """Random resized crop (bicubic) of area fraction in `scale`, optional flip, to tensor, normalise; or open_clip's
+    pipeline for `aug_cfg` (timm's `create_transform` with `use_timm`), with the same crop scale and flip.
 
     Args:
         image_size: output side in pixels.
@@ -49,12 +53,13 @@ def train_transform(
         hflip: flip horizontally with probability 0.5; only for captions without "left"/"right".
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
+        aug_cfg: open_clip's augmentation config (its `scale` is replaced by `scale`); None: only the crop.
     """
     _check(image_size, mean, std)
     low, high = scale
     if not 0 < low <= high <= 1:
         raise ValueError(f"scale must satisfy 0 < low <= high <= 1 (area fractions), got {scale}")
-    aug_cfg = AugmentationCfg(scale=(low, high))
+    aug_cfg = replace(aug_cfg or AugmentationCfg(), scale=(low, high))
     steps = image_transform(image_size, is_train=True, mean=tuple(mean), std=tuple(std), aug_cfg=aug_cfg).transforms
     if hflip:
         steps.insert(1, RandomHorizontalFlip())  # right after the crop, before the tensor conversion
@@ -94,6 +99,7 @@ def transforms_from_preprocess_cfg(
     *,
     scale: tuple[float, float] = CLIP_CROP_SCALE,
     hflip: bool = False,
+    aug_cfg: AugmentationCfg | None = None,
 ) -> tuple[Compose, Compose]:
     """Train and eval transforms for a model's preprocessing config (open_clip's `preprocess_cfg`).
 
@@ -101,6 +107,7 @@ def transforms_from_preprocess_cfg(
         cfg: a `PreprocessCfg` or its dict form (e.g. `model.visual.preprocess_cfg`); missing keys take the defaults.
         scale: crop area range of the train transform.
         hflip: random horizontal flip in the train transform.
+        aug_cfg: open_clip's augmentation config of the train transform (see `train_transform`).
 
     Returns:
         (train transform, eval transform).
@@ -115,7 +122,7 @@ def transforms_from_preprocess_cfg(
     if not isinstance(full.size, int) and full.size[0] != full.size[1]:
         raise ValueError(f"only square image sizes are supported, got size={full.size}")
     size = full.size if isinstance(full.size, int) else full.size[0]
-    train = train_transform(size, scale=scale, hflip=hflip, mean=full.mean, std=full.std)
+    train = train_transform(size, scale=scale, hflip=hflip, mean=full.mean, std=full.std, aug_cfg=aug_cfg)
     evaluate = eval_transform(
         size, mean=full.mean, std=full.std, interpolation=full.interpolation, resize_mode=full.resize_mode
     )

@@ -21,21 +21,26 @@ PARAMETER_DEFINITIONS = (
 )
 
 
+def cell(value: object) -> str:
+    """`value` as one Markdown table cell: on one line, its pipes escaped (a line break ends the row)."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
 def table(rows: list[tuple[str, object]], header: tuple[str, str] = ("", "")) -> str:
     lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows])
+    return "\n".join(lines + [f"| {cell(k)} | {cell(v)} |" for k, v in rows])
 
 
 def architecture_section(ckpt: Checkpoint, report: dict) -> str:
     trunk = ckpt.trunk
-    moe = f"{getattr(trunk, 'moe_layer', 'none')} / {list(getattr(trunk, 'moe_block_indices', ()))}"
+    blocks = f"{getattr(trunk, 'moe_layer', 'none')} / {list(getattr(trunk, 'moe_block_indices', ()))}"
     moe = [layer for layer in routed_layers(trunk).values() if hasattr(layer, "experts")]
     rows = [
         ("image tower (timm name)", f"`{ckpt.architecture}`"),
         ("image size / patch size", f"{'x'.join(map(str, ckpt.image_size))} / {trunk.patch_embed.patch_size[0]}"),
         ("width / depth / heads", f"{trunk.embed_dim} / {len(trunk.blocks)} / {trunk.blocks[0].attn.num_heads}"),
         ("tokens per image", trunk.patch_embed.num_patches + trunk.num_prefix_tokens),
-        ("MoE layer / blocks", moe),
+        ("MoE layer / blocks", blocks),
         ("pooling", trunk.global_pool or "none"),
         ("output", report["output"]),
     ]

@@ -69,6 +69,19 @@ def resolve_clip_config(model_name: str, text_model: str | Path | None = None) -
     return cfg
 
 
+def with_patch_dropout(model_cfg: dict, rate: float) -> dict:
+    """`model_cfg` with FLIP patch dropout (open_clip's `vision_cfg.patch_dropout`, which reaches timm's
+    `patch_drop_rate`): `rate` of the image patches dropped at random in training mode, none in eval mode. Soft MoE
+    layers take any number of tokens (their slots mix whichever remain). Rate 0 returns `model_cfg` itself."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"patch dropout must be in [0, 1), got {rate}")
+    if rate == 0:
+        return model_cfg
+    cfg = copy.deepcopy(model_cfg)
+    cfg["vision_cfg"]["patch_dropout"] = rate
+    return cfg
+
+
 def build_clip_from_config(
     model_cfg: dict, *, output_dict: bool = True, device: torch.device | str = "cpu", folder: str | Path | None = None
 ) -> tuple[nn.Module, object]:
