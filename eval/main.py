@@ -52,6 +52,7 @@ from mmsoftmoe_eval.plots import dispatch_maps, last_soft_moe, num_tokens, plot_
 from mmsoftmoe_eval.protocol import EVALUATORS, Session, TaskInputs, Transform, slug
 from mmsoftmoe_eval.report import Provenance, markdown_table, plot_fewshot, write_report, write_task_files
 from mmsoftmoe_eval.zero_shot import Tokenizer
+from mmsoftmoe.arguments import check_arguments, check_minimum
 from mmsoftmoe.checkpoint import CONFIG_NAME, model_weights
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.models.clip import image_tower, load_clip, preprocess_config
@@ -216,6 +217,11 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     return f"{sha256_file(model_weights(folder))[:32]}-{config}"
 
 
+# flag -> (minimum, strict), checked with the run config's contract (one line naming the flag and its range).
+ARGUMENT_MINIMUMS = {"--batch-size": (1, False), "--num-workers": (0, False), "--seeds": (1, False),
+                     "--captions-per-image": (1, False)}
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -255,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-split", default="train", help="split the probes and fine-tuning learn from")
     parser.add_argument("--test-split", default=None,
                         help="split scored (None: test, or val for a folder with no test/)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="read a checkpoint that has no manifest.json (or fails it) without verifying it")
     finetuning = parser.add_argument_group("fine-tuning (--tasks finetune; see eval.finetune.FinetuneConfig)")
     for field in dataclasses.fields(FinetuneConfig):
         finetuning.add_argument(f"--ft-{field.name.replace('_', '-')}", type=type(field.default),
@@ -278,7 +286,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     tasks = parse_tasks(args.tasks)
     entries = load_suite(args.suite, tasks) if args.suite else None
     accelerator = Accelerator(mixed_precision=args.precision)
-    model, tokenizer, config = load_clip(args.checkpoint, device=accelerator.device)  # errors name the file
+    model, tokenizer, config = load_clip(args.checkpoint, device=accelerator.device, verify=args.verify)
     train_preprocess, preprocess = transforms_from_preprocess_cfg(preprocess_config(model))
     out = Path(args.out)
     fingerprint = checkpoint_fingerprint(args.checkpoint)
@@ -300,6 +308,9 @@ def run_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``mmsoftmoe eval ...``: prints the results table."""
     args = build_parser().parse_args(argv)
+    check_arguments(args, ARGUMENT_MINIMUMS)
+    for shots in args.shots:
+        check_minimum("--shots", shots, 1)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     results = run_cli(args)  # a user error becomes one `error:` line in the `mmsoftmoe` command
     print(markdown_table(results))

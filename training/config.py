@@ -140,6 +140,8 @@ class TrainConfig:
     checkpoint_every: int = setting(500, "save a resumable checkpoint every N steps", minimum=1)
     keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep", minimum=1)
     resume: str = setting("auto", "auto (latest checkpoint in output_dir, if any) | none | a checkpoint folder")
+    verify_checkpoints: bool = setting(True, "check resume, model.pretrained and model.upcycle_from folders against "
+                                       "their manifest.json (sizes, hashes) before reading; false reads them as is")
     max_nonfinite_steps: int = setting(5, "consecutive non-finite losses (skipped steps) that stop the run; checked "
                                        "at the next logging step", minimum=1)
     trackers: list[str] = setting(factory=lambda: ["tensorboard"], help="trackers (tensorboard, wandb); [] for none")

@@ -37,8 +37,9 @@ from mmsoftmoe.data import SKIP_LOG_NAME, count_skipped, transforms_from_preproc
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.accounting import count_parameters, parameter_counts
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
-from mmsoftmoe.models.pretrained import read_weights, warm_start_
-from mmsoftmoe.models.upcycle import read_state_dict, upcycle_
+from mmsoftmoe.checkpoint import read_clip_weights
+from mmsoftmoe.models.pretrained import warm_start_
+from mmsoftmoe.models.upcycle import upcycle_
 from mmsoftmoe.parallel import (
     build_meshes,
     check_layout,
@@ -145,12 +146,14 @@ def build_model(cfg: TrainConfig, device: str = "cpu"):
 def load_start_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
     """Upcycle the image tower from a dense checkpoint and/or warm-start from pretrained weights, as configured."""
     if cfg.model.upcycle_from:
-        report = upcycle_(model.visual.trunk, read_state_dict(cfg.model.upcycle_from))
+        report = upcycle_(model.visual.trunk, read_clip_weights(cfg.model.upcycle_from, verify=cfg.verify_checkpoints,
+                                                                skip_hint="verify_checkpoints=false"))
         logger.info("upcycled the image tower from %s: %d tensors copied, %d expert tensors from dense MLPs, %d "
                     "fresh (routers), %d unused", cfg.model.upcycle_from, len(report.copied), len(report.upcycled),
                     len(report.fresh), len(report.unused))
     if cfg.model.pretrained:
-        report = warm_start_(model, read_weights(cfg.model.pretrained), cfg.model.pretrained_towers)
+        report = warm_start_(model, read_clip_weights(cfg.model.pretrained, verify=cfg.verify_checkpoints,
+                                                      skip_hint="verify_checkpoints=false"), cfg.model.pretrained_towers)
         logger.info("warm start (%s) from %s: %d tensors loaded; missing %s; unexpected %s",
                     cfg.model.pretrained_towers, cfg.model.pretrained, len(report.loaded),
                     report.missing or "none", report.unexpected or "none")
@@ -191,7 +194,7 @@ def gather_plain_model(model: torch.nn.Module, model_cfg: dict, accelerator: Acc
 def restore(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer) -> tuple[TrainState, dict[str, float]]:
     """The state to start from: fresh, or the checkpoint `cfg.resume` names (model and optimizer restored)."""
-    resume_from = choose_resume_checkpoint(accelerator, cfg.resume, cfg.output_dir)
+    resume_from = choose_resume_checkpoint(accelerator, cfg.resume, cfg.output_dir, verify=cfg.verify_checkpoints)
     if resume_from is None:
         return TrainState(), {}
     saved = restore_training_state(accelerator, resume_from, cfg.model.name, model=model,
