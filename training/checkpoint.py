@@ -46,6 +46,7 @@ from mmsoftmoe.checkpoint import (
     CheckpointError,
     fsync_dir,
     has_manifest,
+    read_clip_weights,
     read_json,
     verify_before_reading,
     verify_checkpoint,
@@ -303,6 +304,12 @@ def _explicit_checkpoint(path: Path, verify: bool) -> Path:
         raise CheckpointError(f"resume={path}: the checkpoint is damaged: {err}. Use resume=auto to take the newest "
                               "intact checkpoint, or pass another folder") from err
     return path
+
+
+def read_start_weights(path: str | Path, verify: bool) -> dict[str, torch.Tensor]:
+    """The weights `model.pretrained` / `model.upcycle_from` names (a model folder or one file), verified against
+    their manifest first unless `verify_checkpoints=false`."""
+    return read_clip_weights(path, verify=verify, skip_hint="verify_checkpoints=false")
 
 
 def restore_training_state(accelerator: Accelerator, path: Path, model_name: str, *, model: nn.Module | None = None,

@@ -312,7 +312,8 @@ def _validate_parallel(par: ParallelConfig, precision: str) -> None:
                          "to -1 (all of them)")
     if par.dp_shard > 0 and par.dp_shard % par.ep:
         raise ValueError(f"parallel.ep={par.ep} must divide parallel.dp_shard={par.dp_shard} (expert-parallel "
-                         "ranks are borrowed from the sharded data-parallel ranks)")
+                         "ranks are borrowed from the sharded data-parallel ranks); choose ep among "
+                         f"{[d for d in range(1, par.dp_shard + 1) if par.dp_shard % d == 0]}")
 
 
 def _validate_paths(cfg: TrainConfig) -> None:

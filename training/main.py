@@ -37,7 +37,6 @@ from mmsoftmoe.data import SKIP_LOG_NAME, count_skipped, transforms_from_preproc
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.accounting import count_parameters, parameter_counts
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config
-from mmsoftmoe.checkpoint import read_clip_weights
 from mmsoftmoe.models.pretrained import warm_start_
 from mmsoftmoe.models.upcycle import upcycle_
 from mmsoftmoe.parallel import (
@@ -50,6 +49,7 @@ from mmsoftmoe.parallel import (
     parallelize,
 )
 from mmsoftmoe_training.checkpoint import choose_resume_checkpoint, restore_training_state, save_checkpoint, save_final_model
+from mmsoftmoe_training.checkpoint import read_start_weights
 from mmsoftmoe_training.config import TrainConfig, config_help, config_yaml, get_value, load_config, to_dict, valid_keys
 from mmsoftmoe_training.data import build_pair_dataset, build_train_loader
 from mmsoftmoe_training.lock import acquire_run_lock
@@ -146,14 +146,13 @@ def build_model(cfg: TrainConfig, device: str = "cpu"):
 def load_start_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
     """Upcycle the image tower from a dense checkpoint and/or warm-start from pretrained weights, as configured."""
     if cfg.model.upcycle_from:
-        report = upcycle_(model.visual.trunk, read_clip_weights(cfg.model.upcycle_from, verify=cfg.verify_checkpoints,
-                                                                skip_hint="verify_checkpoints=false"))
+        report = upcycle_(model.visual.trunk, read_start_weights(cfg.model.upcycle_from, cfg.verify_checkpoints))
         logger.info("upcycled the image tower from %s: %d tensors copied, %d expert tensors from dense MLPs, %d "
                     "fresh (routers), %d unused", cfg.model.upcycle_from, len(report.copied), len(report.upcycled),
                     len(report.fresh), len(report.unused))
     if cfg.model.pretrained:
-        report = warm_start_(model, read_clip_weights(cfg.model.pretrained, verify=cfg.verify_checkpoints,
-                                                      skip_hint="verify_checkpoints=false"), cfg.model.pretrained_towers)
+        report = warm_start_(model, read_start_weights(cfg.model.pretrained, cfg.verify_checkpoints),
+                             cfg.model.pretrained_towers)
         logger.info("warm start (%s) from %s: %d tensors loaded; missing %s; unexpected %s",
                     cfg.model.pretrained_towers, cfg.model.pretrained, len(report.loaded),
                     report.missing or "none", report.unexpected or "none")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import mmsoftmoe_cli
 from mmsoftmoe.checkpoint import MANIFEST_NAME, SHARDED_DIR, read_clip_weights, write_manifest
@@ -210,3 +210,33 @@ def test_an_explicit_resume_without_a_manifest_is_refused_unless_verification_is
     assert not (out / "checkpoints" / "step_00000002").exists()
     assert cli(capsys, *argv, "verify_checkpoints=false")[0] == 0
     assert json.loads((out / "final" / "trainer_state.json").read_text())["state"]["step"] == state["state"]["step"] + 1
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["plan", "--config", "smoke", "--gpu-memory", "-80"], "error: --gpu-memory must be > 0, got -80.0"),
+    (["plan", "--config", "smoke", "--gpu-memory", "0"], "error: --gpu-memory must be > 0, got 0.0"),
+    (["plan", "--config", "smoke", "--gpu-memory", "nan"], "error: --gpu-memory must be > 0, got nan"),
+    (["plan", "--config", "smoke", "--tflops", "-1"], "error: --tflops must be > 0, got -1.0"),
+    (["plan", "--config", "smoke", "--tflops", "0"], "error: --tflops must be > 0, got 0.0"),
+    (["plan", "--config", "smoke", "--gpus", "0"], "error: --gpus must be >= 1, got 0"),
+    (["eval", "--checkpoint", "x", "--dataset", "shapes", "--batch-size", "0"],
+     "error: --batch-size must be >= 1, got 0"),
+    (["eval", "--checkpoint", "x", "--dataset", "shapes", "--shots", "1,0"], "error: --shots must be >= 1, got 0"),
+    (["eval", "--checkpoint", "x", "--dataset", "shapes", "--seeds", "0"], "error: --seeds must be >= 1, got 0"),
+    (["export", "--checkpoint", "x", "--format", "timm", "--out", "y", "--batch-size", "1"],
+     "error: --batch-size must be >= 2, got 1"),
+    (["train", "--config", "smoke", "parallel.dp_shard=2", "parallel.ep=3"],
+     "error: parallel.ep=3 must divide parallel.dp_shard=2 (expert-parallel ranks are borrowed from the sharded "
+     "data-parallel ranks); choose ep among [1, 2]"),
+])
+def test_each_bad_argument_is_refused_naming_its_flag(argv, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written: the folder stays empty
+    assert cli(capsys, *argv) == (2, [expected])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_user_error_on_a_rank_other_than_0_exits_quietly(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert cli(capsys, "plan", "--config", "smoke", "--gpus", "0") == (2, [])
+    monkeypatch.setenv("RANK", "0")
+    assert cli(capsys, "plan", "--config", "smoke", "--gpus", "0") == (2, ["error: --gpus must be >= 1, got 0"])
