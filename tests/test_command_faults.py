@@ -240,3 +240,48 @@ def test_a_user_error_on_a_rank_other_than_0_exits_quietly(capsys, monkeypatch):
     assert cli(capsys, "plan", "--config", "smoke", "--gpus", "0") == (2, [])
     monkeypatch.setenv("RANK", "0")
     assert cli(capsys, "plan", "--config", "smoke", "--gpus", "0") == (2, ["error: --gpus must be >= 1, got 0"])
+
+
+@pytest.fixture()
+def wds_root(tmp_path) -> Path:
+    from tests.test_eval_wds import _picture, write_wds
+
+    root = tmp_path / "wds"
+    write_wds(root, "test", [(_picture(i % 2, i), i % 2) for i in range(8)], num_shards=2)
+    (root / "classnames.txt").write_text("circle\nsquare\n")
+    return root
+
+
+def _eval_wds(capsys, model_folder: Path, root: Path, out: Path) -> tuple[int, list[str]]:
+    return cli(capsys, "eval", "--checkpoint", str(model_folder), "--dataset", f"wds:{root}", "--tasks", "zeroshot",
+               "--out", str(out), "--no-cache")
+
+
+def test_eval_refuses_a_wds_shard_cut_at_a_sample_boundary(model_folder, wds_root, tmp_path, capsys):
+    import tarfile
+
+    shard = wds_root / "test" / "1.tar"
+    with tarfile.open(shard) as tar:
+        third_sample = [m for m in tar.getmembers() if m.name.endswith(".png")][2]
+    with open(shard, "r+b") as f:
+        f.truncate(third_sample.offset)  # whole samples before the cut: a tar reader sees a shorter shard
+    rc, errors = _eval_wds(capsys, model_folder, wds_root, tmp_path / "out")
+    assert rc == 2 and errors == [f"error: {shard} is truncated: no end-of-archive blocks after its last complete "
+                                  "sample (2 read); the file was cut (an interrupted copy or download): fetch it "
+                                  "again"]
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_eval_names_the_shard_and_sample_of_a_malformed_label(model_folder, wds_root, tmp_path, capsys):
+    import tarfile
+
+    from tests.test_eval_wds import _add, _picture
+
+    shard = wds_root / "test" / "0.tar"
+    with tarfile.open(shard, "w") as tar:
+        _add(tar, "s00000.png", _picture(0, 0))
+        _add(tar, "s00000.cls", b"three\n")
+    rc, errors = _eval_wds(capsys, model_folder, wds_root, tmp_path / "out")
+    assert rc == 2 and errors == [f"error: {shard}: sample 's00000' has .cls b'three\\n', not a class index in "
+                                  "[0, 2) (classnames.txt has one line per class)"]
+    assert not (tmp_path / "out" / "results.json").exists()
