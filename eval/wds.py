@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from mmsoftmoe_eval.datasets import DEFAULT_TEMPLATES, Transform, _open_rgb, _sample
-from mmsoftmoe_eval.prompts import read_entries
+from mmsoftmoe_eval.images import Transform, labelled_image, open_rgb
+from mmsoftmoe_eval.prompts import DEFAULT_TEMPLATES, read_entries
 from mmsoftmoe.data.shards import index_shard
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
@@ -132,8 +132,8 @@ class WdsDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> Any:
-        image = _open_rgb(_read(*self.items[index]))
+        image = open_rgb(_read(*self.items[index]))
         if self.retrieval:
-            return _sample(image, 0, self.transform)[0]
-        return _sample(image, self.labels[index], self.transform)
+            return labelled_image(image, 0, self.transform)[0]
+        return labelled_image(image, self.labels[index], self.transform)
 

@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from mmsoftmoe_eval.main import run_evaluation
+from mmsoftmoe_eval.runner import run_evaluation
 from mmsoftmoe.data import SKIP_LOG_NAME, count_skipped, transforms_from_preprocess_cfg
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.accounting import count_parameters, parameter_counts
