@@ -97,7 +97,8 @@ def plot_dataset_dispatch(session: Session, spec: str, num_images: int = 4, num_
 
 
 def evaluate_dataset(session: Session, spec: str, tasks: Sequence[str]) -> dict[str, Any]:
-    """The metrics of every applicable task on ``spec``, plus ``seconds`` per task (and for the shared features)."""
+    """The metrics of every applicable task on ``spec``, plus ``seconds`` per task (and for the shared features) and
+    ``num_samples`` per task (the samples its metrics were computed on)."""
     capabilities = session.capabilities(spec)
     tasks = applicable_tasks(spec, tasks, capabilities)
     needs = frozenset().union(*(EVALUATORS[task].needs for task in tasks))
@@ -109,12 +110,14 @@ def evaluate_dataset(session: Session, spec: str, tasks: Sequence[str]) -> dict[
             train = session.split_features(spec, session.train_split)[1] if "train_features" in needs else None
         inputs = TaskInputs(spec, session, dataset, test, train)
     results: dict[str, Any] = {}
+    num_samples: dict[str, int] = {}
     for task in tasks:
         with _timed(seconds, task):
             results[task] = EVALUATORS[task].run(inputs)
+        num_samples[task] = EVALUATORS[task].num_samples(inputs)
     if "labels" in capabilities:
         plot_dataset_dispatch(session, spec)
-    return {**results, "seconds": seconds}
+    return {**results, "seconds": seconds, "num_samples": num_samples}
 
 
 def run_evaluation(
@@ -142,7 +145,7 @@ def run_evaluation(
     templates_file: str | Path | None = None,
     provenance: Provenance | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Runs ``tasks`` on each dataset and returns ``{dataset: {task: metrics, "seconds": {...}}}``.
+    """Runs ``tasks`` on each dataset: ``{dataset: {task: metrics, "seconds": {...}, "num_samples": {...}}}``.
 
     Args:
         model: open_clip model (``encode_image``, ``encode_text``, ``visual``) on its device; left in its mode.
