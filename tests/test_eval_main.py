@@ -19,6 +19,7 @@ from mmsoftmoe_eval.plots import dispatch_maps
 from mmsoftmoe_eval.retrieval import retrieval_metrics
 from mmsoftmoe_eval.zero_shot import zero_shot_metrics
 from mmsoftmoe.data import ShapesCaptions
+from mmsoftmoe.checkpoint import write_manifest
 from mmsoftmoe.models.clip import build_clip, image_tower, load_clip, resolve_clip_config, save_clip
 
 MODEL = "SoftMoE-Micro-4-32"
@@ -193,6 +194,7 @@ def _corrupt(checkpoint, tmp_path, edit):
     config = json.loads((folder / "open_clip_config.json").read_text())
     edit(config["model_cfg"])
     (folder / "open_clip_config.json").write_text(json.dumps(config))
+    write_manifest(folder)  # a folder that verifies, whose config describes another model
     return folder
 
 
