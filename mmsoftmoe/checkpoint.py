@@ -17,8 +17,8 @@ verifies is complete. Sizes are checked on every read (cheap: catches truncation
 asked. Every reader of weights (`mmsoftmoe consolidate`, `eval`, `export`, a warm start, upcycling, resume) runs
 `verify_before_reading` first, hashes included: a folder without a manifest is refused, and `--no-verify` (CLI) or
 `verify_checkpoints=false` (training) is the explicit way to read it anyway. The hash is xxh3-128 rather than
-sha256 because checkpoints reach tens of GB: measured here, sha256 hashes 1.7 GB/s with the CPU's SHA extensions (~0.5 GB/s without), xxh3-128
-20 GB/s, faster than the disk writes the file; corruption, not an adversary, is what the manifest guards against.
+sha256 because checkpoints reach tens of GB: measured here, sha256 hashes 1.7 GB/s with the CPU's SHA extensions
+(~0.5 GB/s without), xxh3-128 20 GB/s, faster than the disk writes the file; corruption, not an adversary, is what the manifest guards against.
 """
 
 from __future__ import annotations
