@@ -8,7 +8,9 @@ module is imported only when that subcommand runs. Every documented entry point 
 
 Errors a user can cause (a bad config value, a missing or damaged file, a bad argument) print one line,
 `error: <what is wrong and the fix>`, and exit with status 2; other errors keep their traceback (status 1).
-Set `MMSOFTMOE_TRACEBACK=1` to see the traceback of a user error too.
+Set `MMSOFTMOE_TRACEBACK=1` to see the traceback of a user error too. In a run of several processes (torchrun
+sets `RANK`) only rank 0 prints the `error:` line; the other ranks exit with status 2 quietly, so an error every
+rank raises (a bad value, a full disk) is printed once.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("MMSOFTMOE_TRACEBACK"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr)
         return 2
 
 

@@ -9,7 +9,7 @@ retrieval take the model; the probes take features, so a probe on cached feature
     fewshot = evaluate_fewshot(*train, *test, shots=(1, 5, 10, 25))
     linprobe = evaluate_linear_probe(*train, *test)
 
-``run_evaluation`` (``eval.main``, also behind ``mmsoftmoe eval``) runs the evaluators registered in
+``run_evaluation`` (``eval.runner``, also behind ``mmsoftmoe eval``) runs the evaluators registered in
 ``eval.protocol.EVALUATORS`` (one protocol: ``Evaluator.run(TaskInputs) -> metrics``) per dataset, with the Soft MoE
 dispatch pictures (``eval.plots``); ``run_suite`` (``eval.suite``) runs a list of datasets into one table. Datasets
 include CLIP_benchmark's ``wds/`` layout (``eval.wds``), with class names and templates from files (``eval.prompts``).
@@ -42,7 +42,7 @@ from mmsoftmoe_eval.finetune import (
     save_classifier,
 )
 from mmsoftmoe_eval.linear_probe import WEIGHT_DECAYS, evaluate_linear_probe, fit_logistic, select_weight_decay
-from mmsoftmoe_eval.main import TASKS, run_evaluation
+from mmsoftmoe_eval.runner import TASKS, run_evaluation
 from mmsoftmoe_eval.metrics import classification_metrics
 from mmsoftmoe_eval.plots import dispatch_maps, plot_dispatch
 from mmsoftmoe_eval.protocol import EVALUATORS, Evaluator, TaskInputs, register

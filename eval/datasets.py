@@ -39,15 +39,11 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from mmsoftmoe_eval.features import UNREADABLE_LABEL
-from mmsoftmoe_eval.prompts import apply_text_files
-from mmsoftmoe.data import DECODE_ERRORS, decode_image
+from mmsoftmoe_eval.images import Transform, labelled_image, open_rgb
+from mmsoftmoe_eval.prompts import DEFAULT_TEMPLATES, apply_text_files
 
 logger = logging.getLogger(__name__)
 
-Transform = Callable[[Image.Image], Any]
-
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
 IMAGENET_TEMPLATES = tuple(template("{}") for template in open_clip.OPENAI_IMAGENET_TEMPLATES)
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ('a photo of the number: "{}".',)  # CLIP_benchmark's MNIST template
@@ -65,22 +61,6 @@ class ClassificationDataset(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> tuple[Any, int]: ...
-
-
-def _open_rgb(source: str | Path | bytes) -> Image.Image | None:
-    """The image as RGB (`mmsoftmoe.data.decode_image`, as in training), or None (with a warning) when it cannot be
-    decoded: unreadable, truncated, or too large."""
-    try:
-        return decode_image(source)
-    except DECODE_ERRORS as error:
-        logger.warning("Skipping unreadable image %s: %s", "<bytes>" if isinstance(source, bytes) else source, error)
-        return None
-
-
-def _sample(image: Image.Image | None, label: int, transform: Transform | None) -> tuple[Any, int]:
-    if image is None:
-        image, label = Image.new("RGB", (32, 32)), UNREADABLE_LABEL
-    return (transform(image) if transform is not None else image), label
 
 
 def load_class_map(path: str | Path) -> dict[str, str]:
@@ -132,7 +112,7 @@ class ImageFolderDataset(ImageFolder):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        return _sample(_open_rgb(path), label, self.transform)
+        return labelled_image(open_rgb(path), label, self.transform)
 
 
 class HFClassificationDataset(torch.utils.data.Dataset):
@@ -172,8 +152,8 @@ class HFClassificationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         row = self.dataset[index]
         encoded = row[self.image_column]
-        image = _open_rgb(encoded["bytes"] if encoded["bytes"] is not None else encoded["path"])
-        return _sample(image, row[self.label_column], self.transform)
+        image = open_rgb(encoded["bytes"] if encoded["bytes"] is not None else encoded["path"])
+        return labelled_image(image, row[self.label_column], self.transform)
 
 
 def load_hf_split(path: str | Path, split: str) -> Any:
@@ -238,7 +218,7 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image = Image.fromarray(self.images[index]).convert("RGB")
-        return _sample(image, int(self.labels[index]), self.transform)
+        return labelled_image(image, int(self.labels[index]), self.transform)
 
 
 def _build_shapes(split: str, transform: Transform | None) -> ClassificationDataset:

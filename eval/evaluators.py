@@ -88,6 +88,10 @@ class Retrieval(Evaluator):
             text_cache=session.cache(spec, "retrieval", "text"),
         )
 
+    def num_samples(self, inputs: TaskInputs) -> int:
+        """The images retrieved among (each with its captions)."""
+        return len(retrieval_data(inputs.spec, inputs.session)[1])
+
     def rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         recalls = f"{metrics['text_retrieval_recall@1']:.3f} / {metrics['image_retrieval_recall@1']:.3f}"
         return [("image->text / text->image R@1", recalls)]

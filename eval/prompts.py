@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+DEFAULT_TEMPLATES = ("a photo of a {}.",)  # a dataset with no templates of its own
+
 CLASSNAMES_STEM = "classnames"
 TEMPLATES_STEM = "zeroshot_classification_templates"
 

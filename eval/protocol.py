@@ -189,6 +189,13 @@ class Evaluator(abc.ABC):
     def run(self, inputs: TaskInputs) -> dict[str, Any]:
         """The metrics on one dataset."""
 
+    def num_samples(self, inputs: TaskInputs) -> int:
+        """How many samples ``run``'s metrics were computed on: the scored split's readable images (the test
+        features' rows when there are features, else the scored split's size)."""
+        if inputs.test is not None:
+            return len(inputs.test.labels)
+        return len(inputs.session.dataset(inputs.spec, inputs.session.scored_split(inputs.spec)))
+
     @abc.abstractmethod
     def rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         """``(measure, formatted value)`` rows for a summary table such as the demo's."""

@@ -4,8 +4,9 @@ Results are nested dicts such as ``{"digits": {"zeroshot": {"acc1": 0.9}, "fewsh
 markdown table lists every scalar leaf with its path, the JSON keeps everything (per-seed lists included).
 
 ``write_task_files`` also writes one file per dataset and task in CLIP_benchmark's envelope (``clip_benchmark/cli.py``:
-``dataset``, ``model``, ``pretrained``, ``task``, ``metrics``, ``language``), plus the checkpoint's hash and the task's
-seconds outside ``metrics``, so CLIP_benchmark's ``build`` command and its readers take them as they are.
+``dataset``, ``model``, ``pretrained``, ``task``, ``metrics``, ``language``), plus the checkpoint's hash, the task's
+seconds and ``num_samples`` (the samples its metrics were computed on) outside ``metrics``, so CLIP_benchmark's
+``build`` command and its readers take them as they are.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ class Provenance:
 
 
 def task_record(spec: str, task: str, metrics: Mapping[str, Any], seconds: float | None,
-                provenance: Provenance) -> dict[str, Any]:
-    """One dataset and task in CLIP_benchmark's results envelope, with the checkpoint hash and timing beside it."""
+                provenance: Provenance, num_samples: int | None = None) -> dict[str, Any]:
+    """One dataset and task in CLIP_benchmark's results envelope, with the checkpoint hash, timing and sample count
+    beside it."""
     return {"dataset": spec, "model": provenance.model, "pretrained": provenance.pretrained, "task": task,
             "metrics": dict(metrics), "language": provenance.language, "checkpoint_hash": provenance.checkpoint_hash,
-            "seconds": seconds}
+            "seconds": seconds, "num_samples": num_samples}
 
 
 def write_task_files(results: Mapping[str, Mapping[str, Any]], folder: str | Path, task_names: Mapping[str, str],
@@ -44,7 +46,7 @@ def write_task_files(results: Mapping[str, Mapping[str, Any]], folder: str | Pat
     """``<folder>/<dataset>_<task>.json`` per dataset and task of ``run_evaluation``'s results.
 
     Args:
-        results: ``{spec: {task: metrics, "seconds": {task: s}}}``.
+        results: ``{spec: {task: metrics, "seconds": {task: s}, "num_samples": {task: n}}}``.
         folder: Output folder.
         task_names: Our task name -> the file's task name (CLIP_benchmark's where one exists).
         provenance: Model, checkpoint path and hash.
@@ -53,7 +55,8 @@ def write_task_files(results: Mapping[str, Mapping[str, Any]], folder: str | Pat
     for spec, result in results.items():
         for task, metrics in result.items():
             if task in task_names:
-                record = task_record(spec, task_names[task], metrics, result.get("seconds", {}).get(task), provenance)
+                record = task_record(spec, task_names[task], metrics, result.get("seconds", {}).get(task), provenance,
+                                     result.get("num_samples", {}).get(task))
                 name = re.sub(r"[^A-Za-z0-9]+", "_", spec).strip("_")
                 paths.append(write_json(record, Path(folder) / f"{name}_{task_names[task]}.json"))
     return paths

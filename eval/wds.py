@@ -13,8 +13,10 @@ The layout (CLIP_benchmark 1.6.2, ``clip_benchmark/datasets/builder.py``, ``buil
 
 A sample is the run of tar members sharing a key (webdataset's rule: the path up to the first dot of the file name).
 ``WdsDataset`` indexes the shards once with the library's ``mmsoftmoe.data.shards.index_shard`` (``tarfile``, no
-``webdataset`` dependency; a cut shard keeps the samples before the break, with a warning) and reads each image by its
-byte offset, so it is a map-style dataset: the evaluators' loaders, caches and fine-tuning take it like any other.
+``webdataset`` dependency) and reads each image by its byte offset, so it is a map-style dataset: the evaluators'
+loaders, caches and fine-tuning take it like any other. Evaluation data is whole or refused: a shard without tar's
+end-of-archive blocks (cut, even at a sample boundary) and a ``.cls`` that is not a label of ``classnames.txt`` are
+errors naming the shard (and the sample key).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from typing import Any
 
 import torch
 
-from mmsoftmoe_eval.datasets import DEFAULT_TEMPLATES, Transform, _open_rgb, _sample
-from mmsoftmoe_eval.prompts import read_entries
+from mmsoftmoe_eval.images import Transform, labelled_image, open_rgb
+from mmsoftmoe_eval.prompts import DEFAULT_TEMPLATES, read_entries
 from mmsoftmoe.data.shards import index_shard
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 TYPE_FILE = "dataset_type.txt"
+TAR_BLOCK = 512  # a tar archive is 512-byte blocks and ends with two zero blocks (POSIX ustar)
 
 
 def is_retrieval(root: str | Path) -> bool:
@@ -55,6 +58,32 @@ def shard_paths(root: str | Path, split: str) -> list[Path]:
     return shards
 
 
+def check_complete(shard: Path, samples: list) -> None:
+    """Refuse a shard that does not end with tar's two zero blocks right after its last member (``samples``:
+    ``index_shard``'s records): the file was cut, which a tar reader cannot tell from its end at a sample boundary.
+    """
+    end = max((offset + -(-size // TAR_BLOCK) * TAR_BLOCK for _, members in samples
+               for offset, size in members.values()), default=0)
+    with shard.open("rb") as file:
+        file.seek(end)
+        tail = file.read(2 * TAR_BLOCK)
+    if len(tail) < 2 * TAR_BLOCK or tail.count(0) != len(tail):
+        raise ValueError(f"{shard} is truncated: no end-of-archive blocks after its last complete sample "
+                         f"({len(samples)} read); the file was cut (an interrupted copy or download): fetch it again")
+
+
+def _label(text: bytes, shard: Path, key: str, num_classes: int) -> int:
+    """A ``.cls`` member's class index; an error names the shard and sample when it is not one."""
+    try:
+        label = int(text.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        label = -1
+    if not 0 <= label < num_classes:
+        raise ValueError(f"{shard}: sample {key!r} has .cls {text[:40]!r}, not a class index in [0, {num_classes}) "
+                         "(classnames.txt has one line per class)")
+    return label
+
+
 def _read(shard: Path, span: tuple[int, int]) -> bytes:
     """The bytes of one tar member from its ``(offset, size)`` (``index_shard``'s record)."""
     with shard.open("rb") as file:
@@ -76,23 +105,25 @@ class WdsDataset(torch.utils.data.Dataset):
         self.retrieval = is_retrieval(root)
         target = "txt" if self.retrieval else "cls"
         self.items: list[tuple[Path, tuple[int, int]]] = []  # (shard, image member's (offset, size))
-        targets: list[bytes] = []
+        targets: list[tuple[bytes, Path, str]] = []  # (.cls/.txt bytes, shard, key)
         for shard in shard_paths(root, split):
-            for key, members in index_shard(str(shard)):
+            samples = index_shard(str(shard))
+            check_complete(shard, samples)
+            for key, members in samples:
                 image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
                 if image is None or target not in members:
                     raise ValueError(f"{shard}: sample {key!r} lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) "
                                      f"or its .{target}; every sample needs both.")
                 self.items.append((shard, image))
-                targets.append(_read(shard, members[target]))
-        self.captions = [text.decode().splitlines() for text in targets] if self.retrieval else None
-        self.labels = None if self.retrieval else [int(text.decode().strip()) for text in targets]
-        self.classnames = self.templates = None
+                targets.append((_read(shard, members[target]), shard, key))
+        self.captions = [text.decode().splitlines() for text, _, _ in targets] if self.retrieval else None
+        self.labels = self.classnames = self.templates = None
         if not self.retrieval:
             if not (self.root / "classnames.txt").is_file():
                 raise FileNotFoundError(f"No {self.root / 'classnames.txt'}: a wds classification dataset needs one "
                                         "class name per line there, in label order.")
             self.classnames = read_entries(self.root / "classnames.txt", self.root.name)
+            self.labels = [_label(text, shard, key, len(self.classnames)) for text, shard, key in targets]
             templates = self.root / "zeroshot_classification_templates.txt"
             found = read_entries(templates, self.root.name) if templates.is_file() else list(DEFAULT_TEMPLATES)
             self.templates = [template.replace("{c}", "{}") for template in found]
@@ -101,8 +132,8 @@ class WdsDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> Any:
-        image = _open_rgb(_read(*self.items[index]))
+        image = open_rgb(_read(*self.items[index]))
         if self.retrieval:
-            return _sample(image, 0, self.transform)[0]
-        return _sample(image, self.labels[index], self.transform)
+            return labelled_image(image, 0, self.transform)[0]
+        return labelled_image(image, self.labels[index], self.transform)
 

@@ -14,9 +14,11 @@ Two kinds of folder hold a CLIP model, and `mmsoftmoe.models.clip.load_clip` (so
 `manifest.json` lists every other file under the folder, nested ones included (so DCP shards fit unchanged), with
 its size and xxh3-128 hash. It is written last, after every listed file is flushed to disk, so a folder whose manifest
 verifies is complete. Sizes are checked on every read (cheap: catches truncation and missing files); hashes when
-asked (the trainer does before it resumes). The hash is xxh3-128 rather than sha256 because checkpoints reach tens
-of GB: measured here, sha256 hashes 1.7 GB/s with the CPU's SHA extensions (~0.5 GB/s without), xxh3-128
-20 GB/s, faster than the disk writes the file; corruption, not an adversary, is what the manifest guards against.
+asked. Every reader of weights (`mmsoftmoe consolidate`, `eval`, `export`, a warm start, upcycling, resume) runs
+`verify_before_reading` first, hashes included: a folder without a manifest is refused, and `--no-verify` (CLI) or
+`verify_checkpoints=false` (training) is the explicit way to read it anyway. The hash is xxh3-128 rather than
+sha256 because checkpoints reach tens of GB: measured here, sha256 hashes 1.7 GB/s with the CPU's SHA extensions
+(~0.5 GB/s without), xxh3-128 20 GB/s, faster than the disk writes the file; corruption, not an adversary, is what the manifest guards against.
 """
 
 from __future__ import annotations
@@ -124,6 +126,23 @@ def verify_checkpoint(folder: str | Path, *, hashes: bool) -> None:
             raise CheckpointError(f"{path} is damaged: its content differs from {MANIFEST_NAME} ({HASH_NAME})")
 
 
+def verify_before_reading(folder: str | Path, *, verify: bool = True, skip_hint: str = "--no-verify") -> None:
+    """The one check every reader of a checkpoint folder runs before it reads a byte of weights: the folder's
+    manifest (sizes and hashes of every file). `verify=False` skips it; `skip_hint` names that switch in errors.
+
+    Raises:
+        CheckpointError naming the missing manifest, or the first missing or damaged file.
+    """
+    folder = Path(folder)
+    if not verify:
+        return
+    if not has_manifest(folder):
+        raise CheckpointError(f"{folder / MANIFEST_NAME} is missing, so {folder} cannot be verified (a save that did "
+                              f"not finish, or a folder not written by mmsoftmoe); pass {skip_hint} to read it "
+                              "unverified")
+    verify_checkpoint(folder, hashes=True)
+
+
 def model_weights(folder: str | Path) -> Path:
     """The single-file model a folder exposes: `open_clip_model.safetensors` (final/, exports) or accelerate's
     `model.safetensors` (training checkpoints). Errors say what the folder is instead and what to pass."""
@@ -134,6 +153,9 @@ def model_weights(folder: str | Path) -> Path:
     if folder.is_file():
         raise CheckpointError(f"checkpoint {folder} is a file: pass the folder holding {CONFIG_NAME} and the "
                               f"weights ({folder.parent})")
+    if not (folder / CONFIG_NAME).is_file() and (folder / "final" / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder} is a run folder, not a model folder: pass {folder / 'final'} (or a "
+                                "checkpoint under checkpoints/)")
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not an mmsoftmoe/open_clip model folder: {CONFIG_NAME} is missing")
     weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
@@ -145,7 +167,7 @@ def model_weights(folder: str | Path) -> Path:
     return weights
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors (CPU); a CheckpointError names the file when it cannot be parsed."""
     try:
         return load_file(str(path))
@@ -153,13 +175,51 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is damaged (not a readable safetensors file: {err})") from err
 
 
-def read_model_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(`open_clip_config.json` content, weights) of the model a folder exposes, sizes checked against its
-    manifest when it has one; every error names the folder or file and is a user error (no traceback)."""
+def read_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from one file: safetensors, or a `torch.save` file (plain or under "state_dict"/"model",
+    read with `weights_only=True`); a CheckpointError names the file when it is neither."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    expected = "expected a .safetensors file or a torch.save state dict (.pt/.pth)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the unpickler raises whatever the bytes provoke (UnpicklingError, IndexError, ...)
+        detail = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path} is not a weights file ({expected}): {detail}") from err
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors ({expected})")
+    return state
+
+
+def read_clip_weights(path: str | Path, *, verify: bool = True, skip_hint: str = "--no-verify"
+                      ) -> dict[str, torch.Tensor]:
+    """The state dict of a model folder (final/, an open_clip folder, checkpoints/step_*) or of one weights file,
+    verified first (`verify_before_reading`): a folder against its manifest, a file against its folder's
+    manifest when that lists it (a loose file has nothing to be checked against)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; give a model folder or a .safetensors/.pt weights file")
+    if path.is_dir():
+        return read_model_folder(path, verify=verify, skip_hint=skip_hint)[1]
+    if has_manifest(path.parent) and path.name in read_json(path.parent / MANIFEST_NAME).get("files", {}):
+        verify_before_reading(path.parent, verify=verify, skip_hint=skip_hint)
+    return read_state_dict_file(path)
+
+
+def read_model_folder(folder: str | Path, *, verify: bool = True, skip_hint: str = "--no-verify"
+                      ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(`open_clip_config.json` content, weights) of the model a folder exposes, verified against its manifest
+    first (`verify_before_reading`; sizes only when `verify` is off and a manifest exists); every error names the
+    folder or file and is a user error (no traceback)."""
     weights = model_weights(folder)
-    if has_manifest(folder):
+    verify_before_reading(folder, verify=verify, skip_hint=skip_hint)
+    if not verify and has_manifest(folder):
         verify_checkpoint(folder, hashes=False)
     config = read_json(Path(folder) / CONFIG_NAME)
     if "model_cfg" not in config:
         raise CheckpointError(f"{Path(folder) / CONFIG_NAME} has no 'model_cfg': not an open_clip model config")
-    return config, read_weights(weights)
+    return config, read_safetensors(weights)

@@ -1,7 +1,7 @@
 """Sharded checkpoints across layouts; run under `torchrun --nproc_per_node N`.
 
 `... tests/_parallel_checkpoint.py DIR save LAYOUT`: two steps, a checkpoint folder DIR/ckpt (the DCP state in
-`sharded/` and `open_clip_config.json`, as the trainer writes it), the full weights then in
+`sharded/`, `open_clip_config.json` and `manifest.json`, as the trainer writes it), the full weights then in
 DIR/saved.safetensors, then the third step's results in DIR/continued.safetensors.
 `... DIR resume LAYOUT`: a fresh model and optimizer under LAYOUT restored from DIR/ckpt, then the third step's
 results in DIR/resumed_<N>.safetensors. tests/test_parallel.py compares them (and a one-process resume).
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from mmsoftmoe.checkpoint import write_manifest
 from mmsoftmoe.models.clip import resolve_clip_config, write_clip_config
 from mmsoftmoe.parallel import build_meshes, parallelize
 from mmsoftmoe.parallel.checkpoint import SHARDED_DIR, full_model_state_dict, load_sharded, save_sharded
@@ -35,6 +36,7 @@ def main(folder: Path, mode: str, layout: str) -> None:
         weights = full_model_state_dict(model)
         if rank == 0:
             write_clip_config(model, resolve_clip_config(MODEL), folder / "ckpt")
+            write_manifest(folder / "ckpt")  # as the trainer does: what `mmsoftmoe consolidate` verifies
             save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "saved.safetensors"))
         name = "continued.safetensors"
     else:

@@ -175,3 +175,48 @@ def test_a_kill_at_any_point_of_a_save_leaves_an_intact_checkpoint(old_step, tmp
         assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")], killer.calls
         at += 1
     assert sequence[0] == "save_state" and "write_manifest" in sequence and sequence.count("rename") >= 2
+
+
+def _limit_file_size_to_1mb() -> None:
+    """preexec_fn: every write beyond 1 MB fails with EFBIG (SIGXFSZ ignored), in torchrun and its workers."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_sharded_save_fails_like_an_unsharded_one(tmp_path):
+    """Two FSDP2 processes whose DCP shard files (~10 MB each) do not fit: DCP's `CheckpointException` (a
+    BaseException) becomes the unsharded path's DiskFullError on every rank, printed once, the temporary folder
+    removed."""
+    from tests.test_parallel_fit import ENV, torchrun
+
+    out = tmp_path / "run"
+    cmd = torchrun(2, "parallel.dp_shard=2", "steps=2", f"output_dir={out}", "eval.dataset=none")
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size_to_1mb)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-4000:]
+    assert errors[0].startswith(f"error: no space left on the device holding {out} (needs ~"), errors
+    assert "step_00000002 was not written and its temporary folder was removed" in errors[0]
+    assert "CheckpointException" not in proc.stderr  # no raw DCP traceback from any rank
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []  # no step folder, no `.tmp_` left
+
+
+@pytest.mark.slow
+def test_a_second_sharded_run_is_refused_once_without_a_traceback_from_another_rank(tmp_path):
+    from tests.test_parallel_fit import ENV, torchrun
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.replace("from training.", "from mmsoftmoe_training."),
+                               str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run(torchrun(2, "parallel.dp_shard=2", f"output_dir={out}"), cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-4000:]
+    assert errors[0].startswith(f"error: output_dir {out} is in use by another run, pid {holder.pid}")
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("[rank")], proc.stderr[-4000:]

@@ -339,15 +339,15 @@ def test_very_large_images_are_bounded(tmp_path, cache):
 
 
 def test_eval_reads_images_with_the_same_decoder(tmp_path, monkeypatch):
-    from mmsoftmoe_eval.datasets import _open_rgb
+    from mmsoftmoe_eval.images import open_rgb
 
     png16 = encode(Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16)), "PNG")
-    assert np.array_equal(np.asarray(_open_rgb(png16)), np.asarray(decode_image(png16)))
+    assert np.array_equal(np.asarray(open_rgb(png16)), np.asarray(decode_image(png16)))
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     jpeg = encode(Image.fromarray(noise), "JPEG")
-    assert _open_rgb(jpeg[:len(jpeg) // 2]) is None  # truncated file: skipped, not raised
+    assert open_rgb(jpeg[:len(jpeg) // 2]) is None  # truncated file: skipped, not raised
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 100x100 image is now past twice PIL's bomb limit
-    assert _open_rgb(encode(Image.new("L", (100, 100)), "PNG")) is None
+    assert open_rgb(encode(Image.new("L", (100, 100)), "PNG")) is None
 
 
 def write_csv(folder, name: str, sep: str, columns: tuple[str, str], indices: range) -> None:

@@ -19,6 +19,7 @@ from mmsoftmoe_eval.plots import dispatch_maps
 from mmsoftmoe_eval.retrieval import retrieval_metrics
 from mmsoftmoe_eval.zero_shot import zero_shot_metrics
 from mmsoftmoe.data import ShapesCaptions
+from mmsoftmoe.checkpoint import write_manifest
 from mmsoftmoe.models.clip import build_clip, image_tower, load_clip, resolve_clip_config, save_clip
 
 MODEL = "SoftMoE-Micro-4-32"
@@ -77,8 +78,10 @@ def digits_features(model, transform, split):
 @pytest.mark.slow
 def test_report_has_clip_benchmark_keys_and_sane_values(results, cli_out):
     assert set(results) == {"digits", "shapes"}
-    assert set(results["digits"]) == {"zeroshot", "fewshot", "linprobe", "seconds"}  # no captions: no retrieval
-    assert set(results["shapes"]) == {"zeroshot", "retrieval", "fewshot", "linprobe", "seconds"}
+    assert set(results["digits"]) == {"zeroshot", "fewshot", "linprobe", "seconds", "num_samples"}  # no retrieval
+    assert set(results["shapes"]) == {"zeroshot", "retrieval", "fewshot", "linprobe", "seconds", "num_samples"}
+    assert results["digits"]["num_samples"] == {"zeroshot": 360, "fewshot": 360, "linprobe": 360}  # the test split
+    assert set(results["shapes"]["num_samples"].values()) == {SHAPES_SPLITS["test"][0]}
     for result in results.values():
         for task in ("zeroshot", "linprobe"):
             metrics = result[task]
@@ -87,7 +90,7 @@ def test_report_has_clip_benchmark_keys_and_sane_values(results, cli_out):
         assert set(result["fewshot"]) == {f"{k}shot" for k in SHOTS}
         for entry in result["fewshot"].values():
             assert len(entry["acc1_per_seed"]) == 2 and 0.0 <= entry["acc1"] <= 1.0
-        assert set(result["seconds"]) == {"features", *(set(result) - {"seconds"})}
+        assert set(result["seconds"]) == {"features", *(set(result) - {"seconds", "num_samples"})}
     # An untrained tower still separates digits better than chance (0.1) with a linear probe.
     assert results["digits"]["linprobe"]["acc1"] > 0.2
     retrieval = results["shapes"]["retrieval"]
@@ -196,6 +199,7 @@ def _corrupt(checkpoint, tmp_path, edit):
     config = json.loads((folder / "open_clip_config.json").read_text())
     edit(config["model_cfg"])
     (folder / "open_clip_config.json").write_text(json.dumps(config))
+    write_manifest(folder)  # a folder that verifies, whose config describes another model
     return folder
 
 

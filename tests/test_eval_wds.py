@@ -133,6 +133,7 @@ def test_zero_shot_equals_clip_benchmark(classification_root, model, tmp_path, m
     assert {"dataset", "model", "pretrained", "task", "metrics", "language"} <= set(record)
     assert record["task"] == "zeroshot_classification" and record["metrics"] == pytest.approx(theirs, abs=1e-6)
     assert "seconds" not in record["metrics"] and record["seconds"] >= 0
+    assert record["num_samples"] == 36 == ours[f"wds:{classification_root}"]["num_samples"]["zeroshot"]  # all read
 
 
 def test_retrieval_equals_clip_benchmark(retrieval_root, model):
@@ -140,7 +141,8 @@ def test_retrieval_equals_clip_benchmark(retrieval_root, model):
     clip, tokenizer, transform = model
     ours = run_evaluation(clip, tokenizer, dataset=f"wds:{root}", tasks="zeroshot,retrieval", preprocess=transform,
                           batch_size=8)[f"wds:{root}"]
-    assert set(ours) == {"retrieval", "seconds"}  # a retrieval set has no labels: zero-shot is skipped
+    assert set(ours) == {"retrieval", "seconds", "num_samples"}  # no labels: zero-shot is skipped
+    assert ours["num_samples"] == {"retrieval": len(_Captions(root, "test", transform))}
     loader = DataLoader(_Captions(root, "test", transform), batch_size=6,
                         collate_fn=lambda batch: (torch.stack([b[0] for b in batch]), [b[1] for b in batch]))
     theirs = zeroshot_retrieval.evaluate(clip, loader, tokenizer, device="cpu", amp=False, recall_k_list=[1, 5, 10])

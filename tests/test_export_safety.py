@@ -15,6 +15,7 @@ import timm
 import torch
 
 import mmsoftmoe_cli
+from mmsoftmoe.checkpoint import write_manifest
 from mmsoftmoe.export import ParityError, check_parity, export_checkpoint, timm_format
 from mmsoftmoe.export import core as export_core
 from mmsoftmoe.export.atomic import atomic_folder, remove_stale_siblings
@@ -101,6 +102,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
     save_clip(other, resolve_clip_config("SoftMoE-Mini-8-64"), folder)
     micro, _ = build_clip("SoftMoE-Micro-4-32")
     write_clip_config(micro, resolve_clip_config("SoftMoE-Micro-4-32"), folder)
+    write_manifest(folder)  # the folder verifies; its config describes another model
     with pytest.raises(ValueError, match="do not match the architecture.*softmoe_vit_micro_patch4_32_e16"):
         export_checkpoint(folder, "timm", tmp_path / "out")
     assert not (tmp_path / "out").exists()

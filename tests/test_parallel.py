@@ -93,7 +93,8 @@ def test_good_layout_passes():
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["parallel.ep=2"], r"need parallel.dp_shard > 0"),
-    (["parallel.dp_shard=4", "parallel.ep=3"], r"parallel.ep=3 must divide parallel.dp_shard=4"),
+    (["parallel.dp_shard=4", "parallel.ep=3"],
+     r"parallel.ep=3 must divide parallel.dp_shard=4.*choose ep among \[1, 2, 4\]"),
     (["parallel.dp_shard=2", "precision=fp16"], r"precision=fp16 needs a gradient scaler.*use precision=bf16"),
 ])
 def test_config_rejects_a_bad_layout_at_load(overrides, message):

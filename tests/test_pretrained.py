@@ -7,7 +7,8 @@ from safetensors.torch import load_file, save_file
 
 import mmsoftmoe_training.main as train_main
 from mmsoftmoe.models.clip import build_clip
-from mmsoftmoe.models.pretrained import read_weights, warm_start_
+from mmsoftmoe.checkpoint import read_clip_weights
+from mmsoftmoe.models.pretrained import warm_start_
 from mmsoftmoe_training.config import load_config
 from mmsoftmoe_training.model import build_model
 
@@ -41,14 +42,14 @@ def test_image_tower_warm_start_loads_only_the_image_tower(trained, folder, tmp_
 @pytest.mark.slow
 def test_warm_start_reports_missing_and_unexpected_and_refuses_other_shapes(trained):
     model, _ = build_clip("SoftMoE-Micro-4-32")
-    state = read_weights(trained / "final")
+    state = read_clip_weights(trained / "final")
     state["visual.extra_tensor"] = torch.zeros(1)
     del state["visual.trunk.pos_embed"]
     report = warm_start_(model, state, "image")
     assert report.unexpected == ["visual.extra_tensor"] and len(report.missing) == 1
     mini, _ = build_clip("SoftMoE-Mini-8-64")
     with pytest.raises(ValueError, match="does not fit this architecture"):
-        warm_start_(mini, read_weights(trained / "final"), "both")
+        warm_start_(mini, read_clip_weights(trained / "final"), "both")
 
 
 def test_upcycle_from_a_dense_clip_file_through_the_config(tmp_path):

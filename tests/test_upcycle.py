@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 import mmsoftmoe  # noqa: F401  (registers the towers)
 from mmsoftmoe.models.clip import build_clip
-from mmsoftmoe.models.upcycle import read_state_dict, upcycle_
+from mmsoftmoe.checkpoint import read_state_dict_file
+from mmsoftmoe.models.upcycle import upcycle_
 
 
 @pytest.mark.parametrize("moe_name", ["softmoe_vit_micro_patch4_32_e16", "tokenschoice_vit_micro_patch4_32_e16_k1"])
@@ -38,7 +39,7 @@ def test_upcycles_from_an_open_clip_checkpoint_file(tmp_path):
     path = tmp_path / "dense_clip.safetensors"
     save_file({k: v.contiguous() for k, v in dense_clip.state_dict().items()}, str(path))
     moe = timm.create_model("softmoe_vit_micro_patch4_32_e16", num_classes=0)
-    report = upcycle_(moe, read_state_dict(path))
+    report = upcycle_(moe, read_state_dict_file(path))
     trunk = dense_clip.visual.trunk.state_dict()
     assert torch.equal(moe.patch_embed.proj.weight, trunk["patch_embed.proj.weight"])
     assert torch.equal(moe.blocks[3].mlp.experts.w1[5], trunk["blocks.3.mlp.fc1.weight"].t())
@@ -50,7 +51,7 @@ def test_mismatched_sizes_and_non_vit_checkpoints_are_refused():
     mini = timm.create_model("dense_vit_mini_patch8_64")
     with pytest.raises(ValueError, match="upcycle from a dense ViT of the same size"):
         upcycle_(moe, mini.state_dict())
-    with pytest.raises(ValueError, match="not a ViT checkpoint"):
+    with pytest.raises(ValueError, match="the dense checkpoint is not a ViT"):
         upcycle_(moe, {"weight": torch.zeros(2)})
 
 
@@ -60,4 +61,4 @@ def test_a_damaged_dense_checkpoint_is_a_user_error_naming_it(tmp_path):
     path = tmp_path / "dense.safetensors"
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="dense.safetensors is damaged"):
-        read_state_dict(path)
+        read_state_dict_file(path)

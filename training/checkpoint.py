@@ -43,6 +43,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mmsoftmoe.atomic import publish_folder
 from mmsoftmoe.checkpoint import (
@@ -52,7 +53,9 @@ from mmsoftmoe.checkpoint import (
     CheckpointError,
     fsync_dir,
     has_manifest,
+    read_clip_weights,
     read_json,
+    verify_before_reading,
     verify_checkpoint,
     write_manifest,
 )
@@ -113,34 +116,49 @@ def is_disk_full(err: BaseException) -> bool:
     while err is not None:
         if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
             return True
+        if isinstance(err, CheckpointException) and any(is_disk_full(e) for e, _ in err.failures.values()):
+            return True
         if any(text in str(err) for text in DISK_FULL_TEXT):
             return True
         err = err.__cause__ or err.__context__
     return False
 
 
-def _disk_full_error(output_dir: Path, target: Path, needed: int) -> DiskFullError:
+def _kept(output_dir: Path) -> str:
     kept = [p.name for p in list_checkpoints(output_dir)]  # a failed save never touches a published folder
+    return f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists"
+
+
+def _disk_full_error(output_dir: Path, target: Path, needed: int) -> DiskFullError:
     free = shutil.disk_usage(output_dir).free
     return DiskFullError(
         f"no space left on the device holding {output_dir} (needs ~{needed / 2**20:.0f} MB, "
         f"{free / 2**20:.0f} MB free): {target.name} was not written and its temporary folder was removed; "
-        f"{'the previous checkpoint ' + kept[-1] + ' is intact' if kept else 'no earlier checkpoint exists'}. "
-        "Free some space (or lower keep_checkpoints) and run again with resume=auto")
+        f"{_kept(output_dir)}. Free some space (or lower keep_checkpoints) and run again with resume=auto")
+
+
+def _sharded_write_error(output_dir: Path, target: Path, err: CheckpointException) -> CheckpointError:
+    """A DCP save that failed on some rank for another reason than space, named with that rank's error."""
+    rank, (first, _) = next(iter(err.failures.items()))
+    return CheckpointError(f"writing the sharded checkpoint {target.name} failed on rank {rank} "
+                           f"({type(first).__name__}: {first}); its temporary folder was removed and "
+                           f"{_kept(output_dir)}. Fix the cause and run again with resume=auto")
 
 
 @contextlib.contextmanager
 def _staged(target: Path, output_dir: Path, needed: int, main_process: bool) -> Iterator[Path]:
     """Yield `.tmp_<name>` beside `target`; on error the main process removes it (a full disk becomes a
-    `DiskFullError`); the caller publishes it."""
+    `DiskFullError`, another failed DCP write a `CheckpointError`, on every rank); the caller publishes it."""
     tmp = target.parent / f"{TMP_PREFIX}{target.name}"
     try:
         yield tmp
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException derives from BaseException
         if main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(err):
             raise _disk_full_error(output_dir, target, needed) from err
+        if isinstance(err, CheckpointException):
+            raise _sharded_write_error(output_dir, target, err) from err
         raise
 
 
@@ -283,9 +301,9 @@ def save_final_model(model: nn.Module, model_cfg: dict, output_dir: str | Path, 
     output_dir = Path(output_dir)
     target = output_dir / FINAL_DIR
     with _staged(target, output_dir, _state_bytes(model) // 3, main_process=True) as tmp:
-        save_clip(model, model_cfg, tmp)
+        tmp.mkdir(parents=True)
         (tmp / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=2))
-        write_manifest(tmp)
+        save_clip(model, model_cfg, tmp)  # its manifest lists the trainer state too
     _publish(tmp, target)
     return target
 
@@ -321,9 +339,9 @@ def _verified(folder: Path) -> str | None:
     return None
 
 
-def find_resume_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
+def find_resume_checkpoint(resume: str, output_dir: str | Path, verify: bool = True) -> Path | None:
     """The checkpoint to resume from: `none`; `auto` = the newest that verifies (None if there is none at all);
-    or a given folder, which must verify.
+    or a given folder, which must verify unless `verify` is off (`verify_checkpoints=false`).
 
     Raises:
         CheckpointError: `auto` found checkpoints but none verifies, or the given folder does not verify.
@@ -331,7 +349,7 @@ def find_resume_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
     if resume == "none":
         return None
     if resume != "auto":
-        return _explicit_checkpoint(Path(resume))
+        return _explicit_checkpoint(Path(resume), verify)
     found = list_checkpoints(output_dir)
     for folder in reversed(found):
         problem = _verified(folder)
@@ -345,30 +363,37 @@ def find_resume_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
     return None
 
 
-def choose_resume_checkpoint(accelerator: Accelerator, resume: str, output_dir: str | Path) -> Path | None:
+def choose_resume_checkpoint(accelerator: Accelerator, resume: str, output_dir: str | Path,
+                             verify: bool = True) -> Path | None:
     """`find_resume_checkpoint` on the main process, after `remove_unfinished_saves`, its choice sent to every
     process (call on every process, while the main one holds the run lock): the checkpoint is read and hashed
     once, and all processes resume from the same one."""
     choice = [None]
     if accelerator.is_main_process:
         remove_unfinished_saves(output_dir)
-        choice = [find_resume_checkpoint(resume, output_dir)]
+        choice = [find_resume_checkpoint(resume, output_dir, verify)]
     return broadcast_object_list(choice)[0]
 
 
-def _explicit_checkpoint(path: Path) -> Path:
+def _explicit_checkpoint(path: Path, verify: bool) -> Path:
     if not (path / TRAINER_STATE_NAME).is_file() and not has_manifest(path):
         raise FileNotFoundError(f"resume={str(path)!r} is not a checkpoint folder (no {TRAINER_STATE_NAME}); use "
                                 "'auto', 'none' or a folder under <output_dir>/checkpoints/")
-    if not has_manifest(path):
-        logger.warning("resume=%s: no manifest.json, so the checkpoint cannot be verified; loading it as is", path)
+    if not verify:
+        logger.warning("resume=%s: verify_checkpoints=false, so the checkpoint is loaded unverified", path)
         return path
     try:
-        verify_checkpoint(path, hashes=True)
+        verify_before_reading(path, skip_hint="verify_checkpoints=false")
     except CheckpointError as err:
         raise CheckpointError(f"resume={path}: the checkpoint is damaged: {err}. Use resume=auto to take the newest "
                               "intact checkpoint, or pass another folder") from err
     return path
+
+
+def read_start_weights(path: str | Path, verify: bool) -> dict[str, torch.Tensor]:
+    """The weights `model.pretrained` / `model.upcycle_from` names (a model folder or one file), verified against
+    their manifest first unless `verify_checkpoints=false`."""
+    return read_clip_weights(path, verify=verify, skip_hint="verify_checkpoints=false")
 
 
 def restore_training_state(accelerator: Accelerator, path: Path, model_name: str, *, model: nn.Module | None = None,

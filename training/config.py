@@ -191,6 +191,8 @@ class TrainConfig:
     checkpoint_async: bool = setting(False, "sharded runs: stage checkpoints to host memory and write them in the "
                                             "background; each is published (manifest, rename) once on disk")
     resume: str = setting("auto", "auto (latest checkpoint in output_dir, if any) | none | a checkpoint folder")
+    verify_checkpoints: bool = setting(True, "check resume, model.pretrained and model.upcycle_from folders against "
+                                       "their manifest.json (sizes, hashes) before reading; false reads them as is")
     max_nonfinite_steps: int = setting(5, "consecutive non-finite losses (skipped steps) that stop the run; checked "
                                        "at the next logging step", minimum=1)
     trackers: list[str] = setting(factory=lambda: ["tensorboard"], help="trackers (tensorboard, wandb); [] for none")
@@ -442,7 +444,8 @@ def _validate_parallel(par: ParallelConfig, precision: str) -> None:
                          "to -1 (all of them)")
     if par.dp_shard > 0 and par.dp_shard % par.ep:
         raise ValueError(f"parallel.ep={par.ep} must divide parallel.dp_shard={par.dp_shard} (expert-parallel "
-                         "ranks are borrowed from the sharded data-parallel ranks)")
+                         "ranks are borrowed from the sharded data-parallel ranks); choose ep among "
+                         f"{[d for d in range(1, par.dp_shard + 1) if par.dp_shard % d == 0]}")
 
 
 def _validate_paths(cfg: TrainConfig) -> None:

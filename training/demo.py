@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mmsoftmoe_eval.main import run_evaluation
+from mmsoftmoe_eval.runner import run_evaluation
 from mmsoftmoe_eval.protocol import EVALUATORS
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.export import export_checkpoint

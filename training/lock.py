@@ -19,6 +19,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch.distributed as dist
+
 LOCK_NAME = "run.lock"
 logger = logging.getLogger("mmsoftmoe.train")
 
@@ -42,9 +44,10 @@ def acquire_run_lock(output_dir: str | Path, main_process: bool = True) -> Itera
     multi-process run pass `main_process=False` and take nothing.
 
     Raises:
-        RunLockedError naming the holder when another live run holds it.
+        RunLockedError naming the holder when another live run holds it, on every process of the run.
     """
     if not main_process:
+        _share_refusal(None)
         yield
         return
     path = Path(output_dir) / LOCK_NAME
@@ -54,13 +57,15 @@ def acquire_run_lock(output_dir: str | Path, main_process: bool = True) -> Itera
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise RunLockedError(f"output_dir {output_dir} is in use by another run, {_holder(f.read())}: wait for "
-                                 "it to finish, stop it, or choose another output_dir") from None
+            _share_refusal(f"output_dir {output_dir} is in use by another run, {_holder(f.read())}: wait for it to "
+                           "finish, stop it, or choose another output_dir")
         except OSError as err:  # a file system without locks (some network mounts): run, but say what is lost
             logger.warning("output_dir %s: cannot take the run lock (%s); a second run on this folder would not be "
                            "refused", output_dir, err)
+            _share_refusal(None)
             yield
             return
+        _share_refusal(None)
         f.seek(0)
         stale = f.read()
         if stale.strip():
@@ -72,6 +77,18 @@ def acquire_run_lock(output_dir: str | Path, main_process: bool = True) -> Itera
             yield
         finally:
             _write(f, "")  # released cleanly; the kernel drops the flock when the file closes
+
+
+def _share_refusal(refusal: str | None) -> None:
+    """Raise `RunLockedError(refusal)` on every process of the run when the main process (rank 0) was refused:
+    the others would otherwise wait in their next collective for a peer that has exited, and fail with a
+    traceback. Called on every process; a run without a process group has only the main one."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise RunLockedError(refusal)
 
 
 def _write(f, text: str) -> None:

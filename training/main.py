@@ -41,8 +41,8 @@ from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.accounting import count_parameters, parameter_counts
 from mmsoftmoe.models.clip import preprocess_config
 from mmsoftmoe_eval.datasets import build_dataset
-from mmsoftmoe_eval.main import run_evaluation
 from mmsoftmoe_eval.protocol import default_test_split
+from mmsoftmoe_eval.runner import run_evaluation
 from mmsoftmoe_training.checkpoint import (
     PendingCheckpoint,
     choose_resume_checkpoint,
@@ -368,7 +368,8 @@ class Trainer:
     def restore(self) -> tuple[TrainState, dict[str, float]]:
         """The state to start from: fresh, or the checkpoint `resume` names (model and optimizer restored)."""
         cfg = self.cfg
-        resume_from = choose_resume_checkpoint(self.accelerator, cfg.resume, cfg.output_dir)
+        resume_from = choose_resume_checkpoint(self.accelerator, cfg.resume, cfg.output_dir,
+                                               verify=cfg.verify_checkpoints)
         if resume_from is None:
             return TrainState(), {}
         saved = self.strategy.restore(resume_from, cfg.model.name)

@@ -9,8 +9,9 @@ import open_clip
 import torch
 
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config, with_patch_dropout
-from mmsoftmoe.models.pretrained import read_weights, warm_start_
-from mmsoftmoe.models.upcycle import read_state_dict, upcycle_
+from mmsoftmoe.models.pretrained import warm_start_
+from mmsoftmoe.models.upcycle import upcycle_
+from mmsoftmoe_training.checkpoint import read_start_weights
 from mmsoftmoe_training.config import TrainConfig
 
 logger = logging.getLogger("mmsoftmoe.train")
@@ -41,12 +42,13 @@ def build_model(cfg: TrainConfig, device: str = "cpu"):
 def load_start_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
     """Upcycle the image tower from a dense checkpoint and/or warm-start from pretrained weights, as configured."""
     if cfg.model.upcycle_from:
-        report = upcycle_(model.visual.trunk, read_state_dict(cfg.model.upcycle_from))
+        report = upcycle_(model.visual.trunk, read_start_weights(cfg.model.upcycle_from, cfg.verify_checkpoints))
         logger.info("upcycled the image tower from %s: %d tensors copied, %d expert tensors from dense MLPs, %d "
                     "fresh (routers), %d unused", cfg.model.upcycle_from, len(report.copied), len(report.upcycled),
                     len(report.fresh), len(report.unused))
     if cfg.model.pretrained:
-        report = warm_start_(model, read_weights(cfg.model.pretrained), cfg.model.pretrained_towers)
+        report = warm_start_(model, read_start_weights(cfg.model.pretrained, cfg.verify_checkpoints),
+                             cfg.model.pretrained_towers)
         logger.info("warm start (%s) from %s: %d tensors loaded; missing %s; unexpected %s",
                     cfg.model.pretrained_towers, cfg.model.pretrained, len(report.loaded),
                     report.missing or "none", report.unexpected or "none")

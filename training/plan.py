@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mmsoftmoe.arguments import check_arguments
 from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.parallel import plan
 from mmsoftmoe.parallel.plan import count_model
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     plan.add_arguments(parser)
     args = parser.parse_args(argv)
+    check_arguments(args, plan.ARGUMENT_MINIMUMS)
     if args.scaling:
         counted = {}
         for name in plan.SCALING_CONFIGS:

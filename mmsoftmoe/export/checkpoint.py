@@ -56,11 +56,12 @@ class Checkpoint:
         return self.model.visual if proj else self.trunk
 
 
-def open_checkpoint(folder: str | Path) -> Checkpoint:
-    """Open a checkpoint folder for export; errors name the missing or damaged file or the mismatching architecture."""
+def open_checkpoint(folder: str | Path, verify: bool = True) -> Checkpoint:
+    """Open a checkpoint folder for export, verified against its manifest first (unless `verify` is off); errors
+    name the missing or damaged file or the mismatching architecture."""
     folder = Path(folder)
     try:
-        model, tokenizer, config = load_clip(folder)
+        model, tokenizer, config = load_clip(folder, verify=verify)
     except ConfigMismatchError as err:
         tower = config_tower(folder)
         raise ConfigMismatchError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mmsoftmoe.arguments import check_arguments
 from mmsoftmoe.console import quiet
 from mmsoftmoe.export.core import export_checkpoint
 from mmsoftmoe.export.formats import ALIASES, ALL, FORMATS, parse_formats
@@ -33,15 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="parity-check batch size (>= 2)")
     parser.add_argument("--verbose", action="store_true",
                         help="show the exporters' own output (ONNX steps, weight loading/saving bars)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="read a checkpoint that has no manifest.json (or fails it) without verifying it")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_arguments(args, {"--batch-size": (2, False)})
     # A user error becomes one `error:` line in the `mmsoftmoe` command; a parity failure keeps its traceback.
     with quiet(not args.verbose):
         reports = export_checkpoint(args.checkpoint, args.formats, args.out, overwrite=args.overwrite,
-                                    proj=args.proj, batch_size=args.batch_size)
+                                    proj=args.proj, batch_size=args.batch_size, verify=args.verify)
     print(f"{'format':<13} {'max abs diff':>12} {'time (s)':>9} {'size (MiB)':>10}  folder")
     for name, report in reports.items():
         print(f"{name:<13} {report['parity']['max_abs_diff']:>12.3g} {report['export_seconds']:>9.2f} "

@@ -71,6 +71,7 @@ def export_checkpoint(
     overwrite: bool = False,
     proj: bool = True,
     batch_size: int = 8,
+    verify: bool = True,
 ) -> dict[str, dict]:
     """Export `checkpoint` to each of `formats`; returns the report of each (also in its `export_report.json`).
 
@@ -82,11 +83,12 @@ def export_checkpoint(
         proj: Include the CLIP projection (image embeddings); False exports pooled trunk features instead
             (open_clip always exports the whole CLIP model).
         batch_size: Size of the parity batch (>= 2: batch 1 vs batch N is also checked).
+        verify: Check the checkpoint against its manifest (sizes and hashes) before reading it.
     """
     names = parse_formats(formats)
     targets = export_targets(Path(out), names)
     check_targets(targets, Path(checkpoint), overwrite)
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = open_checkpoint(checkpoint, verify=verify)
     pixels = parity_batch(ckpt, batch_size)
     return {name: export_format(ckpt, FORMATS[name], target, pixels, proj=proj, overwrite=overwrite)
             for name, target in targets.items()}

@@ -14,6 +14,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+from mmsoftmoe.checkpoint import MANIFEST_NAME
 from mmsoftmoe.export.base import Format
 from mmsoftmoe.export.checkpoint import Checkpoint
 from mmsoftmoe.models.clip import CONFIG_NAME, WEIGHTS_NAMES, save_clip
@@ -21,7 +22,7 @@ from mmsoftmoe.models.clip import CONFIG_NAME, WEIGHTS_NAMES, save_clip
 
 def write(ckpt: Checkpoint, folder: Path, proj: bool) -> dict:
     save_clip(ckpt.model, ckpt.config["model_cfg"], folder)
-    return {"files": [CONFIG_NAME, WEIGHTS_NAMES[0]]}
+    return {"files": [CONFIG_NAME, WEIGHTS_NAMES[0], MANIFEST_NAME]}
 
 
 def load(folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:

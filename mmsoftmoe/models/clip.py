@@ -26,7 +26,7 @@ from open_clip.transform import PreprocessCfg
 from safetensors.torch import save_file
 from torch import nn
 
-from mmsoftmoe.checkpoint import CONFIG_NAME, WEIGHTS_NAMES, ConfigMismatchError, read_model_folder
+from mmsoftmoe.checkpoint import CONFIG_NAME, WEIGHTS_NAMES, ConfigMismatchError, read_model_folder, write_manifest
 from mmsoftmoe.models.init import INIT_CONSTANTS_ATTR, init_weights_
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -182,25 +182,29 @@ def write_clip_config(model: nn.Module, model_cfg: dict, folder: str | Path) -> 
 
 
 def save_clip(model: nn.Module, model_cfg: dict, folder: str | Path) -> Path:
-    """Write an open_clip `local-dir:` folder: `open_clip_config.json` and `open_clip_model.safetensors`."""
+    """Write an open_clip `local-dir:` folder: `open_clip_config.json`, `open_clip_model.safetensors` and, last,
+    the `manifest.json` that lets every reader verify it (listing any file already in `folder` too)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_clip_config(model, model_cfg, folder)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_NAMES[0]))
+    write_manifest(folder)
     return folder
 
 
-def load_clip(folder: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, object, dict]:
+def load_clip(folder: str | Path, *, device: torch.device | str = "cpu", verify: bool = True,
+              skip_hint: str = "--no-verify") -> tuple[nn.Module, object, dict]:
     """Load the CLIP model a folder exposes (`mmsoftmoe.checkpoint`): an open_clip folder (`final/`, an export) or
     a training checkpoint folder (`checkpoints/step_*`). A missing, damaged or mismatching file is a user error
     naming it: `CheckpointError` for damage (checked against the folder's manifest when it has one),
-    `ConfigMismatchError` for weights of another architecture.
+    `ConfigMismatchError` for weights of another architecture. The folder is verified against its manifest first
+    (`mmsoftmoe.checkpoint.verify_before_reading`) unless `verify` is off; `skip_hint` names that switch.
 
     Returns:
         (model in eval mode, tokenizer, the `open_clip_config.json` content).
     """
-    config, state = read_model_folder(folder)
+    config, state = read_model_folder(folder, verify=verify, skip_hint=skip_hint)
     config_path = Path(folder) / CONFIG_NAME
     model, tokenizer = build_clip_from_config(config["model_cfg"], folder=folder)
     try:

@@ -2,20 +2,17 @@
 
 A warm start is not a resume: only weights are read (the optimizer, schedule and data position start afresh).
 Keys are matched by name; tensors of another shape are an error naming them; keys missing on either side are
-reported, so a partial match (a CLIP with another text tower, say) is visible rather than silent.
+reported, so a partial match (a CLIP with another text tower, say) is visible rather than silent. The weights are
+read and verified by `mmsoftmoe.checkpoint.read_clip_weights` (a model folder or one weights file).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
-
-from mmsoftmoe.checkpoint import read_model_folder
-from mmsoftmoe.models.upcycle import read_state_dict
 
 TOWERS = ("both", "image", "text")
 
@@ -25,12 +22,6 @@ class WarmStartReport:
     loaded: list[str]
     missing: list[str]  # the model's keys of the chosen towers that the checkpoint lacks (left as initialised)
     unexpected: list[str]  # the checkpoint's keys of the chosen towers that the model lacks (ignored)
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The CLIP state dict of a checkpoint folder (final/, open_clip local-dir, checkpoints/step_*) or file."""
-    path = Path(path)
-    return read_model_folder(path)[1] if path.is_dir() else read_state_dict(path)
 
 
 def in_tower(key: str, towers: str) -> bool:

@@ -7,19 +7,18 @@ way. Which modules hold experts is found from the layers themselves (a module ho
 replaced a timm `Mlp` with `fc1`/`fc2` at its own path), so no MoE layer type is named here.
 
 The dense weights come from a timm ViT state dict or from an open_clip CLIP whose image tower is a timm model
-(`visual.trunk.` prefix), as a safetensors or `torch.save` file (read with `weights_only=True`).
+(`visual.trunk.` prefix): a safetensors or `torch.save` file, or a CLIP model folder, read and verified by
+`mmsoftmoe.checkpoint.read_clip_weights` (as `model.pretrained` is).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from mmsoftmoe.checkpoint import read_weights
 from mmsoftmoe.layers.experts import StackedExperts
 
 # Where a dense ViT's own keys start inside the checkpoints we read: timm, open_clip (CLIP, or its visual), DDP.
@@ -37,25 +36,12 @@ class UpcycleReport:
     unused: list[str] = field(default_factory=list)  # dense tensors with no place in the MoE tower
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file, or a `torch.save` file (plain or under "state_dict"/"model")."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dense checkpoint {path} does not exist; give a .safetensors or .pt/.pth file")
-    if path.suffix == ".safetensors":
-        return read_weights(path)  # a damaged file is a CheckpointError naming it
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
 def _strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in PREFIXES:
         if prefix + _ANCHOR in state:
             return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    raise ValueError(f"not a ViT checkpoint: no '{_ANCHOR}' under any of the prefixes {PREFIXES}")
+    raise ValueError(f"the dense checkpoint is not a ViT: no '{_ANCHOR}' under any of the prefixes {PREFIXES} "
+                     "(expected timm ViT or open_clip CLIP weights)")
 
 
 def _expert_sources(mlp_path: str, dense: Mapping[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:

@@ -371,6 +371,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true")
 
 
+# flag -> (minimum, strict): a GPU count of at least one, memory, throughput and bandwidths above zero.
+ARGUMENT_MINIMUMS = {"--gpus": (1, False), "--gpus-per-node": (1, False), "--gpu-memory": (0, True),
+                     "--tflops": (0, True), "--nvlink-gbps": (0, True), "--link-gbps": (0, True)}
+
+
 SCALING_CONFIGS = ("softmoe_b16_sigmoid_256", "softmoe_l16_sigmoid", "softmoe_h14_sigmoid")
 
 
