@@ -25,7 +25,7 @@ COMMANDS = {
     "eval": ("mmsoftmoe_eval.main", "zero-shot, retrieval, few-shot, linear probe and fine-tuning evaluation"),
     "export": ("mmsoftmoe.export", "export the image encoder (timm, open_clip, hf, onnx, torch_export)"),
     "demo": ("mmsoftmoe_training.demo", "pretrain on built-in data, evaluate, export, print a results table"),
-    "consolidate": ("mmsoftmoe.parallel.checkpoint", "a sharded (FSDP2/EP) checkpoint -> the single-file model"),
+    "consolidate": ("mmsoftmoe.parallel.dcp", "a sharded (FSDP2/EP) checkpoint -> the single-file model"),
     "shards": ("mmsoftmoe.data.shard_writer", "image folder / CSV / parquet pairs -> WebDataset shards"),
     "plan": ("mmsoftmoe_training.plan",
              "per-GPU memory and step time of DDP / FSDP2 / FSDP2+EP layouts; the fastest that fits"),

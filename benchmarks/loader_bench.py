@@ -34,9 +34,6 @@ import numpy as np
 import open_clip
 import torch
 from accelerate import Accelerator
-from mmsoftmoe_training.data import PREFETCH_FACTOR, build_train_loader
-from mmsoftmoe_training.loop import build_loss
-from mmsoftmoe_training.optim import build_optimizer
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -45,6 +42,9 @@ from benchmarks.train_bench import make_batch, ours_step
 from mmsoftmoe.data import ShardStream, TarShard, list_shards, load_pairs, transforms_from_preprocess_cfg
 from mmsoftmoe.data.shards import index_shard
 from mmsoftmoe.models.clip import build_clip, preprocess_config
+from mmsoftmoe_training.data import PREFETCH_FACTOR, build_train_loader
+from mmsoftmoe_training.loop import build_loss
+from mmsoftmoe_training.optim import build_optimizer
 
 SHUFFLE_BUFFER = 256
 B16_DEMAND = 667  # images/s one GPU consumes at the paper's 1.5 ms per image (B/16 recipe)

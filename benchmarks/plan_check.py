@@ -1,4 +1,4 @@
-"""The planner (`mmsoftmoe/parallel/plan.py`) against reality: its memory and collective bytes versus what
+"""The planner (`mmsoftmoe/parallel/cost_model.py`) against reality: its memory and collective bytes versus what
 `benchmarks/dist_bench.py` measures in small CPU runs of each layout.
 
 Run as `python -m benchmarks.plan_check [--models SoftMoE-Micro-4-32,SoftMoE-Mini-8-64] [--procs 1,2,4]`.
@@ -26,7 +26,7 @@ import sys
 from benchmarks.common import check_machine, write_results
 from benchmarks.dist_bench import LAYOUTS, launch, layouts_for
 from mmsoftmoe.models.clip import build_clip
-from mmsoftmoe.parallel.plan import Layout, ModelCounts, collective_bytes, count_model, memory_bytes
+from mmsoftmoe.parallel.cost_model import Layout, ModelCounts, collective_bytes, count_model, memory_bytes
 
 MIB = 2**20
 

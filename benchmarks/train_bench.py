@@ -25,8 +25,6 @@ import time
 import open_clip
 import torch
 from accelerate import Accelerator
-from mmsoftmoe_training.loop import build_loss, optimizer_step, step_metrics
-from mmsoftmoe_training.optim import build_optimizer, lr_multiplier
 
 from benchmarks.common import check_machine, write_results
 from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
@@ -34,6 +32,8 @@ from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.machine import gemm_peak_gflops
 from mmsoftmoe.models.accounting import count_flops
 from mmsoftmoe.models.clip import build_clip, preprocess_config
+from mmsoftmoe_training.loop import build_loss, optimizer_step, step_metrics
+from mmsoftmoe_training.optim import build_optimizer, lr_multiplier
 
 TARGET_RATIO = 1.05
 # Step kinds, with the gradient-clipping norm of the mmsoftmoe loop (bare open_clip-style steps do not clip).

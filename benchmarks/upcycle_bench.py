@@ -16,12 +16,11 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.common import check_machine, write_results
+from mmsoftmoe.machine import describe_machine
 from mmsoftmoe_training.config import load_config
 from mmsoftmoe_training.logger import read_metrics
 from mmsoftmoe_training.main import fit
-
-from benchmarks.common import check_machine, write_results
-from mmsoftmoe.machine import describe_machine
 
 DENSE, MOE = "Dense-Micro-4-32", "SoftMoE-Micro-4-32"
 

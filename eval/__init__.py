@@ -42,12 +42,12 @@ from mmsoftmoe_eval.finetune import (
     save_classifier,
 )
 from mmsoftmoe_eval.linear_probe import WEIGHT_DECAYS, evaluate_linear_probe, fit_logistic, select_weight_decay
-from mmsoftmoe_eval.runner import TASKS, run_evaluation
 from mmsoftmoe_eval.metrics import classification_metrics
 from mmsoftmoe_eval.plots import dispatch_maps, plot_dispatch
 from mmsoftmoe_eval.protocol import EVALUATORS, Evaluator, TaskInputs, register
 from mmsoftmoe_eval.report import markdown_table, plot_fewshot, write_json, write_report
 from mmsoftmoe_eval.retrieval import evaluate_retrieval, retrieval_metrics
+from mmsoftmoe_eval.runner import TASKS, run_evaluation
 from mmsoftmoe_eval.suite import load_suite, run_suite
 from mmsoftmoe_eval.wds import WdsDataset
 from mmsoftmoe_eval.zero_shot import evaluate_zero_shot, zero_shot_classifier, zero_shot_metrics

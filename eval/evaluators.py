@@ -10,6 +10,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from mmsoftmoe.data import ShapesCaptions, load_pairs
+from mmsoftmoe.models.clip import image_tower
 from mmsoftmoe_eval.datasets import SHAPES_SPLITS
 from mmsoftmoe_eval.fewshot import evaluate_fewshot
 from mmsoftmoe_eval.finetune import finetune
@@ -17,8 +19,6 @@ from mmsoftmoe_eval.linear_probe import evaluate_linear_probe
 from mmsoftmoe_eval.protocol import PAIRS_PREFIX, WDS_PREFIX, Evaluator, Session, TaskInputs, register, slug
 from mmsoftmoe_eval.retrieval import evaluate_retrieval
 from mmsoftmoe_eval.zero_shot import zero_shot_classifier, zero_shot_metrics
-from mmsoftmoe.data import ShapesCaptions, load_pairs
-from mmsoftmoe.models.clip import image_tower
 
 
 class _ImagesOnly(Dataset):

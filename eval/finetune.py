@@ -38,11 +38,11 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mmsoftmoe.console import progress_bar
+from mmsoftmoe.layers import collect_aux_loss
 from mmsoftmoe_eval.datasets import ClassificationDataset
 from mmsoftmoe_eval.features import UNREADABLE_LABEL, eval_mode, extract_features
 from mmsoftmoe_eval.metrics import classification_metrics
-from mmsoftmoe.console import progress_bar
-from mmsoftmoe.layers import collect_aux_loss
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from PIL import Image
 
-from mmsoftmoe_eval.features import UNREADABLE_LABEL
 from mmsoftmoe.data import DECODE_ERRORS, decode_image
+from mmsoftmoe_eval.features import UNREADABLE_LABEL
 
 logger = logging.getLogger("mmsoftmoe_eval.datasets")
 

@@ -26,6 +26,10 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from mmsoftmoe.arguments import check_arguments, check_minimum
+from mmsoftmoe.checkpoint import CONFIG_NAME, model_weights
+from mmsoftmoe.data import transforms_from_preprocess_cfg
+from mmsoftmoe.models.clip import load_clip, preprocess_config
 from mmsoftmoe_eval.datasets import SPEC_HELP
 from mmsoftmoe_eval.features import sha256_file
 from mmsoftmoe_eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS, L2_SWEEP
@@ -33,10 +37,6 @@ from mmsoftmoe_eval.finetune import FinetuneConfig
 from mmsoftmoe_eval.report import Provenance, markdown_table
 from mmsoftmoe_eval.runner import TASKS, parse_tasks, run_evaluation
 from mmsoftmoe_eval.suite import load_suite, run_suite
-from mmsoftmoe.arguments import check_arguments, check_minimum
-from mmsoftmoe.checkpoint import CONFIG_NAME, model_weights
-from mmsoftmoe.data import transforms_from_preprocess_cfg
-from mmsoftmoe.models.clip import load_clip, preprocess_config
 
 __all__ = ["TASKS", "main", "parse_tasks", "run_evaluation"]  # run_evaluation stays importable from here
 

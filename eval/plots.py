@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmsoftmoe_eval.features import eval_mode
 from mmsoftmoe.figures import save_figure
+from mmsoftmoe_eval.features import eval_mode
 
 
 def last_soft_moe(tower: nn.Module) -> nn.Module | None:

@@ -32,6 +32,7 @@ from torch import nn
 from torchvision.transforms import Normalize
 
 import mmsoftmoe_eval.evaluators  # noqa: F401  (registers the evaluators)
+from mmsoftmoe.models.clip import image_tower
 from mmsoftmoe_eval.datasets import dataset_name
 from mmsoftmoe_eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS
 from mmsoftmoe_eval.finetune import FinetuneConfig
@@ -39,7 +40,6 @@ from mmsoftmoe_eval.plots import dispatch_maps, last_soft_moe, num_tokens, plot_
 from mmsoftmoe_eval.protocol import EVALUATORS, Session, TaskInputs, Transform, slug
 from mmsoftmoe_eval.report import Provenance, plot_fewshot, write_report, write_task_files
 from mmsoftmoe_eval.zero_shot import Tokenizer
-from mmsoftmoe.models.clip import image_tower
 
 logger = logging.getLogger("mmsoftmoe_eval.main")  # the name users filter on
 

@@ -32,9 +32,9 @@ import yaml
 
 from mmsoftmoe_eval.datasets import dataset_name
 from mmsoftmoe_eval.fewshot import DEFAULT_L2_REG, L2_SWEEP
-from mmsoftmoe_eval.runner import parse_tasks, run_evaluation
 from mmsoftmoe_eval.protocol import EVALUATORS, slug
 from mmsoftmoe_eval.report import write_json
+from mmsoftmoe_eval.runner import parse_tasks, run_evaluation
 
 ENTRY_KEYS = {"dataset", "name", "tasks", "classnames", "templates"}
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
+from mmsoftmoe.data.shards import index_shard
 from mmsoftmoe_eval.images import Transform, labelled_image, open_rgb
 from mmsoftmoe_eval.prompts import DEFAULT_TEMPLATES, read_entries
-from mmsoftmoe.data.shards import index_shard
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 TYPE_FILE = "dataset_type.txt"

@@ -15,9 +15,9 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mmsoftmoe.console import progress_enabled
 from mmsoftmoe_eval.features import FeatureCacheKey, eval_mode, extract_features, resolve_device
 from mmsoftmoe_eval.metrics import classification_metrics
-from mmsoftmoe.console import progress_enabled
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 

@@ -18,7 +18,8 @@ asked. Every reader of weights (`mmsoftmoe consolidate`, `eval`, `export`, a war
 `verify_before_reading` first, hashes included: a folder without a manifest is refused, and `--no-verify` (CLI) or
 `verify_checkpoints=false` (training) is the explicit way to read it anyway. The hash is xxh3-128 rather than
 sha256 because checkpoints reach tens of GB: measured here, sha256 hashes 1.7 GB/s with the CPU's SHA extensions
-(~0.5 GB/s without), xxh3-128 20 GB/s, faster than the disk writes the file; corruption, not an adversary, is what the manifest guards against.
+(~0.5 GB/s without), xxh3-128 20 GB/s, faster than the disk writes the file; corruption, not an adversary, is
+what the manifest guards against.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAMES = ("open_clip_model.safetensors", "model.safetensors")
 TRAINER_STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"
-SHARDED_DIR = "sharded"  # a DCP checkpoint inside a training checkpoint folder (mmsoftmoe.parallel.checkpoint)
+SHARDED_DIR = "sharded"  # a DCP checkpoint inside a training checkpoint folder (mmsoftmoe.parallel.dcp)
 HASH_NAME = "xxh3_128"
 CHUNK_BYTES = 1 << 24
 

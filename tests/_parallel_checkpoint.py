@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from mmsoftmoe.checkpoint import write_manifest
 from mmsoftmoe.models.clip import resolve_clip_config, write_clip_config
 from mmsoftmoe.parallel import build_meshes, parallelize
-from mmsoftmoe.parallel.checkpoint import SHARDED_DIR, full_model_state_dict, load_sharded, save_sharded
+from mmsoftmoe.parallel.dcp import SHARDED_DIR, full_model_state_dict, load_sharded, save_sharded
 from mmsoftmoe.parallel.grad_norm import clip_grad_norm_
 from tests._parallel_train import make_model, make_optimizer, run_steps
 

@@ -27,9 +27,9 @@ from mmsoftmoe.parallel import (
     materialize_from_rank0,
     parallelize,
 )
-from tests.training_fixtures import rank_slice, split
 from mmsoftmoe_training.loop import build_loss, train_step
 from mmsoftmoe_training.optim import build_optimizer
+from tests.training_fixtures import rank_slice, split
 
 MODELS = ("SoftMoE-Micro-4-32", "TokensChoiceK1-Micro-4-32")
 STEPS, GLOBAL_BATCH, MAX_NORM = 3, 8, 0.05

@@ -10,8 +10,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
-from tests.training_fixtures import global_batch, make_model, rank_slice
 from mmsoftmoe_training.loop import build_loss, train_step
+from tests.training_fixtures import global_batch, make_model, rank_slice
 
 
 def main(out_path: str, global_size: int) -> None:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import mmsoftmoe_training.main as train_main
 from mmsoftmoe.checkpoint import verify_checkpoint
 from mmsoftmoe.parallel import consolidate
-from mmsoftmoe_training.checkpoint import find_resume_checkpoint, list_checkpoints
+from mmsoftmoe_training.checkpointing import find_resume_checkpoint, list_checkpoints
 from tests.checkpoint_fixtures import SimulatedKill, run
 
 SHARDED = ["parallel.dp_shard=1", "steps=6", "checkpoint_every=2", "keep_checkpoints=8"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import mmsoftmoe.atomic
-import mmsoftmoe_training.checkpoint as ckpt
+import mmsoftmoe_training.checkpointing as ckpt
 from mmsoftmoe.atomic import publish_folder
 from mmsoftmoe.export.atomic import atomic_folder
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import layer_bench as lb
 from benchmarks import common
+from benchmarks import layer_bench as lb
 from benchmarks.common import peak_alloc_bytes
 
 # A hand-sized config: b 2 examples, m 8 tokens, d 4, h 16, n 4 experts, p 2 slots each (s 8).

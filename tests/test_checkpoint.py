@@ -14,12 +14,12 @@ import torch
 from accelerate.state import AcceleratorState
 
 import mmsoftmoe_cli
-from mmsoftmoe_eval.main import main as eval_main
 from mmsoftmoe.checkpoint import MANIFEST_NAME, CheckpointError, verify_checkpoint, write_manifest
 from mmsoftmoe.export import export_checkpoint
 from mmsoftmoe.models.clip import load_clip
+from mmsoftmoe_eval.main import main as eval_main
+from mmsoftmoe_training.checkpointing import find_resume_checkpoint
 from tests.checkpoint_fixtures import losses, run, run_killed_after
-from mmsoftmoe_training.checkpoint import find_resume_checkpoint
 
 RUN = ("steps=6", "checkpoint_every=2", "keep_checkpoints=3")
 

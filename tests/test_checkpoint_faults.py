@@ -20,13 +20,13 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 import mmsoftmoe_cli
-import mmsoftmoe_training.checkpoint as ckpt
+import mmsoftmoe_training.checkpointing as ckpt
 import mmsoftmoe_training.main as train_main
 from mmsoftmoe.checkpoint import verify_checkpoint
 from mmsoftmoe.models.clip import load_clip, resolve_clip_config
+from mmsoftmoe_training.lock import LOCK_NAME, acquire_run_lock
 from tests.checkpoint_fixtures import ROOT, SMOKE, SimulatedKill, run
 from tests.training_fixtures import MODEL, make_model
-from mmsoftmoe_training.lock import LOCK_NAME, acquire_run_lock
 
 HOLD_LOCK = "import sys, time\nfrom training.lock import acquire_run_lock\nwith acquire_run_lock(sys.argv[1]):\n" \
             "    print('held', flush=True)\n    time.sleep(120)\n"

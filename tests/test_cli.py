@@ -15,8 +15,8 @@ import yaml
 from safetensors.torch import load_file
 
 import mmsoftmoe_cli as cli
-from mmsoftmoe.export import FORMATS
 import mmsoftmoe_training.main as train_main
+from mmsoftmoe.export import FORMATS
 from mmsoftmoe_training.config import config_yaml, load_config, valid_keys
 
 ROOT = Path(__file__).resolve().parents[1]

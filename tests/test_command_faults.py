@@ -17,7 +17,7 @@ import mmsoftmoe_cli
 from mmsoftmoe.checkpoint import MANIFEST_NAME, SHARDED_DIR, read_clip_weights, write_manifest
 from mmsoftmoe.models.clip import build_clip, resolve_clip_config, save_clip, write_clip_config
 from mmsoftmoe.models.upcycle import upcycle_
-from mmsoftmoe.parallel.checkpoint import save_sharded
+from mmsoftmoe.parallel.dcp import save_sharded
 
 MODEL = "SoftMoE-Micro-4-32"
 SMOKE_RUN = ["eval.dataset=none", "data.num_workers=0", "batch_size=8", "trackers=[]", "steps=1"]

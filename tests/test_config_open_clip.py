@@ -4,9 +4,10 @@ settings that need another one, and open_clip's `aug_cfg` fields."""
 import pytest
 import torch
 import yaml
-from mmsoftmoe_training.config import PRECISION_ALIASES, config_yaml, load_config
 from open_clip.transform import AugmentationCfg
 from open_clip_train.precision import get_autocast
+
+from mmsoftmoe_training.config import PRECISION_ALIASES, config_yaml, load_config
 
 # What accelerate's mixed_precision values autocast to (None: no autocast).
 OUR_AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}

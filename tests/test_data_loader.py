@@ -104,8 +104,8 @@ def test_run_config_reaches_the_readers(tmp_path):
 @pytest.mark.slow
 def test_trainer_state_counts_distinct_skips_with_workers_and_resume(tmp_path):
     import mmsoftmoe_training.main as train_main
-    from tests.training_fixtures import shapes_image_folder, write_metadata
     from mmsoftmoe_training.config import load_config
+    from tests.training_fixtures import shapes_image_folder, write_metadata
 
     folder = tmp_path / "pairs"
     rows = shapes_image_folder(folder, 14)

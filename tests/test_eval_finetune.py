@@ -8,13 +8,13 @@ from accelerate import Accelerator
 from torch import nn
 
 import mmsoftmoe  # noqa: F401  (registers the towers in timm)
+from mmsoftmoe.data import eval_transform
+from mmsoftmoe.layers import RoutingStatsMixin
 from mmsoftmoe_eval.datasets import DigitsDataset
 from mmsoftmoe_eval.features import eval_mode, extract_features, make_loader
 from mmsoftmoe_eval.finetune import FinetuneConfig, _train_step, build_classifier, finetune, load_classifier
 from mmsoftmoe_eval.linear_probe import evaluate_linear_probe
 from mmsoftmoe_eval.metrics import classification_metrics
-from mmsoftmoe.data import eval_transform
-from mmsoftmoe.layers import RoutingStatsMixin
 
 TOWER = "softmoe_vit_micro_patch4_32_e16"
 TRANSFORM = eval_transform(32, mean=(0.5,) * 3, std=(0.5,) * 3)  # digits: 8x8 upsampled to the tower's 32

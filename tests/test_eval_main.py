@@ -11,6 +11,9 @@ import torch
 from accelerate.state import AcceleratorState
 
 import mmsoftmoe_cli
+from mmsoftmoe.checkpoint import write_manifest
+from mmsoftmoe.data import ShapesCaptions
+from mmsoftmoe.models.clip import build_clip, image_tower, load_clip, resolve_clip_config, save_clip
 from mmsoftmoe_eval.datasets import SHAPES_SPLITS, DigitsDataset
 from mmsoftmoe_eval.fewshot import evaluate_fewshot
 from mmsoftmoe_eval.linear_probe import evaluate_linear_probe
@@ -18,9 +21,6 @@ from mmsoftmoe_eval.main import TASKS, main, parse_tasks, run_evaluation
 from mmsoftmoe_eval.plots import dispatch_maps
 from mmsoftmoe_eval.retrieval import retrieval_metrics
 from mmsoftmoe_eval.zero_shot import zero_shot_metrics
-from mmsoftmoe.data import ShapesCaptions
-from mmsoftmoe.checkpoint import write_manifest
-from mmsoftmoe.models.clip import build_clip, image_tower, load_clip, resolve_clip_config, save_clip
 
 MODEL = "SoftMoE-Micro-4-32"
 SHOTS = (1, 5, 10)

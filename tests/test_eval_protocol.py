@@ -7,10 +7,10 @@ import open_clip
 import pytest
 import torch
 
+from mmsoftmoe.models.clip import build_clip, preprocess_config
 from mmsoftmoe_eval.datasets import DigitsDataset
 from mmsoftmoe_eval.main import TASKS, run_evaluation
 from mmsoftmoe_eval.protocol import EVALUATORS, Evaluator, TaskInputs, register
-from mmsoftmoe.models.clip import build_clip, preprocess_config
 from mmsoftmoe_training.demo import results_table
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
+from mmsoftmoe.data.synthetic import ShapesClassification
+from mmsoftmoe.models.clip import build_clip, preprocess_config
 from mmsoftmoe_eval.datasets import SHAPES_SPLITS, DigitsDataset
 from mmsoftmoe_eval.fewshot import L2_SWEEP, evaluate_fewshot
 from mmsoftmoe_eval.suite import load_suite, mean_ranks, run_suite
-from mmsoftmoe.data.synthetic import ShapesClassification
-from mmsoftmoe.models.clip import build_clip, preprocess_config
 
 MODEL = "SoftMoE-Micro-4-32"
 SHOTS = (1, 5)

@@ -18,11 +18,11 @@ from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mmsoftmoe.data import TarShard
+from mmsoftmoe.models.clip import build_clip, preprocess_config
 from mmsoftmoe_eval.datasets import build_dataset
 from mmsoftmoe_eval.fewshot import evaluate_fewshot
 from mmsoftmoe_eval.main import run_evaluation
-from mmsoftmoe.data import TarShard
-from mmsoftmoe.models.clip import build_clip, preprocess_config
 
 MODEL = "SoftMoE-Micro-4-32"
 CLASSES = ["red square", "green square", "blue square", "red disc", "green disc", "blue disc"]

@@ -14,9 +14,9 @@ import torch
 from timm.layers.activations import GELUTanh
 
 import mmsoftmoe  # noqa: F401  (registers the towers)
-from mmsoftmoe_eval.finetune import FinetuneConfig, build_finetune_optimizer
 from mmsoftmoe.layers import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
 from mmsoftmoe.models.clip import build_clip
+from mmsoftmoe_eval.finetune import FinetuneConfig, build_finetune_optimizer
 from mmsoftmoe_training.optim import build_optimizer
 
 TOWER = "softmoe_vit_micro_patch4_32_e16"  # depth 4, Soft MoE in blocks 2 and 3

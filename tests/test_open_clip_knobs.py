@@ -16,9 +16,9 @@ import mmsoftmoe_training.main as train_main
 from mmsoftmoe.data import ShapesCaptions
 from mmsoftmoe.models.clip import image_tower, preprocess_config
 from mmsoftmoe_training.config import load_config
-from mmsoftmoe_training.model import build_model
 from mmsoftmoe_training.data import build_pair_dataset
 from mmsoftmoe_training.loop import TrainState
+from mmsoftmoe_training.model import build_model
 from tests.test_data_pairs import write_csv
 
 

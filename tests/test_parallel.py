@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from mmsoftmoe.models.clip import load_clip
 from mmsoftmoe.parallel import check_layout
-from mmsoftmoe.parallel.checkpoint import SHARDED_DIR, consolidate, load_sharded
+from mmsoftmoe.parallel.dcp import SHARDED_DIR, consolidate, load_sharded
+from mmsoftmoe_training.config import load_config
 from tests._parallel_checkpoint import MODEL
 from tests._parallel_train import MAX_NORM, MODELS, make_model, make_optimizer, run_steps
-from mmsoftmoe_training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

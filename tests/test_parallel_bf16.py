@@ -8,8 +8,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from benchmarks.dist_bench import launch
 from mmsoftmoe.models.clip import build_clip
-from mmsoftmoe.parallel.checkpoint import SHARDED_DIR
-from mmsoftmoe.parallel.plan import Layout, collective_bytes, count_model
+from mmsoftmoe.parallel.cost_model import Layout, collective_bytes, count_model
+from mmsoftmoe.parallel.dcp import SHARDED_DIR
 from tests.checkpoint_fixtures import losses
 from tests.test_mixed_precision import BF16_LOSS_TOLERANCE
 from tests.test_parallel_fit import EP2, run, torchrun

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 import mmsoftmoe_training.main as train_main
 from mmsoftmoe.checkpoint import CheckpointError
 from mmsoftmoe.models.clip import load_clip
+from mmsoftmoe_training.config import load_config
+from mmsoftmoe_training.logger import read_metrics
 from tests.checkpoint_fixtures import losses
 from tests.test_export import load_timm
 from tests.test_parallel import failure
-from mmsoftmoe_training.config import load_config
-from mmsoftmoe_training.logger import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MMSOFTMOE = str(Path(sys.executable).parent / "mmsoftmoe")

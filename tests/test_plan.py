@@ -15,7 +15,7 @@ from benchmarks.dist_bench import launch
 from mmsoftmoe.models.accounting import count_parameters
 from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.parallel import expert_layers
-from mmsoftmoe.parallel.plan import GIB, Layout, _padded, collective_bytes, count_model, layouts, plan_layout
+from mmsoftmoe.parallel.cost_model import GIB, Layout, _padded, collective_bytes, count_model, layouts, plan_layout
 
 MICRO = "SoftMoE-Micro-4-32"
 

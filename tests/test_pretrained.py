@@ -6,8 +6,8 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
 import mmsoftmoe_training.main as train_main
-from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.checkpoint import read_clip_weights
+from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.models.pretrained import warm_start_
 from mmsoftmoe_training.config import load_config
 from mmsoftmoe_training.model import build_model

@@ -17,9 +17,9 @@ from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmsoftmoe.layers import set_record_stats
-from tests.training_fixtures import global_batch, make_model, split
 from mmsoftmoe_training.loop import TrainState, build_loss, optimizer_step, record_step, step_metrics
 from mmsoftmoe_training.optim import build_optimizer
+from tests.training_fixtures import global_batch, make_model, split
 
 PY_SYNCS = ("item", "tolist", "numpy", "nonzero", "__bool__", "__float__", "__int__", "__index__")
 SYNC_TAGS = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output)

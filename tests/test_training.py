@@ -17,10 +17,10 @@ import mmsoftmoe_training.loop
 import mmsoftmoe_training.main as train_main
 from mmsoftmoe.layers import collect_aux_loss, routed_layers
 from mmsoftmoe.models.clip import build_clip_from_config, resolve_clip_config
-from tests.training_fixtures import global_batch, grads, make_model, shapes_image_folder, split, write_metadata
 from mmsoftmoe_training.config import load_config
-from mmsoftmoe_training.model import build_model
 from mmsoftmoe_training.loop import build_loss, loss_terms, train_step
+from mmsoftmoe_training.model import build_model
+from tests.training_fixtures import global_batch, grads, make_model, shapes_image_folder, split, write_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"

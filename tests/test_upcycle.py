@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 import mmsoftmoe  # noqa: F401  (registers the towers)
-from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.checkpoint import read_state_dict_file
+from mmsoftmoe.models.clip import build_clip
 from mmsoftmoe.models.upcycle import upcycle_
 
 

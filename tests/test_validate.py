@@ -12,9 +12,9 @@ import mmsoftmoe_training.main as train_main
 from mmsoftmoe.data import PairDataset, ShapesCaptions, collate, transforms_from_preprocess_cfg
 from mmsoftmoe.models.clip import load_clip, preprocess_config
 from mmsoftmoe_training.config import load_config
-from mmsoftmoe_training.model import build_model
 from mmsoftmoe_training.logger import read_metrics
 from mmsoftmoe_training.loop import build_loss
+from mmsoftmoe_training.model import build_model
 from mmsoftmoe_training.validate import build_val_loader, validation_metrics
 from tests.test_data_pairs import write_csv
 

@@ -12,12 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mmsoftmoe_eval.runner import run_evaluation
-from mmsoftmoe_eval.protocol import EVALUATORS
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.export import export_checkpoint
 from mmsoftmoe.machine import describe_machine
 from mmsoftmoe.models.clip import load_clip
+from mmsoftmoe_eval.protocol import EVALUATORS
+from mmsoftmoe_eval.runner import run_evaluation
 from mmsoftmoe_training.config import TrainConfig, load_config
 from mmsoftmoe_training.logger import read_metrics
 from mmsoftmoe_training.main import fit

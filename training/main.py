@@ -43,7 +43,7 @@ from mmsoftmoe.models.clip import preprocess_config
 from mmsoftmoe_eval.datasets import build_dataset
 from mmsoftmoe_eval.protocol import default_test_split
 from mmsoftmoe_eval.runner import run_evaluation
-from mmsoftmoe_training.checkpoint import (
+from mmsoftmoe_training.checkpointing import (
     PendingCheckpoint,
     choose_resume_checkpoint,
     finish_checkpoint,

@@ -11,7 +11,7 @@ import torch
 from mmsoftmoe.models.clip import build_clip_from_config, preprocess_config, resolve_clip_config, with_patch_dropout
 from mmsoftmoe.models.pretrained import warm_start_
 from mmsoftmoe.models.upcycle import upcycle_
-from mmsoftmoe_training.checkpoint import read_start_weights
+from mmsoftmoe_training.checkpointing import read_start_weights
 from mmsoftmoe_training.config import TrainConfig
 
 logger = logging.getLogger("mmsoftmoe.train")

@@ -42,7 +42,7 @@ from mmsoftmoe.parallel import (
     materialize_from_rank0,
     parallelize,
 )
-from mmsoftmoe_training.checkpoint import restore_training_state
+from mmsoftmoe_training.checkpointing import restore_training_state
 from mmsoftmoe_training.config import TrainConfig
 from mmsoftmoe_training.model import build_model
 from mmsoftmoe_training.optim import build_optimizer

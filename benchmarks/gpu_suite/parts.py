@@ -16,9 +16,6 @@ from types import SimpleNamespace
 import timm
 import torch
 from accelerate import Accelerator
-from mmsoftmoe_training.config import load_config
-from mmsoftmoe_training.loop import build_loss, loss_terms, optimizer_step
-from mmsoftmoe_training.optim import build_optimizer
 from torch import nn
 
 import mmsoftmoe  # noqa: F401  (registers the towers and CLIP configs)
@@ -37,6 +34,9 @@ from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.machine import cpu_name, gemm_peak_gflops
 from mmsoftmoe.models.accounting import count_flops, count_parameters, image_flops
 from mmsoftmoe.models.clip import build_clip, preprocess_config
+from mmsoftmoe_training.config import load_config
+from mmsoftmoe_training.loop import build_loss, loss_terms, optimizer_step
+from mmsoftmoe_training.optim import build_optimizer
 
 PARTS_ORDER = ("peak", "towers", "clip", "sweep", "layer")
 MODES = ("eager", "compiled")

@@ -315,7 +315,8 @@ class ShardStream(_PairConverter):
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only (what the transforms draw from): torch.manual_seed also queues a lazy CUDA
             # seeding that records a stack trace, about 2.7 ms per sample on a CUDA build (loader_bench profile).
-            torch.default_generator.manual_seed(int(np.random.SeedSequence([seed, stream, position]).generate_state(1)[0]))
+            draw = np.random.SeedSequence([seed, stream, position]).generate_state(1)[0]
+            torch.default_generator.manual_seed(int(draw))
             return self.convert(example, default_key=key, source=shard)
 
     def stream_batches(self, stream: int, num_streams: int, micro_batch: int, seed: int,

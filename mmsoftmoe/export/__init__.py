@@ -8,10 +8,10 @@ written atomically, loaded back and checked against the eager model, and gets a 
 """
 
 from mmsoftmoe.export.base import Format
-from mmsoftmoe.export.checkpoint import Checkpoint, open_checkpoint
 from mmsoftmoe.export.cli import main
 from mmsoftmoe.export.core import ParityError, check_parity, export_checkpoint
 from mmsoftmoe.export.formats import FORMATS, parse_formats
+from mmsoftmoe.export.source import Checkpoint, open_checkpoint
 
 __all__ = [
     "FORMATS",

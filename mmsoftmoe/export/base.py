@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmsoftmoe.export.checkpoint import Checkpoint
+from mmsoftmoe.export.source import Checkpoint
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 

@@ -7,7 +7,7 @@ import json
 from string import Template
 
 from mmsoftmoe.export.base import Format
-from mmsoftmoe.export.checkpoint import Checkpoint
+from mmsoftmoe.export.source import Checkpoint
 from mmsoftmoe.layers import routed_layers
 
 PARAMETER_DEFINITIONS = (

@@ -26,8 +26,8 @@ import mmsoftmoe
 from mmsoftmoe.export.atomic import atomic_folder, check_target, remove_stale_siblings
 from mmsoftmoe.export.base import Encoder, Format
 from mmsoftmoe.export.card import model_card
-from mmsoftmoe.export.checkpoint import Checkpoint, open_checkpoint
 from mmsoftmoe.export.formats import FORMATS, parse_formats
+from mmsoftmoe.export.source import Checkpoint, open_checkpoint
 from mmsoftmoe.models.accounting import image_flops, parameter_counts
 
 REPORT_NAME = "export_report.json"

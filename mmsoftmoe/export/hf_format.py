@@ -22,9 +22,9 @@ from torch import nn
 from transformers import AutoModel, CLIPImageProcessor
 
 from mmsoftmoe.export.base import Format
-from mmsoftmoe.export.checkpoint import Checkpoint
 from mmsoftmoe.export.hf_remote_code.configuration_mmsoftmoe import MMSoftMoEVisionConfig
 from mmsoftmoe.export.hf_remote_code.modeling_mmsoftmoe import MMSoftMoEVisionModel
+from mmsoftmoe.export.source import Checkpoint
 from mmsoftmoe.models.mmsoftmoe_vit import MODEL_ARGS
 
 _MOE_ARGS = ("moe_layer", "moe_blocks", "moe_kwargs")

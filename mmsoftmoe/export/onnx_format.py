@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mmsoftmoe.export.base import Format, export_program
-from mmsoftmoe.export.checkpoint import Checkpoint
+from mmsoftmoe.export.source import Checkpoint
 
 MODEL_NAME = "model.onnx"
 INPUT_NAME = "pixel_values"

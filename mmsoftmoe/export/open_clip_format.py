@@ -16,7 +16,7 @@ import torch
 
 from mmsoftmoe.checkpoint import MANIFEST_NAME
 from mmsoftmoe.export.base import Format
-from mmsoftmoe.export.checkpoint import Checkpoint
+from mmsoftmoe.export.source import Checkpoint
 from mmsoftmoe.models.clip import CONFIG_NAME, WEIGHTS_NAMES, save_clip
 
 

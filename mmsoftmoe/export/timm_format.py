@@ -22,10 +22,10 @@ from timm.models import save_for_hf
 from torch import nn
 
 from mmsoftmoe.export.base import Format
-from mmsoftmoe.export.checkpoint import Checkpoint
+from mmsoftmoe.export.source import Checkpoint
 
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+TIMM_CONFIG_NAME = "config.json"
 
 
 def timm_tower(ckpt: Checkpoint, proj: bool) -> nn.Module:
@@ -53,12 +53,12 @@ def write(ckpt: Checkpoint, folder: Path, proj: bool) -> dict:
     save_for_hf(timm_tower(ckpt, proj), str(folder), safe_serialization=True,
                 data_config=data_config(ckpt.preprocess_cfg))
     return {"architecture": ckpt.architecture, "num_classes": ckpt.projection.out_features if proj else 0,
-            "files": [WEIGHTS_NAME, CONFIG_NAME]}
+            "files": [WEIGHTS_NAME, TIMM_CONFIG_NAME]}
 
 
 def load(folder: Path) -> nn.Module:
     """The tower as a user gets it: `timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=...)`."""
-    config = json.loads((Path(folder) / CONFIG_NAME).read_text())
+    config = json.loads((Path(folder) / TIMM_CONFIG_NAME).read_text())
     num_classes = config["num_classes"]
     overlay = dict(config["pretrained_cfg"], file=str(Path(folder) / WEIGHTS_NAME))
     return timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,

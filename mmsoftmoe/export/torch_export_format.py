@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mmsoftmoe.export.base import Format, export_program
-from mmsoftmoe.export.checkpoint import Checkpoint
+from mmsoftmoe.export.source import Checkpoint
 
 PROGRAM_NAME = "model.pt2"
 

@@ -8,7 +8,7 @@ weights it holds (the values of a one-process build), and `materialize_from_rank
 model instead (for weights read from a whole file: warm starts, upcycling).
 """
 
-from mmsoftmoe.parallel.checkpoint import (
+from mmsoftmoe.parallel.dcp import (
     SHARDED_DIR,
     consolidate,
     full_model_state_dict,

@@ -4,7 +4,7 @@ torchtitan `components/checkpoint.py`: the model and optimizer state dicts come 
 `torch.distributed.checkpoint.state_dict` (keyed by parameter name, values DTensors of their global shape), so
 every process writes only its own shards and a checkpoint loads at any other process count or layout (DCP
 reads the pieces each new shard needs), or into an unsharded model in one process. Atomic renaming, keeping
-the last K and the trainer state are the trainer's business (`training/checkpoint.py`).
+the last K and the trainer state are the trainer's business (`training/checkpointing.py`).
 
 `mmsoftmoe consolidate` verifies the checkpoint against its manifest before DCP reads a byte (DCP itself checks no
 content: a shard overwritten in place loads as garbage), and writes its output folder atomically, as export does.
