@@ -44,7 +44,8 @@ def test_a_registered_evaluator_runs_and_reaches_the_demo_table(registered):
     transform = open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"])
     results = run_evaluation(model.eval(), tokenizer, dataset=["digits", "pairs:/nowhere"], tasks="meannorm",
                              preprocess=transform)
-    assert set(results["pairs:/nowhere"]) == {"seconds"}  # no labels: skipped before the data is read
+    assert set(results["pairs:/nowhere"]) == {"seconds", "num_samples"}  # no labels: skipped before reading
+    assert results["pairs:/nowhere"]["num_samples"] == {}
     dataset = DigitsDataset("test", transform)
     with torch.inference_mode():
         embeddings = model.encode_image(torch.stack([dataset[i][0] for i in range(len(dataset))]))

@@ -428,6 +428,11 @@ class Trainer:
             self.checkpointer.maybe(state.step)
         return self.finish()
 
+    def close(self) -> None:
+        """Stop the data workers now: forked while the run lock was held, they hold its file open, so the next run
+        on this folder would find it taken until they exit."""
+        self.loader = None
+
     def finish(self) -> dict[str, float]:
         """Save what the run made before anything can fail (the last checkpoint, then `final/`), then evaluate."""
         self.log.close()
@@ -466,7 +471,10 @@ def fit(cfg: TrainConfig, desc: str = "train") -> dict:
           process_group(cfg, accelerator)):
         trainer = Trainer(cfg, accelerator, out, desc)
         started()
-        return trainer.train()
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -41,6 +41,7 @@ from mmsoftmoe.parallel import (
     init_sharded_,
     materialize_from_rank0,
     parallelize,
+    unsharded_root,
 )
 from mmsoftmoe_training.checkpointing import restore_training_state
 from mmsoftmoe_training.config import TrainConfig
@@ -142,6 +143,10 @@ class Sharded(Strategy):
 
     def checkpoint_args(self) -> dict:
         return {"model": self.module, "sharded_optimizer": self.optimizer}
+
+    def evaluate(self, fn: EvaluateFn) -> dict:
+        with unsharded_root(self.module):  # evaluation runs the towers outside `forward`
+            return fn(self.module, self.accelerator)
 
     def final_model(self) -> nn.Module | None:
         """A whole, unsharded copy in rank 0's host memory (None on the other ranks): what `final/` holds."""

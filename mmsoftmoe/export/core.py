@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import mmsoftmoe
-from mmsoftmoe.export.atomic import atomic_folder, check_target, remove_stale_siblings
+from mmsoftmoe.export.staging import atomic_folder, check_target, remove_stale_siblings
 from mmsoftmoe.export.base import Encoder, Format
 from mmsoftmoe.export.card import model_card
 from mmsoftmoe.export.formats import FORMATS, parse_formats

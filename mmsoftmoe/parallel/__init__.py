@@ -21,7 +21,7 @@ from mmsoftmoe.parallel.grad_norm import clip_grad_norm_
 from mmsoftmoe.parallel.init import init_sharded_
 from mmsoftmoe.parallel.materialize import materialize_from_rank0
 from mmsoftmoe.parallel.mesh import ParallelMeshes, build_meshes, check_layout
-from mmsoftmoe.parallel.parallelize import expert_layers, parallelize
+from mmsoftmoe.parallel.parallelize import expert_layers, parallelize, unsharded_root
 
 __all__ = [
     "SHARDED_DIR",
@@ -37,6 +37,7 @@ __all__ = [
     "load_sharded",
     "materialize_from_rank0",
     "parallelize",
+    "unsharded_root",
     "save_sharded",
     "save_sharded_async",
 ]

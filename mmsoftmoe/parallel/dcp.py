@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mmsoftmoe.checkpoint import SHARDED_DIR, CheckpointError, read_json, verify_before_reading
-from mmsoftmoe.export.atomic import atomic_folder, check_target, remove_stale_siblings
+from mmsoftmoe.export.staging import atomic_folder, check_target, remove_stale_siblings
 from mmsoftmoe.models.clip import CONFIG_NAME, build_clip_from_config, local_text_cfg, save_clip
 
 

@@ -17,7 +17,9 @@ gradients by the whole data-parallel size instead of the expert-FSDP size (torch
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 
 import open_clip.transformer
 import timm.models.vision_transformer
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from mmsoftmoe.layers.base import ExpertLayerBase
 from mmsoftmoe.parallel.expert_parallel import apply_expert_parallel
@@ -104,15 +106,26 @@ def parallelize(model: nn.Module, meshes: ParallelMeshes, *, param_dtype: torch.
             fully_shard(layer, mesh=dense_mesh, **(fsdp | {"mp_policy": mixed_precision_policy(None)}))
     for block in [m for m in model.modules() if isinstance(m, block_types)]:
         fully_shard(block, mesh=dense_mesh, **fsdp)
-    # Evaluation calls the image trunk and head directly (pre-logit features), and the towers through
-    # `encode_image` / `encode_text`, not `forward`: each entry gathers its own parameters.
+    # Evaluation calls the image trunk and head directly (pre-logit features): as groups of their own they gather
+    # their parameters on those calls. The root's own (the text tower's embeddings, final norm and projection) are
+    # gathered for an evaluation by `unsharded_root` (registering `encode_text` as a forward method instead would
+    # nest the root's hooks inside `forward`, which changes what training gathers).
     for entry in _entry_modules(model):
         fully_shard(entry, mesh=dense_mesh, **fsdp)
     fully_shard(model, mesh=dense_mesh, **fsdp)
-    for method in ("encode_image", "encode_text"):
-        if hasattr(model, method):
-            register_fsdp_forward_method(model, method)
     return model
+
+
+@contextlib.contextmanager
+def unsharded_root(model: nn.Module) -> Iterator[nn.Module]:
+    """Hold the root group's parameters gathered (on every process) while a caller runs the towers outside
+    `forward` (`encode_text`, `encode_image`), as evaluation does; not recursive: the other groups gather
+    themselves when called."""
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
 
 
 def _entry_modules(model: nn.Module) -> list[nn.Module]:
