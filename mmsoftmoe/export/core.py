@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 import mmsoftmoe
-from mmsoftmoe.export.staging import atomic_folder, check_target, remove_stale_siblings
 from mmsoftmoe.export.base import Encoder, Format
 from mmsoftmoe.export.card import model_card
 from mmsoftmoe.export.formats import FORMATS, parse_formats
 from mmsoftmoe.export.source import Checkpoint, open_checkpoint
+from mmsoftmoe.export.staging import atomic_folder, check_target, remove_stale_siblings
 from mmsoftmoe.models.accounting import image_flops, parameter_counts
 
 REPORT_NAME = "export_report.json"
