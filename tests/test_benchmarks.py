@@ -108,3 +108,14 @@ def test_write_results_adds_the_load_after_and_writes_what_it_prints(tmp_path, c
     assert json.loads(out.read_text()) == report
     printed = capsys.readouterr().out
     assert json.loads(printed[:printed.index("\nTABLE\n")]) == report and f"wrote {out}" in printed
+
+
+def test_checkpoint_bench_charges_each_save_to_the_step_after_it():
+    from benchmarks.checkpoint_bench import summarise
+
+    # Saves after steps 3 and 6 (every 3 of 8): steps 4 and 7 carry them; step 1 (warm-up) is left out.
+    seconds = {1: 9.0, 2: 1.0, 3: 1.2, 4: 3.0, 5: 1.1, 6: 0.9, 7: 5.0, 8: 1.0}
+    summary = summarise(seconds, every=3, steps=8)
+    assert summary["after_save_s"] == 4.0  # median of 3.0 and 5.0
+    assert summary["other_s"] == 1.0  # median of 1.0, 1.2, 1.1, 0.9, 1.0
+    assert summary["stall_s"] == 3.0

@@ -106,3 +106,6 @@ def test_the_final_metrics_are_recorded_in_final_and_no_empty_rows_are_logged(tm
     assert train(tmp_path / "none", capsys, "eval.dataset=none", "steps=2", "log_every=5")[0] == 0
     records = read_metrics(tmp_path / "none")
     assert [r["step"] for r in records] == [2] and "loss" in records[0]  # the last step logs; nothing empty
+    assert records[0]["epoch"] == pytest.approx(2 * 16 / 20_000)  # 2 steps of 16 of the smoke config's 20k pairs
+    assert "step 2/2: loss" in (tmp_path / "none/train.log").read_text() and ", epoch 0.00" in (
+        tmp_path / "none/train.log").read_text()

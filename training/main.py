@@ -220,8 +220,9 @@ class StepLog:
     """The progress bar, and on logging steps (every `log_every` steps and the last) the log line and the step's
     metrics (losses, lr, gradient norm, throughput, routing statistics)."""
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, strategy: Strategy, desc: str, start: int) -> None:
-        self.cfg, self.accelerator, self.strategy = cfg, accelerator, strategy
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, strategy: Strategy, desc: str, start: int,
+                 epoch_size: int | None) -> None:
+        self.cfg, self.accelerator, self.strategy, self.epoch_size = cfg, accelerator, strategy, epoch_size
         self.progress = progress_bar(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True,
                                      show=accelerator.is_local_main_process)
         self.interval_start, self.interval_samples = time.perf_counter(), 0
@@ -240,9 +241,13 @@ class StepLog:
         record = step_metrics(self.accelerator, result, s.module, s.optimizer,
                               self.interval_samples / (time.perf_counter() - self.interval_start))
         record["nonfinite_steps"] = state.nonfinite_steps
+        epoch = ""
+        if self.epoch_size:  # a map-style source's size, or a streaming one's data.train_num_samples
+            record["epoch"] = state.samples_seen / self.epoch_size
+            epoch = f", epoch {record['epoch']:.2f}"
         self.progress.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-        logger.info("step %d/%d: loss %.4f, lr %.3g, %.1f samples/s", state.step, self.cfg.steps, record["loss"],
-                    record["lr"], record["samples_per_s"])
+        logger.info("step %d/%d: loss %.4f, lr %.3g, %.1f samples/s%s", state.step, self.cfg.steps, record["loss"],
+                    record["lr"], record["samples_per_s"], epoch)
         self.interval_start, self.interval_samples = time.perf_counter(), 0
         return record
 
@@ -360,7 +365,8 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
         log_summary(cfg, accelerator, self.strategy.module, self.dataset, self.state)
-        self.log = StepLog(cfg, accelerator, self.strategy, desc, self.state.step)
+        epoch_size = len(self.dataset) if hasattr(self.dataset, "__len__") else cfg.data.train_num_samples
+        self.log = StepLog(cfg, accelerator, self.strategy, desc, self.state.step, epoch_size)
         self.evaluator = Evaluator(cfg, self.strategy, self.micro_batch, last_eval)
         self.validator = Validator(cfg, accelerator, self.strategy, self.loss_fn, self.micro_batch)
         self.checkpointer = Checkpointer(cfg, accelerator, self.strategy, out, self.trainer_state)
