@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from benchmarks.common import check_machine, machine_load
+from benchmarks.common import check_machine, write_results
 from benchmarks.train_bench import make_batch, ours_step
 from mmsoftmoe.data import ShardStream, TarShard, list_shards, load_pairs, transforms_from_preprocess_cfg
 from mmsoftmoe.data.shards import index_shard
@@ -193,7 +193,7 @@ def main_versus(args: argparse.Namespace) -> dict:
     per_worker = max(r["shardstream_samples_per_s"] / r["workers"] for r in rows if r["where"] == "local")
     result = {"mode": "versus_webdataset", "model": args.model, "batch": args.batch, "image_px": args.image_px,
               "samples": args.samples, "shards": args.shards, "load_before": load,
-              "load_after": machine_load(measure_busy=False), "webdataset": _version("webdataset"), "rows": rows,
+              "webdataset": _version("webdataset"), "rows": rows,
               "b16_demand_img_per_s": B16_DEMAND, "shardstream_samples_per_s_per_worker": per_worker,
               "workers_per_gpu_b16": math.ceil(B16_DEMAND / per_worker)}
     print(f"{'where':<16}{'workers':>8}{'ShardStream/s':>15}{'webdataset/s':>14}{'ratio':>7}{'first batch s':>16}")
@@ -203,10 +203,7 @@ def main_versus(args: argparse.Namespace) -> dict:
               f"{r['shardstream_first_batch_s']:>8.2f} /{r['webdataset_first_batch_s']:>6.2f}")
     print(f"B/16 recipe demand {B16_DEMAND} img/s per GPU (1.5 ms/img): {result['workers_per_gpu_b16']} ShardStream "
           f"workers at {per_worker:.0f} samples/s each")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
-    return result
+    return write_results(result, "", args.out)
 
 
 def _version(package: str) -> str:
@@ -250,17 +247,14 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append({"path": path, "workers": workers, **rate, "vs_step": rate["samples_per_s"] / demand})
     result = {"model": args.model, "batch": args.batch, "image_px": args.image_px, "samples": args.samples,
               "shards": args.shards, "step_samples_per_s": demand, "step_measured": args.step_samples_per_s is None,
-              "load_before": load, "load_after": machine_load(measure_busy=False), "threads": args.threads,
+              "load_before": load, "threads": args.threads,
               "open_clip": open_clip.__version__, "torch": torch.__version__, "rows": rows}
     print(f"training step ({args.model}, batch {args.batch}): {demand:.1f} samples/s")
     print(f"{'path':<20}{'workers':>8}{'samples/s':>11}{'x step':>8}{'first batch s':>15}")
     for r in rows:
         print(f"{r['path']:<20}{r['workers']:>8}{r['samples_per_s']:>11.1f}{r['vs_step']:>8.2f}"
               f"{r['first_batch_s']:>15.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
-    return result
+    return write_results(result, "", args.out)
 
 
 if __name__ == "__main__":

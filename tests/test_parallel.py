@@ -31,12 +31,14 @@ def one_process(name: str) -> dict[str, torch.Tensor]:
     return run_steps(model, tokenizer, rank=0, world=1, clip=torch.nn.utils.clip_grad_norm_)
 
 
-def torchrun(tmp_path: Path, nproc: int, layouts: list[str]) -> dict[str, torch.Tensor]:
+def torchrun(tmp_path: Path, nproc: int, layouts: list[str], script: str = "_parallel_train.py",
+             timeout: int = 300) -> dict[str, torch.Tensor]:
+    """Run `tests/<script> OUT LAYOUT...` under torchrun; the tensors it saved to OUT."""
     out = tmp_path / f"{nproc}.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "tests" / "_parallel_train.py"), str(out), *layouts]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+           str(ROOT / "tests" / script), str(out), *layouts]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, failure(proc.stderr)
     return load_file(str(out))
 

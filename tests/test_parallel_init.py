@@ -1,9 +1,6 @@
 """Sharding-invariant initialisation: the distributions of today's constructors, values set by (seed, name) alone,
 and sharded start-ups at 1, 2 and 4 processes (ep 1/2/4, FSDP2, HSDP) bit-equal to the one-process build."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -11,12 +8,12 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
 
 from mmsoftmoe.models.clip import build_clip, resolve_clip_config
 from mmsoftmoe.models.init import init_rules, init_weights_
 from tests._parallel_init import MODELS, SEED, sharded_weights
+from tests.test_parallel import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,16 +77,6 @@ def test_a_parameter_without_a_rule_is_named():
         init_rules(model)
 
 
-def torchrun(tmp_path: Path, nproc: int, layouts: list[str]) -> dict[str, torch.Tensor]:
-    out = tmp_path / f"{nproc}.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "tests" / "_parallel_init.py"), str(out), *layouts]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return load_file(str(out))
-
-
 def one_process_group_weights() -> dict[str, torch.Tensor]:
     """FSDP2 over a group of one process (what a sharded run started without a launcher uses)."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -103,7 +90,8 @@ def one_process_group_weights() -> dict[str, torch.Tensor]:
 def test_sharded_start_ups_equal_the_one_process_build(tmp_path):
     layouts = {1: ["1,1,1"], 2: ["1,2,1", "1,2,2"], 4: ["1,4,1", "1,4,2", "1,4,4", "2,2,2"]}
     sharded = one_process_group_weights()
-    sharded |= torchrun(tmp_path, 2, layouts[2]) | torchrun(tmp_path, 4, layouts[4])
+    sharded |= (torchrun(tmp_path, 2, layouts[2], "_parallel_init.py", timeout=600)
+                | torchrun(tmp_path, 4, layouts[4], "_parallel_init.py", timeout=600))
     for name in MODELS:
         torch.manual_seed(SEED)
         model, _ = build_clip(name)
