@@ -461,6 +461,10 @@ class Trainer:
                 record_final_metrics(self.out, self.trainer_state())
             plot_training(self.metrics.read(), self.out / "training.png")
             logger.info("finished at step %d: %s", step, json.dumps(final))
+        # Every process leaves together: one that tears the process group down while another still completes its
+        # side of the last collective (the final gather) aborts the run ("terminate called without an active
+        # exception", seen once under torchrun on 2 CPU processes).
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return final
 
