@@ -152,7 +152,10 @@ def refused_runs_leave_no_folder(output_dir: str | Path, main_process: bool) -> 
     except Exception:
         if fresh and not started and main_process and out.is_dir():
             for path in out.iterdir() if existed else [out]:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         raise
 
 
@@ -255,6 +258,12 @@ class StepLog:
         self.progress.close()
 
 
+def in_run_step(every: int, step: int, steps: int) -> bool:
+    """Whether an every-`every`-steps component (0: never) runs at `step` during the run; the last step is left to
+    its `final`, which the end of the run calls."""
+    return bool(every) and step % every == 0 and step < steps
+
+
 class Evaluator:
     """Zero-shot classification every `eval.every` steps, and at the end zero-shot plus the 10-shot probe
     (`eval.fewshot`); nothing without `eval.dataset`. `last` holds the latest results (checkpoints record them)."""
@@ -264,8 +273,7 @@ class Evaluator:
         self.preprocess = transforms_from_preprocess_cfg(preprocess_config(strategy.module))[1]
 
     def maybe(self, step: int) -> dict[str, float]:
-        every = self.cfg.eval.every
-        if not every or step % every or step >= self.cfg.steps:  # the last step is evaluated by `final`
+        if not in_run_step(self.cfg.eval.every, step, self.cfg.steps):
             return {}
         return self.evaluate(("zeroshot",))
 
@@ -299,8 +307,7 @@ class Validator:
             rank=accelerator.process_index, world_size=accelerator.num_processes)
 
     def maybe(self, step: int) -> dict[str, float]:
-        every = self.cfg.val_every
-        if not every or step % every or step >= self.cfg.steps:  # the last step is validated by `final`
+        if not in_run_step(self.cfg.val_every, step, self.cfg.steps):
             return {}
         return self.final()
 
