@@ -157,7 +157,8 @@ class Finetune(Evaluator):
         test_set = session.dataset(spec, session.scored_split(spec))
         out = session.out_dir / "finetune" / slug(spec) if session.out_dir is not None else None
         return finetune(image_tower(session.model), train_set, test_set, config=session.finetune_config,
-                        accelerator=session.accelerator, num_workers=session.num_workers, out_dir=out)
+                        accelerator=session.accelerator, num_workers=session.num_workers, out_dir=out,
+                        meshes=session.meshes)
 
     def rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         return [("fine-tuned top-1", f"{metrics['acc1']:.3f}")]

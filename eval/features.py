@@ -186,7 +186,8 @@ def _run_loop(
     progress: tqdm,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     features, labels = [], []
-    with torch.inference_mode():
+    # no_grad, not inference_mode: FSDP2 (a sharded model) cannot gather parameters into inference tensors.
+    with torch.no_grad():
         for batch in batches:
             inputs, batch_labels = _split_batch(batch)
             with _autocast(accelerator, device, autocast_dtype):
@@ -248,6 +249,10 @@ def extract_features(
         cached = _compute(encode_fn, loader, device, accelerator, autocast_dtype, desc)
         if cache is not None and (accelerator is None or accelerator.is_main_process):
             save_cached(cache, *cached)
+        if cache is not None and accelerator is not None:
+            # Every process then finds the entry when it next looks, and all take the same branch (a sharded
+            # model's forward is collective: a process computing alone would wait forever).
+            accelerator.wait_for_everyone()
     else:
         logger.info("%s: loaded %d cached features from %s", desc, len(cached[0]), cache.path)
     features, labels = cached

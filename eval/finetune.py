@@ -22,9 +22,11 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from accelerate import Accelerator
@@ -36,18 +38,25 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmsoftmoe.console import progress_bar
+from mmsoftmoe.data.transforms import seeded_augmentation
 from mmsoftmoe.layers import collect_aux_loss
+from mmsoftmoe.models.init import init_parameter_, init_rules
+from mmsoftmoe.parallel import ParallelMeshes, clip_grad_norm_, full_model_state_dict, parallelize
 from mmsoftmoe_eval.datasets import ClassificationDataset
 from mmsoftmoe_eval.features import UNREADABLE_LABEL, eval_mode, extract_features
 from mmsoftmoe_eval.metrics import classification_metrics
 
 logger = logging.getLogger(__name__)
 
+ClipFn = Callable[[Iterable[torch.Tensor], float], torch.Tensor]
+
 WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "classifier.json"
+LOG_FILE = "train_log.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,34 +97,88 @@ class FinetuneConfig:
     seed: int = 0
 
 
-def build_classifier(tower: nn.Module | str, num_classes: int, drop_path_rate: float = 0.0) -> tuple[nn.Module, str]:
-    """A timm classifier: ``tower``'s architecture and weights (or fresh ones for a name) with a new head.
+def _architecture(tower: nn.Module) -> str:
+    arch = getattr(tower, "pretrained_cfg", {}).get("architecture")
+    if arch is None:
+        raise ValueError(f"{type(tower).__name__} is not a timm model (no pretrained_cfg['architecture']): pass a "
+                         "tower made by timm.create_model, or a timm model name.")
+    return arch
+
+
+def _head_prefix(model: nn.Module) -> str:
+    return f"{model.pretrained_cfg.get('classifier', 'head')}."
+
+
+@torch.no_grad()
+def _copy_tower_(model: nn.Module, tower: nn.Module, arch: str) -> None:
+    """Every parameter and buffer of ``model`` but its head from ``tower`` (both whole, or both sharded alike)."""
+    head = _head_prefix(model)
+    ours = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    theirs = {**dict(tower.named_parameters()), **dict(tower.named_buffers())}
+    missing = [k for k in ours if k not in theirs and not k.startswith(head)]
+    unexpected = [k for k in theirs if k not in ours and not k.startswith(head)]
+    if missing or unexpected:
+        raise ValueError(f"The tower differs from timm.create_model({arch!r}): missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}; a tower built with non-default arguments cannot be fine-tuned by name.")
+    for name, tensor in ours.items():
+        if not name.startswith(head):
+            tensor.copy_(theirs[name])
+
+
+def _init_head_(model: nn.Module, seed: int) -> None:
+    """The new head's starting values as the tower's own initialisation draws them (timm's for a ViT: truncated
+    normal 0.02, zero bias), from a generator per parameter (``mmsoftmoe.models.init``): the same values whether
+    the classifier is whole or sharded."""
+    head = _head_prefix(model)
+    rules = init_rules(model, keep=("",))  # only the head's rules are needed: no parameter must have one
+    for name, param in model.named_parameters():
+        if name.startswith(head):
+            if name not in rules:
+                raise ValueError(f"no initialisation rule for the new head's {name} ({type(model).__name__})")
+            init_parameter_(param, name, rules[name], seed)
+
+
+def build_classifier(tower: nn.Module | str, num_classes: int, drop_path_rate: float = 0.0,
+                     seed: int | None = None) -> tuple[nn.Module, str]:
+    """A timm classifier: ``tower``'s architecture and weights (or fresh ones for a name) with a new head, drawn
+    from (``seed``, its name) (None: the seed torch was last seeded with).
 
     Returns:
         The model and its timm architecture name.
     """
     if isinstance(tower, str):
         return timm.create_model(tower, num_classes=num_classes, drop_path_rate=drop_path_rate), tower
-    arch = getattr(tower, "pretrained_cfg", {}).get("architecture")
-    if arch is None:
-        raise ValueError(f"{type(tower).__name__} is not a timm model (no pretrained_cfg['architecture']): pass a "
-                         "tower made by timm.create_model, or a timm model name.")
+    arch = _architecture(tower)
     model = timm.create_model(arch, num_classes=num_classes, drop_path_rate=drop_path_rate)
-    head = f"{model.pretrained_cfg.get('classifier', 'head')}."
-    state = {k: v for k, v in tower.state_dict().items() if not k.startswith(head)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(head)]
-    if missing or unexpected:
-        raise ValueError(f"The tower differs from timm.create_model({arch!r}): missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}; a tower built with non-default arguments cannot be fine-tuned by name.")
+    _copy_tower_(model, tower, arch)
+    _init_head_(model, torch.initial_seed() if seed is None else seed)
     return model, arch
 
 
-def save_classifier(model: nn.Module, arch: str, classnames: list[str], folder: str | Path) -> Path:
-    """Writes ``classifier.safetensors`` and ``classifier.json`` (architecture, num_classes, classnames)."""
+def build_sharded_classifier(tower: nn.Module, num_classes: int, drop_path_rate: float, seed: int,
+                             meshes: ParallelMeshes, device: torch.device,
+                             param_dtype: torch.dtype | None = None) -> tuple[nn.Module, str]:
+    """``build_classifier`` for a tower sharded over ``meshes`` (``mmsoftmoe.parallel``): the classifier is built on
+    the meta device and sharded the same way, then each process copies its own shards of the tower and draws its
+    shard of the head, so no process holds the whole classifier (call on every process)."""
+    arch = _architecture(tower)
+    with torch.device("meta"):
+        model = timm.create_model(arch, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    parallelize(model, meshes, param_dtype=param_dtype)
+    model.to_empty(device=device)
+    _copy_tower_(model, tower, arch)
+    _init_head_(model, seed)
+    return model, arch
+
+
+def save_classifier(model: nn.Module | dict[str, torch.Tensor], arch: str, classnames: list[str],
+                    folder: str | Path) -> Path:
+    """Writes ``classifier.safetensors`` (the model's weights, or a state dict) and ``classifier.json``
+    (architecture, num_classes, classnames)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
+    state = model if isinstance(model, dict) else model.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / WEIGHTS_FILE)
     meta = {"architecture": arch, "num_classes": len(classnames), "classnames": list(classnames)}
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
@@ -161,14 +224,48 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig, steps_p
     )
 
 
+class EpochShuffle(Sampler[tuple[int, int]]):
+    """A new permutation of the train split each epoch, drawn from (seed, epoch), yielding ``(epoch, index)``: every
+    process draws the same order (accelerate hands each its share of every batch), and ``SeededSamples`` augments
+    each sample from (seed, epoch, index) alone. A fine-tune is then the same on any number of processes and data
+    workers, given the same global batch (drop path and mixup aside: they draw in the training step)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return ((epoch, int(index)) for index in order)
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` for the key ``(epoch, index)``, its random transforms drawn from (seed, epoch, index)."""
+
+    def __init__(self, dataset: ClassificationDataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        with seeded_augmentation(self.seed, epoch, index):
+            return self.dataset[index]
+
+
 def _train_loader(dataset: ClassificationDataset, config: FinetuneConfig, num_workers: int) -> DataLoader:
     if len(dataset) < config.batch_size:
         raise ValueError(f"The train split has {len(dataset)} images, fewer than batch_size={config.batch_size}: "
                          "lower the batch size.")
     if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
         raise ValueError(f"Mixup/cutmix needs an even batch size, got {config.batch_size}.")
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(config.seed))
+    return DataLoader(SeededSamples(dataset, config.seed), batch_size=config.batch_size,
+                      sampler=EpochShuffle(len(dataset), config.seed), drop_last=True, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
 
 
 def _drop_unreadable(images: torch.Tensor, labels: torch.Tensor, even: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,19 +288,22 @@ def _train_step(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
     clip_grad: float,
+    clip_grad_norm: ClipFn | None = None,
 ) -> torch.Tensor:
-    """One optimiser step on a batch; returns the detached loss (classification plus router auxiliary losses)."""
+    """One optimiser step on a batch; returns the detached loss (classification plus router auxiliary losses).
+    ``clip_grad_norm``: accelerate's when None (a sharded model passes ``mmsoftmoe.parallel.clip_grad_norm_``)."""
     images, labels = _drop_unreadable(*batch, even=mixup is not None)
     targets = labels
     if mixup is not None:
         images, targets = mixup(images, labels)
-    loss = criterion(model(images), targets)
-    aux_loss = collect_aux_loss(model)
-    if aux_loss is not None:
-        loss = loss + aux_loss
+    with accelerator.autocast():  # a model accelerate prepared autocasts already; a sharded one does not
+        loss = criterion(model(images), targets)
+        aux_loss = collect_aux_loss(model)
+        if aux_loss is not None:
+            loss = loss + aux_loss
     accelerator.backward(loss)
     if clip_grad > 0:
-        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        (clip_grad_norm or accelerator.clip_grad_norm_)(model.parameters(), clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
@@ -217,18 +317,23 @@ def _fit(
     config: FinetuneConfig,
     num_classes: int,
     ema: ModelEmaV3 | None,
-) -> float:
-    """The training loop with a progress bar showing loss and throughput (images/s); returns the last loss."""
+    clip_grad_norm: ClipFn | None = None,
+) -> list[dict[str, float]]:
+    """The training loop with a progress bar showing loss and throughput (images/s); returns one record per step:
+    epoch, learning rate (of the last parameter group, the head's) and the loss averaged over the processes."""
     criterion, mixup = _loss_and_mixup(config, num_classes)
     scheduler = _scheduler(optimizer, config, len(loader))
     images_per_step = config.batch_size * accelerator.num_processes
-    step, loss = 0, torch.tensor(math.nan)
+    step, losses, records = 0, [], []
     model.train()
     with progress_bar(total=config.epochs * len(loader) * images_per_step, desc="finetune", unit="img",
                       show=accelerator.is_local_main_process) as progress:
         for epoch in range(config.epochs):
             for batch in loader:
-                loss = _train_step(model, batch, criterion, mixup, optimizer, accelerator, config.clip_grad)
+                records.append({"step": step + 1, "epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]})
+                loss = _train_step(model, batch, criterion, mixup, optimizer, accelerator, config.clip_grad,
+                                   clip_grad_norm)
+                losses.append(loss.float())
                 step += 1
                 scheduler.step_update(step)
                 if ema is not None:
@@ -236,7 +341,10 @@ def _fit(
                 progress.update(images_per_step)
                 if step % 10 == 0:
                     progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-    return loss.item()
+    if not losses:
+        return []
+    means = accelerator.reduce(torch.stack(losses), reduction="mean").tolist()  # one collective, at the end
+    return [{**record, "loss": loss} for record, loss in zip(records, means, strict=True)]
 
 
 def evaluate_classifier(
@@ -258,6 +366,7 @@ def finetune(
     accelerator: Accelerator | None = None,
     num_workers: int = 0,
     out_dir: str | Path | None = None,
+    meshes: ParallelMeshes | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes ``tower`` plus a new head on ``train_set``; reports acc1 / acc5 / mean per-class recall on test.
 
@@ -268,26 +377,56 @@ def finetune(
         config: Hyper-parameters.
         accelerator: Supplies device, precision and data parallelism; a default ``Accelerator()`` when None.
         num_workers: DataLoader workers.
-        out_dir: Where to save the classifier (``save_classifier``); None saves nothing.
+        out_dir: Where to save the classifier (``save_classifier``) and ``train_log.jsonl`` (per step: epoch, lr,
+            loss); None saves nothing.
+        meshes: The meshes ``tower`` is sharded over (``mmsoftmoe.parallel``), for a tower too big for one device:
+            the classifier is sharded the same way (FSDP2, experts split over ``ep``) and trained on every process
+            (call on every process); its saved weights are gathered into the main process's host memory.
 
     Returns:
         The test metrics of the final weights (the EMA's when ``ema_decay > 0``, then the online weights' under
-        ``"online"``), plus ``"train_loss"`` (last step) and ``"architecture"``.
+        ``"online"``), plus ``"train_loss"`` (last step, averaged over the processes) and ``"architecture"``.
     """
     accelerator = accelerator or Accelerator()
     set_seed(config.seed)
     num_classes = len(train_set.classnames)
-    model, arch = build_classifier(tower, num_classes, config.drop_path_rate)
-    optimizer = build_finetune_optimizer(model, config)
     loader = _train_loader(train_set, config, num_workers)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if meshes is None and not isinstance(tower, str) and any(isinstance(p, DTensor) for p in tower.parameters()):
+        raise ValueError("the tower is sharded (DTensor parameters): pass the meshes it is sharded over (meshes=)")
+    if meshes is None:
+        model, arch = build_classifier(tower, num_classes, config.drop_path_rate, seed=config.seed)
+        optimizer = build_finetune_optimizer(model, config)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        clip_grad_norm = None
+    else:
+        _check_sharded(tower, config, accelerator)
+        param_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+        model, arch = build_sharded_classifier(tower, num_classes, config.drop_path_rate, config.seed, meshes,
+                                               accelerator.device, param_dtype)
+        optimizer = build_finetune_optimizer(model, config)
+        loader, clip_grad_norm = accelerator.prepare_data_loader(loader), clip_grad_norm_
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config.ema_decay) if config.ema_decay > 0 else None
-    train_loss = _fit(model, loader, optimizer, accelerator, config, num_classes, ema)
+    log = _fit(model, loader, optimizer, accelerator, config, num_classes, ema, clip_grad_norm)
     final = ema.module if ema is not None else accelerator.unwrap_model(model)
     metrics: dict[str, Any] = evaluate_classifier(final, test_set, accelerator, config.batch_size, num_workers)
     if ema is not None:
         metrics["online"] = evaluate_classifier(accelerator.unwrap_model(model), test_set, accelerator,
                                                 config.batch_size, num_workers)
-    if out_dir is not None and accelerator.is_main_process:
-        save_classifier(final, arch, train_set.classnames, out_dir)
-    return {**metrics, "train_loss": train_loss, "architecture": arch}
+    if out_dir is not None:
+        state = full_model_state_dict(final) if meshes is not None else final  # collective: every process
+        if accelerator.is_main_process:
+            save_classifier(state, arch, train_set.classnames, out_dir)
+            (Path(out_dir) / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in log))
+    return {**metrics, "train_loss": log[-1]["loss"] if log else math.nan, "architecture": arch}
+
+
+def _check_sharded(tower: nn.Module | str, config: FinetuneConfig, accelerator: Accelerator) -> None:
+    """What a sharded fine-tune cannot do, named (before anything is built)."""
+    if isinstance(tower, str):
+        raise ValueError("a sharded fine-tune starts from a sharded tower (meshes given): pass the tower, not a name")
+    if config.ema_decay > 0:
+        raise ValueError(f"ema_decay={config.ema_decay}: the weight EMA (timm's ModelEmaV3) keeps a whole copy of the "
+                         "model, which a sharded fine-tune does not hold; use --ft-ema-decay 0")
+    if accelerator.mixed_precision == "fp16":
+        raise ValueError("--precision fp16 needs a gradient scaler, which a sharded fine-tune does not have; use bf16 "
+                         "(or no)")

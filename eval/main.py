@@ -9,6 +9,12 @@ checkpoint's hash), ``fewshot.png`` (accuracy vs shots), for Soft MoE towers ``d
 a few slots of the last Soft MoE layer draw from), the fine-tuned classifiers under ``finetune/<dataset>/`` and the
 feature cache. ``--suite FILE`` runs a list of datasets instead (``eval.suite``: one table, one few-shot l2 per shot).
 
+Launched under torchrun (``torchrun --nproc_per_node N --no-python mmsoftmoe eval ...``), every process evaluates its
+share of each split and the features are gathered. A sharded training checkpoint (``checkpoints/step_*`` of a run
+with ``parallel.dp_shard``) is then read sharded over the processes as its run held it, experts split over ``--ep``
+(``mmsoftmoe.parallel.load_sharded_clip``: no process holds the whole model); in one process it is read whole, with no
+``mmsoftmoe consolidate`` first.
+
 ``run_evaluation`` (``eval.runner``) is the Python entry, also for the training loop; it describes the features,
 the cache and the tasks.
 """
@@ -16,20 +22,39 @@ the cache and the tasks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator
+import torch
+from accelerate import Accelerator, PartialState
 
 from mmsoftmoe.arguments import check_arguments, check_minimum
-from mmsoftmoe.checkpoint import CONFIG_NAME, model_weights
+from mmsoftmoe.checkpoint import (
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    SHARDED_DIR,
+    TRAINER_STATE_NAME,
+    has_manifest,
+    model_weights,
+)
 from mmsoftmoe.data import transforms_from_preprocess_cfg
+from mmsoftmoe.launch import launched_accelerator
 from mmsoftmoe.models.clip import load_clip, preprocess_config
+from mmsoftmoe.parallel import (
+    ParallelMeshes,
+    is_sharded_checkpoint,
+    load_sharded_clip,
+    read_sharded_model,
+    unsharded_root,
+)
 from mmsoftmoe_eval.datasets import SPEC_HELP
 from mmsoftmoe_eval.features import sha256_file
 from mmsoftmoe_eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS, L2_SWEEP
@@ -38,19 +63,30 @@ from mmsoftmoe_eval.report import Provenance, markdown_table
 from mmsoftmoe_eval.runner import TASKS, parse_tasks, run_evaluation
 from mmsoftmoe_eval.suite import load_suite, run_suite
 
+logger = logging.getLogger("mmsoftmoe_eval.main")
+
 __all__ = ["TASKS", "main", "parse_tasks", "run_evaluation"]  # run_evaluation stays importable from here
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:
-    """Hash of the config and weights of the model a checkpoint folder exposes, keying its feature cache."""
+    """Hash of the config and weights of the model a checkpoint folder exposes, keying its feature cache: the
+    weights file's, or for a sharded training checkpoint its manifest's (which holds every shard's hash), else
+    every shard's."""
     folder = Path(path)
     config = hashlib.sha256((folder / CONFIG_NAME).read_bytes()).hexdigest()[:16]
-    return f"{sha256_file(model_weights(folder))[:32]}-{config}"
+    if not is_sharded_checkpoint(folder):
+        return f"{sha256_file(model_weights(folder))[:32]}-{config}"
+    if has_manifest(folder):
+        return f"{sha256_file(folder / MANIFEST_NAME)[:32]}-{config}"
+    shards = hashlib.sha256()
+    for path in sorted(p for p in (folder / SHARDED_DIR).rglob("*") if p.is_file()):
+        shards.update(f"{path.name}:{sha256_file(path)}".encode())
+    return f"{shards.hexdigest()[:32]}-{config}"
 
 
 # flag -> (minimum, strict), checked with the run config's contract (one line naming the flag and its range).
 ARGUMENT_MINIMUMS = {"--batch-size": (1, False), "--num-workers": (0, False), "--seeds": (1, False),
-                     "--captions-per-image": (1, False)}
+                     "--captions-per-image": (1, False), "--ep": (1, False)}
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -92,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-split", default="train", help="split the probes and fine-tuning learn from")
     parser.add_argument("--test-split", default=None,
                         help="split scored (None: test, or val for a folder with no test/)")
+    parser.add_argument("--ep", type=int, default=None,
+                        help="a sharded training checkpoint evaluated under torchrun: the processes its experts are "
+                             "split over (default: the run's parallel.ep when it divides the process count, else 1)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="read a checkpoint that has no manifest.json (or fails it) without verifying it")
     finetuning = parser.add_argument_group("fine-tuning (--tasks finetune; see eval.finetune.FinetuneConfig)")
@@ -110,12 +149,43 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(**{f.name: getattr(args, f"ft_{f.name}") for f in dataclasses.fields(FinetuneConfig)})
 
 
+def run_ep(checkpoint: Path, num_processes: int) -> int:
+    """The ``parallel.ep`` the checkpoint's run used (``trainer_state.json``) if it divides ``num_processes``,
+    else 1."""
+    state = Path(checkpoint) / TRAINER_STATE_NAME
+    ep = json.loads(state.read_text()).get("config", {}).get("parallel", {}).get("ep", 1) if state.is_file() else 1
+    if num_processes % ep:
+        logger.info("the run split its experts over ep=%d processes, which does not divide the %d launched: "
+                    "evaluating with ep=1 (pass --ep to choose)", ep, num_processes)
+        return 1
+    return ep
+
+
+def load_model(args: argparse.Namespace, accelerator: Accelerator) -> tuple[Any, Any, dict, ParallelMeshes | None]:
+    """(model, tokenizer, ``open_clip_config.json`` content, meshes) of ``--checkpoint``: a sharded training
+    checkpoint under torchrun is read sharded over every process, as its run held it (``load_sharded_clip``:
+    no whole copy anywhere); in one process it is read whole; any other folder whole on every process."""
+    checkpoint = Path(args.checkpoint)
+    if not is_sharded_checkpoint(checkpoint):
+        return (*load_clip(checkpoint, device=accelerator.device, verify=args.verify), None)
+    if accelerator.num_processes == 1:
+        model, tokenizer, config = read_sharded_model(checkpoint, verify=args.verify)
+        return model.to(accelerator.device), tokenizer, config, None
+    ep = args.ep or run_ep(checkpoint, accelerator.num_processes)
+    param_dtype = torch.bfloat16 if args.precision == "bf16" else None  # bf16 all-gathers, as a bf16 run's
+    return load_sharded_clip(checkpoint, device=accelerator.device, ep=ep, param_dtype=param_dtype,
+                             verify=args.verify)
+
+
 def run_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Loads the checkpoint named by ``args`` and evaluates it; writes the report under ``args.out``."""
     tasks = parse_tasks(args.tasks)
     entries = load_suite(args.suite, tasks) if args.suite else None
-    accelerator = Accelerator(mixed_precision=args.precision)
-    model, tokenizer, config = load_clip(args.checkpoint, device=accelerator.device, verify=args.verify)
+    accelerator = launched_accelerator(mixed_precision=args.precision)  # every process, each on its share
+    if args.ep is not None and not is_sharded_checkpoint(args.checkpoint):
+        raise ValueError(f"--ep applies to a sharded training checkpoint (one with {SHARDED_DIR}/), and "
+                         f"{args.checkpoint} holds a single-file model, which every process evaluates whole")
+    model, tokenizer, config, meshes = load_model(args, accelerator)
     train_preprocess, preprocess = transforms_from_preprocess_cfg(preprocess_config(model))
     out = Path(args.out)
     fingerprint = checkpoint_fingerprint(args.checkpoint)
@@ -126,12 +196,15 @@ def run_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         train_split=args.train_split, test_split=args.test_split,
         cache_dir=None if args.no_cache else Path(args.cache_dir or out / "features"), model_key=fingerprint,
         provenance=Provenance(_model_name(config), str(Path(args.checkpoint).resolve()), fingerprint),
+        meshes=meshes,
     )
-    if entries is not None:
-        return run_suite(model, tokenizer, entries, out, **common)
-    return run_evaluation(model, tokenizer, dataset=args.dataset, tasks=tasks, out_dir=out,
-                          l2_reg=DEFAULT_L2_REG if args.l2 == "fixed" else L2_SWEEP,
-                          classnames_file=args.classnames, templates_file=args.templates, **common)
+    # A sharded model's towers run outside `forward`: its root parameters stay gathered meanwhile.
+    with unsharded_root(model) if meshes is not None else contextlib.nullcontext():
+        if entries is not None:
+            return run_suite(model, tokenizer, entries, out, **common)
+        return run_evaluation(model, tokenizer, dataset=args.dataset, tasks=tasks, out_dir=out,
+                              l2_reg=DEFAULT_L2_REG if args.l2 == "fixed" else L2_SWEEP,
+                              classnames_file=args.classnames, templates_file=args.templates, **common)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,11 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_arguments(args, ARGUMENT_MINIMUMS)
     for shots in args.shots:
         check_minimum("--shots", shots, 1)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun the others log warnings only
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     results = run_cli(args)  # a user error becomes one `error:` line in the `mmsoftmoe` command
-    print(markdown_table(results))
-    if args.suite:
-        print((Path(args.out) / "suite.md").read_text())
+    if PartialState().is_main_process:  # under torchrun every process has the results; one prints them
+        print(markdown_table(results))
+        if args.suite:
+            print((Path(args.out) / "suite.md").read_text())
     return 0
 
 

@@ -50,13 +50,16 @@ def dispatch_maps(tower: nn.Module, images: torch.Tensor, slots: Sequence[int]) 
     if layer is None:
         raise ValueError(f"{type(tower).__name__} has no SoftMoE layer: dispatch maps exist only for Soft MoE towers.")
     captured = []
-    handle = layer.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    # Computed inside the layer's forward, where a sharded (FSDP2) layer holds its parameters gathered; before
+    # FSDP2's own post-forward hook reshards them (prepend).
+    handle = layer.register_forward_hook(
+        lambda module, args, output: captured.append(module.dispatch_weights(args[0])), prepend=True)
     try:
-        with torch.inference_mode(), eval_mode(tower):
+        with torch.no_grad(), eval_mode(tower):  # not inference_mode: a sharded (FSDP2) model cannot run in it
             tower(images)
-            dispatch_bms = layer.dispatch_weights(captured[-1])
     finally:
         handle.remove()
+    dispatch_bms = captured[-1]
     grid_h, grid_w = tower.patch_embed.grid_size
     patches_bpk = dispatch_bms[:, tower.num_prefix_tokens:, list(slots)]
     return patches_bpk.transpose(1, 2).reshape(len(images), len(slots), grid_h, grid_w).float().cpu()

@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mmsoftmoe.parallel import ParallelMeshes
 from mmsoftmoe_eval.datasets import build_dataset
 from mmsoftmoe_eval.features import FeatureCacheKey, eval_mode, extract_features, make_loader, resolve_device
 from mmsoftmoe_eval.finetune import FinetuneConfig
@@ -105,6 +106,12 @@ class Session:
     out_dir: Path | None
     classnames_file: Path | None = None
     templates_file: Path | None = None
+    meshes: ParallelMeshes | None = None  # the model is sharded over these (``mmsoftmoe.parallel``)
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process writes the files (every process computes the results)."""
+        return self.accelerator is None or self.accelerator.is_main_process
 
     @property
     def device(self) -> torch.device | None:

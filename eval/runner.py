@@ -33,6 +33,7 @@ from torchvision.transforms import Normalize
 
 import mmsoftmoe_eval.evaluators  # noqa: F401  (registers the evaluators)
 from mmsoftmoe.models.clip import image_tower
+from mmsoftmoe.parallel import ParallelMeshes
 from mmsoftmoe_eval.datasets import dataset_name
 from mmsoftmoe_eval.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS
 from mmsoftmoe_eval.finetune import FinetuneConfig
@@ -82,7 +83,8 @@ def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
 
 
 def plot_dataset_dispatch(session: Session, spec: str, num_images: int = 4, num_slots: int = 6) -> Path | None:
-    """``dispatch_<dataset>.png`` from the first test images, for Soft MoE towers with an output folder."""
+    """``dispatch_<dataset>.png`` from the first test images, for Soft MoE towers with an output folder (computed on
+    every process, as a sharded tower needs; written by the main one)."""
     tower = image_tower(session.model)
     layer = last_soft_moe(tower)
     if session.out_dir is None or layer is None:
@@ -90,7 +92,9 @@ def plot_dataset_dispatch(session: Session, spec: str, num_images: int = 4, num_
     dataset = session.dataset(spec, session.scored_split(spec))
     images = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])
     slots = spread_slots(layer.num_slots, num_slots)
-    maps = dispatch_maps(tower, images.to(next(tower.parameters()).device), slots)
+    maps = dispatch_maps(tower, images.to(session.target_device), slots)  # on every process: a sharded tower
+    if not session.is_main_process:
+        return None
     return plot_dispatch(_denormalize(images, session.preprocess), maps, slots,
                          session.out_dir / f"dispatch_{slug(spec)}.png", tokens=num_tokens(tower),
                          title=f"{dataset_name(spec)}: last Soft MoE layer")
@@ -144,6 +148,7 @@ def run_evaluation(
     classnames_file: str | Path | None = None,
     templates_file: str | Path | None = None,
     provenance: Provenance | None = None,
+    meshes: ParallelMeshes | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Runs ``tasks`` on each dataset: ``{dataset: {task: metrics, "seconds": {...}, "num_samples": {...}}}``.
 
@@ -172,6 +177,9 @@ def run_evaluation(
         classnames_file: Class names for every classification dataset (``eval.prompts`` formats).
         templates_file: Prompt templates for every classification dataset.
         provenance: Model name, checkpoint path and hash for the per-task results files.
+        meshes: The meshes ``model`` is sharded over (``mmsoftmoe.parallel``), when it is: every process then runs
+            it on its share of the data (call on every process, inside ``unsharded_root(model)``), and fine-tuning
+            shards its classifier over them too. Files are written by the main process.
     """
     tasks = parse_tasks(tasks)
     out = Path(out_dir) if out_dir is not None else None
@@ -182,11 +190,11 @@ def run_evaluation(
         captions_per_image=captions_per_image, train_split=train_split, test_split=test_split,
         cache_dir=Path(cache_dir) if cache_dir is not None else None, model_key=model_key, out_dir=out,
         classnames_file=Path(classnames_file) if classnames_file else None,
-        templates_file=Path(templates_file) if templates_file else None,
+        templates_file=Path(templates_file) if templates_file else None, meshes=meshes,
     )
     specs = [dataset] if isinstance(dataset, str) else list(dataset)
     results = {spec: evaluate_dataset(session, spec, tasks) for spec in specs}
-    if out is not None:
+    if out is not None and session.is_main_process:
         write_report(results, out)
         task_names = {name: evaluator.task for name, evaluator in EVALUATORS.items()}
         write_task_files(results, out / "clip_benchmark", task_names,

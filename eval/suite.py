@@ -162,6 +162,9 @@ def run_suite(model: Any, tokenizer: Any, entries: Sequence[SuiteEntry], out_dir
     results = {entry.name: evaluate(entry, entry.tasks, per_shot or DEFAULT_L2_REG, out / slug(entry.name))
                for entry in entries}
     header, rows = summary_table(results)
+    accelerator = common.get("accelerator")
+    if accelerator is not None and not accelerator.is_main_process:  # every process has the results; one writes
+        return results
     out.mkdir(parents=True, exist_ok=True)
     write_summary(header, rows, out)
     write_json({"columns": header, "rows": rows, "fewshot_l2": chosen, "l2_candidates": list(L2_SWEEP),

@@ -45,7 +45,7 @@ def zero_shot_classifier(
     """
     if not classnames or not templates:
         raise ValueError("Zero-shot classification needs at least one class name and one prompt template.")
-    with torch.inference_mode(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model):  # not inference_mode: a sharded (FSDP2) model cannot run in it
         return open_clip.build_zero_shot_classifier(
             model, tokenizer, list(classnames), list(templates),
             num_classes_per_batch=classes_per_batch, device=device, use_tqdm=progress_enabled(progress),

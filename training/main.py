@@ -37,6 +37,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from mmsoftmoe.console import progress_bar
 from mmsoftmoe.data import SKIP_LOG_NAME, count_skipped, transforms_from_preprocess_cfg
+from mmsoftmoe.launch import launched_accelerator
 from mmsoftmoe.layers import set_record_stats
 from mmsoftmoe.models.accounting import count_parameters, parameter_counts
 from mmsoftmoe.models.clip import preprocess_config
@@ -81,20 +82,12 @@ def check_trackers(trackers: list[str]) -> list[str]:
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """accelerate's Accelerator for this run; refuses to start as several independent copies of one run.
-
-    Without an accelerator device accelerate must be told to use the CPU, or under `torchrun` it sees one process
-    and every rank trains alone (docs/design.md, section 7).
-    """
+    """accelerate's Accelerator for this run (`mmsoftmoe.launch`: refuses to start as several independent copies of
+    one run)."""
     trackers = check_trackers([t for t in cfg.trackers if t])
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.parallel.nccl_timeout_s))
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=cfg.precision,
-                              log_with=trackers or None, project_dir=cfg.output_dir, kwargs_handlers=[timeout])
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise RuntimeError(f"WORLD_SIZE={launched} processes were launched, but accelerate sees "
-                           f"{accelerator.num_processes}: every process would train alone. Launch with torchrun or "
-                           "`accelerate launch` and do not set CUDA_VISIBLE_DEVICES to fewer devices than processes")
+    accelerator = launched_accelerator(mixed_precision=cfg.precision, log_with=trackers or None,
+                                       project_dir=cfg.output_dir, kwargs_handlers=[timeout])
     if trackers:
         accelerator.init_trackers("mmsoftmoe", config=_flat_config(cfg))
     return accelerator

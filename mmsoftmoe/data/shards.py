@@ -56,6 +56,7 @@ from mmsoftmoe.data.pairs import (
 )
 from mmsoftmoe.data.shard_writer import TarShard, convert_to_shards, write_shards  # noqa: F401 - re-exported
 from mmsoftmoe.data.sources import PIPE, Unreadable, list_items, open_shard, retrying, split_sources
+from mmsoftmoe.data.transforms import seeded_augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -312,11 +313,7 @@ class ShardStream(_PairConverter):
         example = {ext: data.decode("utf-8", "replace") if ext == self.caption_column else data
                    for ext, data in fields.items()}
         example["__key__"] = key
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator only (what the transforms draw from): torch.manual_seed also queues a lazy CUDA
-            # seeding that records a stack trace, about 2.7 ms per sample on a CUDA build (loader_bench profile).
-            draw = np.random.SeedSequence([seed, stream, position]).generate_state(1)[0]
-            torch.default_generator.manual_seed(int(draw))
+        with seeded_augmentation(seed, stream, position):
             return self.convert(example, default_key=key, source=shard)
 
     def stream_batches(self, stream: int, num_streams: int, micro_batch: int, seed: int,

@@ -6,6 +6,8 @@ every process writes only its own shards and a checkpoint loads at any other pro
 reads the pieces each new shard needs), or into an unsharded model in one process. Atomic renaming, keeping
 the last K and the trainer state are the trainer's business (`training/checkpointing.py`).
 
+`load_sharded_clip` reads a checkpoint's model sharded over the processes of a new layout (what `mmsoftmoe eval`
+under torchrun evaluates, with no whole copy anywhere); `read_sharded_model` reads it whole into one process.
 `mmsoftmoe consolidate` verifies the checkpoint against its manifest before DCP reads a byte (DCP itself checks no
 content: a shard overwritten in place loads as garbage), and writes its output folder atomically, as export does.
 """
@@ -30,9 +32,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from mmsoftmoe.checkpoint import SHARDED_DIR, CheckpointError, read_json, verify_before_reading
+from mmsoftmoe.checkpoint import (
+    SHARDED_DIR,
+    WEIGHTS_NAMES,
+    CheckpointError,
+    has_manifest,
+    read_json,
+    verify_before_reading,
+    verify_checkpoint,
+)
 from mmsoftmoe.export.staging import atomic_folder, check_target, remove_stale_siblings
 from mmsoftmoe.models.clip import CONFIG_NAME, build_clip_from_config, local_text_cfg, save_clip
+from mmsoftmoe.parallel.init import init_buffers_
+from mmsoftmoe.parallel.mesh import ParallelMeshes, build_meshes, check_layout
+from mmsoftmoe.parallel.parallelize import expert_layers, parallelize
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -75,6 +88,93 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def is_sharded_checkpoint(folder: str | Path) -> bool:
+    """Whether `folder` is a training checkpoint of a sharded run (`SHARDED_DIR/` and no single-file model)."""
+    folder = Path(folder)
+    return (folder / SHARDED_DIR).is_dir() and not any((folder / name).is_file() for name in WEIGHTS_NAMES)
+
+
+def _check_sharded_folder(checkpoint: Path) -> None:
+    if not (checkpoint / CONFIG_NAME).is_file() or not (checkpoint / SHARDED_DIR / ".metadata").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a sharded training checkpoint: it needs {CONFIG_NAME} and "
+                                f"{SHARDED_DIR}/.metadata; give a folder under <output_dir>/checkpoints/")
+
+
+def _verify(checkpoint: Path, verify: bool, skip_hint: str) -> None:
+    """`verify_before_reading` (sizes only when `verify` is off and a manifest exists), as every reader runs it."""
+    verify_before_reading(checkpoint, verify=verify, skip_hint=skip_hint)
+    if not verify and has_manifest(checkpoint):
+        verify_checkpoint(checkpoint, hashes=False)
+
+
+def _load_dcp(state: dict, sharded: Path, no_dist: bool) -> None:
+    try:
+        dcp.load(state, checkpoint_id=str(sharded), no_dist=no_dist)
+    except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
+        raise CheckpointError(f"{sharded} cannot be read as a DCP checkpoint (damaged or incomplete: "
+                              f"{str(err).splitlines()[0][:200]})") from err
+
+
+def read_sharded_model(checkpoint: str | Path, *, verify: bool = True, skip_hint: str = "--no-verify"
+                       ) -> tuple[nn.Module, object, dict]:
+    """The whole CLIP model of a sharded training checkpoint, in this one process (DCP reads every shard).
+
+    Returns:
+        (model in eval mode, tokenizer, `open_clip_config.json` content with the model config `local_text_cfg`
+        resolved against the checkpoint).
+    """
+    checkpoint = Path(checkpoint)
+    _check_sharded_folder(checkpoint)
+    _verify(checkpoint, verify, skip_hint)
+    config = read_json(checkpoint / CONFIG_NAME)
+    config = {**config, "model_cfg": local_text_cfg(config["model_cfg"], checkpoint)}
+    model, tokenizer = build_clip_from_config(config["model_cfg"])
+    state = {"model": model.state_dict()}
+    _load_dcp(state, checkpoint / SHARDED_DIR, no_dist=True)
+    model.load_state_dict(state["model"])
+    open_clip.set_model_preprocess_cfg(model, config["preprocess_cfg"])
+    return model.eval(), tokenizer, config
+
+
+def load_sharded_clip(checkpoint: str | Path, *, device: torch.device | str, ep: int = 1,
+                      param_dtype: torch.dtype | None = None, verify: bool = True, skip_hint: str = "--no-verify"
+                      ) -> tuple[nn.Module, object, dict, ParallelMeshes]:
+    """The CLIP model of a sharded training checkpoint, sharded over every process of the default process group as
+    a run shards it (FSDP2 over all of them, the experts split over `ep`): built on the meta device, each process
+    allocates and reads only its own shards (DCP reshards the files to this layout). Call on every process.
+
+    The main process verifies the checkpoint (`verify_before_reading`) and every process raises its verdict.
+
+    Returns:
+        (model in eval mode, tokenizer, `open_clip_config.json` content, the meshes it is sharded over).
+    """
+    checkpoint = Path(checkpoint)
+    problem: list[BaseException | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            _check_sharded_folder(checkpoint)
+            _verify(checkpoint, verify, skip_hint)
+        except (CheckpointError, FileNotFoundError) as err:
+            problem = [err]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise problem[0]
+    config = read_json(checkpoint / CONFIG_NAME)
+    model, tokenizer = build_clip_from_config(config["model_cfg"], device="meta", folder=checkpoint)
+    world = dist.get_world_size()
+    check_layout(world_size=world, dp_replicate=1, dp_shard=world, ep=ep,
+                 num_experts=tuple(layer.num_experts for layer in expert_layers(model).values()))
+    meshes = build_meshes(device_type=torch.device(device).type, dp_replicate=1, dp_shard=world, ep=ep)
+    parallelize(model, meshes, param_dtype=param_dtype)
+    model.to_empty(device=device)
+    init_buffers_(model)  # open_clip's causal mask: not in the state dict
+    state = {"model": get_model_state_dict(model)}
+    _load_dcp(state, checkpoint / SHARDED_DIR, no_dist=False)
+    set_model_state_dict(model, state["model"])
+    open_clip.set_model_preprocess_cfg(model, config["preprocess_cfg"])
+    return model.eval(), tokenizer, config, meshes
+
+
 def consolidate(checkpoint: str | Path, out: str | Path, *, verify: bool = True, overwrite: bool = False) -> Path:
     """Turn a training checkpoint folder with a sharded state (`SHARDED_DIR`) into the single-file model folder
     that `mmsoftmoe eval` and `mmsoftmoe export` read (open_clip `local-dir:` layout); runs in one process.
@@ -83,26 +183,12 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, verify: bool = True,
     one is replaced only with `overwrite`.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    config_path, sharded = checkpoint / CONFIG_NAME, checkpoint / SHARDED_DIR
-    if not config_path.is_file() or not (sharded / ".metadata").is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a sharded training checkpoint: it needs {CONFIG_NAME} and "
-                                f"{SHARDED_DIR}/.metadata; give a folder under <output_dir>/checkpoints/")
+    _check_sharded_folder(checkpoint)
     remove_stale_siblings(out)
     check_target(out, overwrite)  # before the costly part
-    verify_before_reading(checkpoint, verify=verify)
-    config = read_json(config_path)
-    model_cfg = local_text_cfg(config["model_cfg"], checkpoint)  # an HF text tower's files travel to `out` too
-    model, _ = build_clip_from_config(model_cfg)
-    state = {"model": model.state_dict()}
-    try:
-        dcp.load(state, checkpoint_id=str(sharded), no_dist=True)
-    except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
-        raise CheckpointError(f"{sharded} cannot be read as a DCP checkpoint (damaged or incomplete: "
-                              f"{str(err).splitlines()[0][:200]}); consolidate an intact checkpoint") from err
-    model.load_state_dict(state["model"])
-    open_clip.set_model_preprocess_cfg(model, config["preprocess_cfg"])
+    model, _, config = read_sharded_model(checkpoint, verify=verify)
     with atomic_folder(out, overwrite) as tmp:
-        save_clip(model, model_cfg, tmp)
+        save_clip(model, config["model_cfg"], tmp)
     return out
 
 

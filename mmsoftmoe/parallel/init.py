@@ -21,7 +21,7 @@ def _causal_mask(size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _init_buffers_(model: nn.Module) -> None:
+def init_buffers_(model: nn.Module) -> None:
     """The buffers a meta build leaves without values; every shipped model has one kind, open_clip's mask."""
     for module_name, module in model.named_modules():
         for name, buffer in module.named_buffers(recurse=False):
@@ -41,5 +41,5 @@ def init_sharded_(model: nn.Module, seed: int, device: torch.device | str) -> nn
     """
     model.to_empty(device=device)
     init_weights_(model, seed)
-    _init_buffers_(model)
+    init_buffers_(model)
     return model
