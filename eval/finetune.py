@@ -390,16 +390,17 @@ def finetune(
     accelerator = accelerator or Accelerator()
     set_seed(config.seed)
     num_classes = len(train_set.classnames)
-    loader = _train_loader(train_set, config, num_workers)
-    if meshes is None and not isinstance(tower, str) and any(isinstance(p, DTensor) for p in tower.parameters()):
+    if meshes is not None:
+        _check_sharded(tower, config, accelerator)
+    elif not isinstance(tower, str) and any(isinstance(p, DTensor) for p in tower.parameters()):
         raise ValueError("the tower is sharded (DTensor parameters): pass the meshes it is sharded over (meshes=)")
+    loader = _train_loader(train_set, config, num_workers)
     if meshes is None:
         model, arch = build_classifier(tower, num_classes, config.drop_path_rate, seed=config.seed)
         optimizer = build_finetune_optimizer(model, config)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         clip_grad_norm = None
     else:
-        _check_sharded(tower, config, accelerator)
         param_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
         model, arch = build_sharded_classifier(tower, num_classes, config.drop_path_rate, config.seed, meshes,
                                                accelerator.device, param_dtype)

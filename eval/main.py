@@ -173,8 +173,11 @@ def load_model(args: argparse.Namespace, accelerator: Accelerator) -> tuple[Any,
         return model.to(accelerator.device), tokenizer, config, None
     ep = args.ep or run_ep(checkpoint, accelerator.num_processes)
     param_dtype = torch.bfloat16 if args.precision == "bf16" else None  # bf16 all-gathers, as a bf16 run's
-    return load_sharded_clip(checkpoint, device=accelerator.device, ep=ep, param_dtype=param_dtype,
-                             verify=args.verify)
+    loaded = load_sharded_clip(checkpoint, device=accelerator.device, ep=ep, param_dtype=param_dtype,
+                               verify=args.verify)
+    logger.info("%s: sharded over %d processes (FSDP2), experts split over ep=%d; each evaluates its share",
+                checkpoint, accelerator.num_processes, ep)
+    return loaded
 
 
 def run_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -113,6 +113,34 @@ def test_no_verify_is_the_way_past_a_missing_manifest_and_dcp_damage_is_still_on
     assert not (tmp_path / "again").exists()
 
 
+def test_eval_reads_a_sharded_checkpoint_as_its_consolidated_model(sharded, tmp_path, capsys, fresh_accelerate_state):
+    """One process reads the DCP shards whole (no `mmsoftmoe consolidate` first): the consolidated folder's
+    results."""
+    common = ["--dataset", "shapes", "--tasks", "zeroshot", "--no-cache"]
+    assert cli(capsys, "eval", "--checkpoint", str(sharded[0]), "--out", str(tmp_path / "a"), *common) == (0, [])
+    assert cli(capsys, "consolidate", str(sharded[0]), str(tmp_path / "model")) == (0, [])
+    model = str(tmp_path / "model")
+    assert cli(capsys, "eval", "--checkpoint", model, "--out", str(tmp_path / "b"), *common) == (0, [])
+    got, expected = (json.loads((tmp_path / out / "results.json").read_text())["shapes"] for out in ("a", "b"))
+    assert got["zeroshot"] == expected["zeroshot"] and got["num_samples"] == {"zeroshot": 500}
+
+
+def test_eval_refuses_a_damaged_sharded_checkpoint_naming_the_shard(damaged, tmp_path, capsys):
+    overwrite_in_place(distcp(damaged))
+    rc, errors = cli(capsys, "eval", "--checkpoint", str(damaged), "--dataset", "shapes", "--tasks", "zeroshot",
+                     "--out", str(tmp_path / "out"))
+    assert rc == 2 and errors == [f"error: {distcp(damaged)} is damaged: its content differs from {MANIFEST_NAME} "
+                                  "(xxh3_128)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_ep_is_refused_for_a_single_file_model(model_folder, tmp_path, capsys, fresh_accelerate_state):
+    rc, errors = cli(capsys, "eval", "--checkpoint", str(model_folder), "--dataset", "shapes", "--ep", "2",
+                     "--out", str(tmp_path / "out"))
+    assert rc == 2 and len(errors) == 1
+    assert errors[0].startswith("error: --ep applies to a sharded training checkpoint"), errors
+
+
 @pytest.fixture()
 def model_folder(tmp_path) -> Path:
     model, _ = build_clip(MODEL)
@@ -223,6 +251,7 @@ def test_an_explicit_resume_without_a_manifest_is_refused_unless_verification_is
      "error: --batch-size must be >= 1, got 0"),
     (["eval", "--checkpoint", "x", "--dataset", "shapes", "--shots", "1,0"], "error: --shots must be >= 1, got 0"),
     (["eval", "--checkpoint", "x", "--dataset", "shapes", "--seeds", "0"], "error: --seeds must be >= 1, got 0"),
+    (["eval", "--checkpoint", "x", "--dataset", "shapes", "--ep", "0"], "error: --ep must be >= 1, got 0"),
     (["export", "--checkpoint", "x", "--format", "timm", "--out", "y", "--batch-size", "1"],
      "error: --batch-size must be >= 2, got 1"),
     (["train", "--config", "smoke", "parallel.dp_shard=2", "parallel.ep=3"],

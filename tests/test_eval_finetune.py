@@ -6,13 +6,22 @@ import timm
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.utils.data import DataLoader
 
 import mmsoftmoe  # noqa: F401  (registers the towers in timm)
 from mmsoftmoe.data import eval_transform
 from mmsoftmoe.layers import RoutingStatsMixin
 from mmsoftmoe_eval.datasets import DigitsDataset
 from mmsoftmoe_eval.features import eval_mode, extract_features, make_loader
-from mmsoftmoe_eval.finetune import FinetuneConfig, _train_step, build_classifier, finetune, load_classifier
+from mmsoftmoe_eval.finetune import (
+    EpochShuffle,
+    FinetuneConfig,
+    SeededSamples,
+    _train_step,
+    build_classifier,
+    finetune,
+    load_classifier,
+)
 from mmsoftmoe_eval.linear_probe import evaluate_linear_probe
 from mmsoftmoe_eval.metrics import classification_metrics
 
@@ -112,3 +121,61 @@ def test_unreadable_images_are_dropped_from_training_batches():
     assert kept_labels.tolist() == [0, 2, 3, 4] and kept_images.view(-1).tolist() == [0.0, 2.0, 3.0, 4.0]
     _, even_labels = _drop_unreadable(images, torch.tensor([0, UNREADABLE_LABEL, UNREADABLE_LABEL, 3, 4]), even=True)
     assert even_labels.tolist() == [0, 3]
+
+
+class _Noisy(torch.utils.data.Dataset):
+    """Each item is random (as an augmentation is) and labelled by its index."""
+
+    classnames = ["a", "b", "c"]
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(2), index
+
+
+def test_a_samples_augmentation_depends_on_seed_epoch_and_index_alone():
+    """So a fine-tune is the same on any number of processes and workers (each loads other samples, in another
+    order): the loader's draws equal direct lookups of (epoch, index), epochs reshuffle and redraw, and the caller's
+    random state is left as it was."""
+    data = SeededSamples(_Noisy(), seed=5)
+    state = torch.get_rng_state()
+    direct = {(epoch, i): data[(epoch, i)][0] for epoch in (1, 0) for i in reversed(range(12))}
+    assert torch.equal(torch.get_rng_state(), state)
+    loader = DataLoader(data, batch_size=4, sampler=EpochShuffle(len(data), seed=5))
+    orders = []
+    for epoch in range(2):
+        order = []
+        for images, indices in loader:
+            for image, index in zip(images, indices.tolist(), strict=True):
+                assert torch.equal(image, direct[(epoch, index)])
+                order.append(index)
+        orders.append(order)
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(12)) and orders[0] != orders[1]
+    assert not torch.equal(direct[(0, 0)], direct[(1, 0)])
+    assert [i for _, i in EpochShuffle(12, seed=5)] == orders[0]  # a fresh sampler: the same first epoch
+
+
+def test_the_new_head_is_drawn_from_the_seed_not_the_global_random_state():
+    tower = timm.create_model(TOWER)
+    heads = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        heads.append(build_classifier(tower, 7, seed=3)[0].head.weight.detach())
+    other = build_classifier(tower, 7, seed=4)[0].head
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], other.weight)
+    assert heads[0].std().item() == pytest.approx(0.02, rel=0.2)  # timm: truncated normal 0.02 (at +-2 absolute)
+    assert torch.count_nonzero(other.bias) == 0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"ema_decay": 0.99}, "keeps a whole copy of the model"),
+])
+def test_a_sharded_finetune_refuses_what_it_cannot_do_before_building(change, message):
+    tower = timm.create_model(TOWER)
+    data = DigitsDataset("test", TRANSFORM)
+    with pytest.raises(ValueError, match=message):
+        finetune(tower, data, data, config=FinetuneConfig(**change), meshes=object())
+    with pytest.raises(ValueError, match="pass the tower, not a name"):
+        finetune(TOWER, data, data, meshes=object())

@@ -3,6 +3,7 @@ parallel.dp_shard=2 parallel.ep=2`, killed with SIGKILL mid-run and resumed, res
 consolidated and exported; each compared with the same run trained in one unsharded process.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -175,3 +176,68 @@ def test_dp_shard_minus_one_takes_every_process_of_a_replica():
     with pytest.raises(ValueError, match=r"6 processes do not split into 4 replicas"):
         load_config("smoke", ["parallel.dp_shard=-1", "parallel.dp_replicate=4"]).parallel.shard_size(6)
     assert load_config("smoke", ["parallel.dp_shard=3"]).parallel.shard_size(8) == 3  # check_layout rejects it later
+
+
+# Fine-tuning without the step's own randomness (mixup, cutmix, drop path): then one process with a batch of 16
+# and two with 8 each train on the same global batches, augmented alike (eval.finetune.SeededSamples).
+FINETUNE = ["--ft-epochs", "1", "--ft-mixup", "0", "--ft-cutmix", "0", "--ft-drop-path-rate", "0",
+            "--ft-warmup-epochs", "0"]
+
+
+def evaluate(out: Path, checkpoint: Path, nproc: int, tasks: str, *extra: str) -> tuple[dict, str]:
+    """`mmsoftmoe eval` as users run it (under torchrun for nproc > 1): the shapes results and the log."""
+    cmd = [MMSOFTMOE, "eval", "--checkpoint", str(checkpoint), "--dataset", "shapes", "--tasks", tasks,
+           "--shots", "1,5", "--seeds", "1", "--no-cache", "--out", str(out), *extra]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "--no-python", *cmd]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, failure(proc.stderr) or proc.stderr[-4000:]
+    return json.loads((out / "results.json").read_text())["shapes"], proc.stderr
+
+
+def flat(metrics: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out |= flat(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def train_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "finetune" / "shapes" / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_eval_under_torchrun_runs_the_sharded_checkpoint_on_every_process(killed_and_resumed, tmp_path):
+    """`torchrun --nproc_per_node 2 mmsoftmoe eval` on a checkpoint of the ep=2 run: the model sharded over both
+    processes (ep=2, from the run), each on its share of the data; equal to one process evaluating the whole model
+    (`final/`, the same weights), fine-tuning included (the classifier sharded the same way)."""
+    resumed, _ = killed_and_resumed
+    step = resumed / "checkpoints" / f"step_{STEPS:08d}"
+    tasks = "zeroshot,retrieval,fewshot,finetune"
+    sharded, log = evaluate(tmp_path / "sharded", step, 2, tasks, *FINETUNE, "--ft-batch-size", "8")
+    assert "sharded over 2 processes (FSDP2), experts split over ep=2" in log
+    whole, _ = evaluate(tmp_path / "whole", resumed / "final", 1, tasks, *FINETUNE, "--ft-batch-size", "16")
+    for task in ("zeroshot", "retrieval", "fewshot"):
+        assert flat(sharded[task]) == pytest.approx(flat(whole[task]), abs=1e-6), task
+    assert sharded["num_samples"] == whole["num_samples"] == dict.fromkeys(tasks.split(","), 500)
+    got, expected = train_log(tmp_path / "sharded"), train_log(tmp_path / "whole")
+    assert len(got) == len(expected) == 2000 // 16  # the shapes train split, one epoch of global batches of 16
+    assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in expected], rel=1e-9)
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], abs=1e-4)
+    ft = {k: sharded["finetune"][k] for k in ("acc1", "acc5", "mean_per_class_recall")}
+    assert ft == pytest.approx({k: whole["finetune"][k] for k in ft}, abs=1 / 500 + 1e-6)
+    classifier = {run: load_file(str(tmp_path / run / "finetune/shapes/classifier.safetensors"))
+                  for run in ("sharded", "whole")}
+    assert_weights_close(classifier["sharded"], classifier["whole"], atol=1e-4)
+
+
+def test_eval_in_one_process_reads_a_sharded_checkpoint_whole(killed_and_resumed, tmp_path):
+    """No `mmsoftmoe consolidate` first: one process reads the DCP shards into the whole model."""
+    resumed, _ = killed_and_resumed
+    step = resumed / "checkpoints" / f"step_{STEPS:08d}"
+    got, _ = evaluate(tmp_path / "step", step, 1, "zeroshot")
+    expected, _ = evaluate(tmp_path / "final", resumed / "final", 1, "zeroshot")
+    assert got["zeroshot"] == expected["zeroshot"]
