@@ -112,6 +112,13 @@ def _consolidated(cwd: Path, out: str) -> None:
     assert got.keys() == final.keys() and all(torch.equal(got[k], final[k]) for k in final)
 
 
+def _sharded_eval(cwd: Path, out: str) -> None:
+    results = json.loads((cwd / "runs/smoke_eval/results.json").read_text())["shapes"]
+    assert results["num_samples"] == {"zeroshot": 500, "finetune": 500}
+    assert 0 <= results["finetune"]["acc1"] <= 1 and (cwd / "runs/smoke_eval/finetune/shapes/train_log.jsonl").is_file()
+    assert out.count("| shapes / zeroshot | acc1 |") == 1  # two processes evaluated; the main one printed
+
+
 def _plan(cwd: Path, out: str) -> None:
     assert "13.452B parameters" in out and "fastest layout that fits: fsdp2+ep" in out
     assert re.search(r"^ddp .* no$", out, re.M)  # L/16 does not fit 80 GB under DDP
@@ -205,6 +212,9 @@ RUN_AS_WRITTEN = {"mmsoftmoe shards my_pairs my_shards --samples-per-shard 10000
                   "mmsoftmoe train --help-config": _help_config,
                   "mmsoftmoe train --config demo --print-config": _print_config,
                   "mmsoftmoe consolidate runs/smoke/checkpoints/step_00000020 runs/smoke_step20": _consolidated,
+                  "torchrun --nproc_per_node 2 --no-python mmsoftmoe eval --checkpoint "
+                  "runs/smoke/checkpoints/step_00000020 --dataset shapes --tasks zeroshot,finetune --ft-epochs 1 "
+                  "--out runs/smoke_eval": _sharded_eval,
                   "mmsoftmoe plan --config softmoe_l16_sigmoid --gpus 64 --gpu-memory 80": _plan}
 
 
