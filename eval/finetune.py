@@ -320,7 +320,8 @@ def _fit(
     clip_grad_norm: ClipFn | None = None,
 ) -> list[dict[str, float]]:
     """The training loop with a progress bar showing loss and throughput (images/s); returns one record per step:
-    epoch, learning rate (of the last parameter group, the head's) and the loss averaged over the processes."""
+    epoch, peak learning rate (the head's: layer decay scales the blocks' down) and the loss averaged over the
+    processes."""
     criterion, mixup = _loss_and_mixup(config, num_classes)
     scheduler = _scheduler(optimizer, config, len(loader))
     images_per_step = config.batch_size * accelerator.num_processes
@@ -330,7 +331,7 @@ def _fit(
                       show=accelerator.is_local_main_process) as progress:
         for epoch in range(config.epochs):
             for batch in loader:
-                records.append({"step": step + 1, "epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]})
+                records.append({"step": step + 1, "epoch": epoch, "lr": max(g["lr"] for g in optimizer.param_groups)})
                 loss = _train_step(model, batch, criterion, mixup, optimizer, accelerator, config.clip_grad,
                                    clip_grad_norm)
                 losses.append(loss.float())

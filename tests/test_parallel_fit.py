@@ -232,6 +232,12 @@ def test_eval_under_torchrun_runs_the_sharded_checkpoint_on_every_process(killed
     classifier = {run: load_file(str(tmp_path / run / "finetune/shapes/classifier.safetensors"))
                   for run in ("sharded", "whole")}
     assert_weights_close(classifier["sharded"], classifier["whole"], atol=1e-4)
+    # The single-file model under torchrun: every process holds it whole (DDP fine-tuning), each evaluates its share.
+    replicated, log = evaluate(tmp_path / "replicated", resumed / "final", 2, "zeroshot,finetune", *FINETUNE,
+                               "--ft-batch-size", "8")
+    assert "sharded over" not in log and replicated["zeroshot"] == pytest.approx(whole["zeroshot"], abs=1e-6)
+    assert [r["loss"] for r in train_log(tmp_path / "replicated")] == pytest.approx([r["loss"] for r in expected],
+                                                                                    abs=1e-4)
 
 
 def test_eval_in_one_process_reads_a_sharded_checkpoint_whole(killed_and_resumed, tmp_path):
