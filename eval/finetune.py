@@ -14,6 +14,10 @@ Routed (MoE) towers add their auxiliary router losses (``mmsoftmoe.layers.collec
 
 Devices, precision and data parallelism come from the ``accelerate.Accelerator``; test accuracy goes through
 ``eval.features.extract_features`` (the logits are the "features"), so it is gathered like every other evaluator's.
+A tower sharded over several processes (``mmsoftmoe.parallel``: FSDP2 and expert parallelism, as a paper-size run
+holds it) is fine-tuned sharded the same way (``meshes``): no process holds the whole classifier. Each sample's
+augmentation is drawn from (seed, epoch, index) and the new head from (seed, its name), so a fine-tune does not
+depend on how many processes or data workers run it (mixup, cutmix and drop path still draw per process).
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -44,6 +43,7 @@ from mmsoftmoe.checkpoint import (
     TRAINER_STATE_NAME,
     has_manifest,
     model_weights,
+    read_json,
 )
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.launch import launched_accelerator
@@ -153,7 +153,7 @@ def run_ep(checkpoint: Path, num_processes: int) -> int:
     """The ``parallel.ep`` the checkpoint's run used (``trainer_state.json``) if it divides ``num_processes``,
     else 1."""
     state = Path(checkpoint) / TRAINER_STATE_NAME
-    ep = json.loads(state.read_text()).get("config", {}).get("parallel", {}).get("ep", 1) if state.is_file() else 1
+    ep = read_json(state).get("config", {}).get("parallel", {}).get("ep", 1) if state.is_file() else 1
     if num_processes % ep:
         logger.info("the run split its experts over ep=%d processes, which does not divide the %d launched: "
                     "evaluating with ep=1 (pass --ep to choose)", ep, num_processes)
