@@ -161,7 +161,7 @@ def versus_webdataset(shards: list[str], transform: Callable, workers: list[int]
     curl (its own remote path)."""
     import boto3
 
-    from tests.servers import s3_server, upload
+    from benchmarks.servers import s3_server, upload
 
     rows = []
     total = sum(len(index_shard(s)) for s in shards)

@@ -1,5 +1,5 @@
 """Shard lists as users write them and shards where they keep them: brace patterns, `::` sources with weights,
-S3 (moto's server), HTTP with Range, and `pipe:` commands, all on 127.0.0.1 (`tests/servers.py`).
+S3 (moto's server), HTTP with Range, and `pipe:` commands, all on 127.0.0.1 (`benchmarks/servers.py`).
 
 The reference is always the same shards read from the local disk (or, for weights, the binomial law): remote
 reading must give the same batches, a resumed stream over S3 the uninterrupted one, a flaky server the same data
@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 import mmsoftmoe_cli
+from benchmarks.servers import http_server, s3_server, upload
 from mmsoftmoe.data import ShardStream, count_skipped, list_shards, sources
 from mmsoftmoe.data.sources import local_items_exist, split_commas
-from tests.servers import http_server, s3_server, upload
 from tests.test_data_streaming import SHARD_SIZE, loader, numbers, take, write_shards
 
 NAMES = "shard-{000..005}.tar"

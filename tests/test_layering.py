@@ -1,4 +1,5 @@
-"""Dependencies point one way: mmsoftmoe <- eval <- training <- benchmarks (README, "Layout"), checked on the source."""
+"""Dependencies point one way: mmsoftmoe <- eval <- training <- benchmarks <- tests (README, "Layout"), checked on the
+source."""
 
 import ast
 from pathlib import Path
@@ -10,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (folder, its installed name) -> installed top-level names of this repository it must not import
 FORBIDDEN = {"mmsoftmoe": {"mmsoftmoe_training", "mmsoftmoe_eval", "benchmarks", "mmsoftmoe_cli"},
              "eval": {"mmsoftmoe_training", "benchmarks", "mmsoftmoe_cli"},
-             "training": {"benchmarks", "mmsoftmoe_cli"}}
+             "training": {"benchmarks", "mmsoftmoe_cli"},
+             "benchmarks": {"tests"}}
 
 
 def imported_modules(path: Path) -> set[str]:

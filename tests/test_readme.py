@@ -192,7 +192,7 @@ def _pairs_folder(cwd: Path) -> Iterator[dict]:
 @contextlib.contextmanager
 def _loopback_s3(cwd: Path) -> Iterator[dict]:
     """s3://bucket/laion/0000{0,1,2}.tar and s3://bucket/cc12m/000{0,1}.tar on a moto server; its AWS_* settings."""
-    from tests.servers import s3_server, upload
+    from benchmarks.servers import s3_server, upload
     from tests.test_data_streaming import write_shards
 
     with s3_server() as endpoint:

@@ -1,4 +1,5 @@
-"""Real storage servers on 127.0.0.1 for the data tests and the README tests, started and stopped by them.
+"""Real storage servers on 127.0.0.1 for the data tests, the README tests and `benchmarks.loader_bench`, started and
+stopped by them.
 
 - `s3_server()`: moto's `ThreadedMotoServer`, an S3 API on a free loopback port; while it runs, the standard
   AWS_* variables point botocore / s3fs at it (endpoint, dummy credentials, region), as a user's would.
