@@ -6,8 +6,9 @@ eval and train transforms from its ``preprocess_cfg`` and runs the chosen tasks 
 ``results.json`` (CLIP_benchmark's metric names, per dataset and task, plus seconds per task), ``results.md``,
 ``clip_benchmark/<dataset>_<task>.json`` (one file per dataset and task in CLIP_benchmark's results envelope, with the
 checkpoint's hash), ``fewshot.png`` (accuracy vs shots), for Soft MoE towers ``dispatch_<dataset>.png`` (which patches
-a few slots of the last Soft MoE layer draw from), the fine-tuned classifiers under ``finetune/<dataset>/`` and the
-feature cache. ``--suite FILE`` runs a list of datasets instead (``eval.suite``: one table, one few-shot l2 per shot).
+a few slots of the last Soft MoE layer draw from), the fine-tuned classifiers (and their per-step
+``train_log.jsonl``) under ``finetune/<dataset>/`` and the feature cache. ``--suite FILE`` runs a list of datasets
+instead (``eval.suite``: one table, one few-shot l2 per shot).
 
 Launched under torchrun (``torchrun --nproc_per_node N --no-python mmsoftmoe eval ...``), every process evaluates its
 share of each split and the features are gathered. A sharded training checkpoint (``checkpoints/step_*`` of a run
