@@ -5,7 +5,7 @@ A writer fills a temporary folder beside the target (same file system, so a rena
 aside first and deleted only once the new folder is in place) and flushes the parent folder. A power loss or kill
 at any point leaves either the old folder or the complete new one under the target's name, never a renamed but
 empty or half-written one. Naming the temporary folders and cleaning up what a killed writer leaves stay with the
-callers (`mmsoftmoe_training.checkpointing`, `mmsoftmoe.export.staging`), whose folders differ (one shared by every
+callers (`mmsoftmoe_training.checkpointing`, `mmsoftmoe.staging`), whose folders differ (one shared by every
 process of a run; one per exporting process).
 """
 

@@ -7,7 +7,8 @@ Two kinds of folder hold a CLIP model, and `mmsoftmoe.models.clip.load_clip` (so
 - a training checkpoint, `output_dir/checkpoints/step_XXXXXXXX/`: accelerate's state (`model.safetensors`,
   `optimizer.bin`, `random_states_*.pkl`), `open_clip_config.json`, `trainer_state.json` and `manifest.json`.
   A sharded run keeps a `torch.distributed.checkpoint` folder (`sharded/`) instead of `model.safetensors`; it
-  exposes no single-file model until `mmsoftmoe consolidate` writes one.
+  exposes no single-file model until `mmsoftmoe consolidate` writes one (`mmsoftmoe eval` and `export` read the
+  shards themselves: `mmsoftmoe.parallel.dcp`).
 - a model folder (`output_dir/final/`, an open_clip export): `open_clip_config.json` and
   `open_clip_model.safetensors`, and from the trainer also `trainer_state.json` and `manifest.json`.
 

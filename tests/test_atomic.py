@@ -12,7 +12,7 @@ import pytest
 import mmsoftmoe.atomic
 import mmsoftmoe_training.checkpointing as ckpt
 from mmsoftmoe.atomic import publish_folder
-from mmsoftmoe.export.staging import atomic_folder
+from mmsoftmoe.staging import atomic_folder
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_trainer_and_export_publish_through_the_shared_writer(tmp_path, monkeypa
         real(tmp, target, aside)
 
     monkeypatch.setattr(ckpt, "publish_folder", spy)
-    monkeypatch.setattr("mmsoftmoe.export.staging.publish_folder", spy)
+    monkeypatch.setattr("mmsoftmoe.staging.publish_folder", spy)
     tmp = tmp_path / f"{ckpt.TMP_PREFIX}final"
     fill(tmp, "model")
     ckpt._publish(tmp, tmp_path / "final")

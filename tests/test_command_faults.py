@@ -125,6 +125,19 @@ def test_eval_reads_a_sharded_checkpoint_as_its_consolidated_model(sharded, tmp_
     assert got["zeroshot"] == expected["zeroshot"] and got["num_samples"] == {"zeroshot": 500}
 
 
+def test_export_reads_a_sharded_checkpoint_as_its_consolidated_model(sharded, tmp_path, capsys):
+    """`mmsoftmoe export` of a sharded run's checkpoint, with no consolidate first: the encoder the consolidated
+    folder exports, bit for bit."""
+    assert cli(capsys, "consolidate", str(sharded[0]), str(tmp_path / "model")) == (0, [])
+    for source, out in ((sharded[0], "direct"), (tmp_path / "model", "consolidated")):
+        assert cli(capsys, "export", "--checkpoint", str(source), "--format", "timm", "--out", str(tmp_path / out)) \
+            == (0, [])
+    direct, consolidated = (load_file(str(tmp_path / out / "model.safetensors")) for out in ("direct", "consolidated"))
+    assert direct.keys() == consolidated.keys() and all(torch.equal(direct[k], consolidated[k]) for k in direct)
+    expected = {k.removeprefix("visual.trunk."): v for k, v in sharded[1].items() if k.startswith("visual.trunk.")}
+    assert all(torch.equal(direct[k], v) for k, v in expected.items())  # the weights that were saved
+
+
 def test_eval_refuses_a_damaged_sharded_checkpoint_naming_the_shard(damaged, tmp_path, capsys):
     overwrite_in_place(distcp(damaged))
     rc, errors = cli(capsys, "eval", "--checkpoint", str(damaged), "--dataset", "shapes", "--tasks", "zeroshot",

@@ -19,8 +19,8 @@ from mmsoftmoe.checkpoint import write_manifest
 from mmsoftmoe.export import ParityError, check_parity, export_checkpoint, timm_format
 from mmsoftmoe.export import core as export_core
 from mmsoftmoe.export.hf_format import soft_moe_blocks
-from mmsoftmoe.export.staging import atomic_folder, remove_stale_siblings
 from mmsoftmoe.models.clip import build_clip, load_clip, resolve_clip_config, save_clip, write_clip_config
+from mmsoftmoe.staging import atomic_folder, remove_stale_siblings
 from tests.test_export import write_checkpoint
 
 EXPORT_DIR = Path(__file__).resolve().parents[1] / "mmsoftmoe" / "export"

@@ -27,8 +27,8 @@ from mmsoftmoe.export.base import Encoder, Format
 from mmsoftmoe.export.card import model_card
 from mmsoftmoe.export.formats import FORMATS, parse_formats
 from mmsoftmoe.export.source import Checkpoint, open_checkpoint
-from mmsoftmoe.export.staging import atomic_folder, check_target, remove_stale_siblings
 from mmsoftmoe.models.accounting import image_flops, parameter_counts
+from mmsoftmoe.staging import atomic_folder, check_target, remove_stale_siblings
 
 REPORT_NAME = "export_report.json"
 CARD_NAME = "README.md"

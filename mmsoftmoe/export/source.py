@@ -1,10 +1,10 @@
 """A checkpoint folder opened for export: the CLIP model, its config and trainer state.
 
-Any folder `mmsoftmoe.checkpoint` describes: a training checkpoint (`checkpoints/step_*`), `final/` or an open_clip
-folder, read by `load_clip` (damage is a `CheckpointError` naming the file), with its `trainer_state.json` when it
-has one ({"step", "config", "metrics", "samples_seen"}). The image encoder is open_clip's `TimmModel`:
-`visual.trunk` (the timm ViT, pooled features) followed by `visual.head.proj` (the linear projection to the CLIP
-embedding).
+Any folder `mmsoftmoe.checkpoint` describes: a training checkpoint (`checkpoints/step_*`; a sharded run's is read
+whole from its DCP shards, with no `mmsoftmoe consolidate` first), `final/` or an open_clip folder, read by
+`load_clip` (damage is a `CheckpointError` naming the file), with its `trainer_state.json` when it has one ({"step",
+"config", "metrics", "samples_seen"}). The image encoder is open_clip's `TimmModel`: `visual.trunk` (the timm ViT,
+pooled features) followed by `visual.head.proj` (the linear projection to the CLIP embedding).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from mmsoftmoe.checkpoint import CONFIG_NAME, TRAINER_STATE_NAME, ConfigMismatchError, read_json
 from mmsoftmoe.models.clip import load_clip
+from mmsoftmoe.parallel.dcp import is_sharded_checkpoint, read_sharded_model
 
 
 @dataclass
@@ -61,7 +62,10 @@ def open_checkpoint(folder: str | Path, verify: bool = True) -> Checkpoint:
     name the missing or damaged file or the mismatching architecture."""
     folder = Path(folder)
     try:
-        model, tokenizer, config = load_clip(folder, verify=verify)
+        if is_sharded_checkpoint(folder):  # a sharded run's checkpoint: its DCP shards read whole, in this process
+            model, tokenizer, config = read_sharded_model(folder, verify=verify)
+        else:
+            model, tokenizer, config = load_clip(folder, verify=verify)
     except ConfigMismatchError as err:
         tower = config_tower(folder)
         raise ConfigMismatchError(

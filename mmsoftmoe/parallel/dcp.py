@@ -41,11 +41,11 @@ from mmsoftmoe.checkpoint import (
     verify_before_reading,
     verify_checkpoint,
 )
-from mmsoftmoe.export.staging import atomic_folder, check_target, remove_stale_siblings
 from mmsoftmoe.models.clip import CONFIG_NAME, build_clip_from_config, local_text_cfg, save_clip
 from mmsoftmoe.parallel.init import init_buffers_
 from mmsoftmoe.parallel.mesh import ParallelMeshes, build_meshes, check_layout
 from mmsoftmoe.parallel.parallelize import expert_layers, parallelize
+from mmsoftmoe.staging import atomic_folder, check_target, remove_stale_siblings
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:

@@ -1,5 +1,6 @@
-"""Atomic export folders: everything is written into a temporary folder beside the target, flushed to disk and
-renamed (`mmsoftmoe.atomic.publish_folder`, the trainer's checkpoint writer too).
+"""Atomic output folders of the commands that write one (`mmsoftmoe export`, `mmsoftmoe consolidate`): everything is
+written into a temporary folder beside the target, flushed to disk and renamed (`mmsoftmoe.atomic.publish_folder`,
+the trainer's checkpoint writer too).
 
 A failure mid-export removes the temporary folder, so no half-written export is ever left at the target, and an
 existing target is replaced only when asked (`overwrite`), after the new folder is complete. A killed export cannot
