@@ -94,6 +94,18 @@ def _tiny_hf_encoder(folder):
                          intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
 
 
+def test_a_meta_build_with_a_pretrained_hf_text_tower_has_the_structure_only(tmp_path, monkeypatch):
+    """What a sharded run with `model.text_model` builds first (transformers refuses `from_pretrained` on the meta
+    device; rank 0's full build then fills it): the same parameters, shapes and dtypes as the full build."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _tiny_hf_encoder(tmp_path / "bert")
+    meta, _ = build_clip("SoftMoE-Micro-4-32", text_model=tmp_path / "bert", device="meta")
+    full, _ = build_clip("SoftMoE-Micro-4-32", text_model=tmp_path / "bert")
+    assert all(p.is_meta for p in meta.parameters())
+    assert {n: (p.shape, p.dtype) for n, p in meta.named_parameters()} == \
+        {n: (p.shape, p.dtype) for n, p in full.named_parameters()}
+
+
 def test_hf_text_encoder_from_a_local_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _tiny_hf_encoder(tmp_path / "bert")

@@ -1,6 +1,7 @@
 """Sharding-invariant initialisation: the distributions of today's constructors, values set by (seed, name) alone,
 and sharded start-ups at 1, 2 and 4 processes (ep 1/2/4, FSDP2, HSDP) bit-equal to the one-process build."""
 
+import json
 from pathlib import Path
 
 import open_clip
@@ -99,3 +100,29 @@ def test_sharded_start_ups_equal_the_one_process_build(tmp_path):
         for layout in sum(layouts.values(), []):
             for key, value in expected.items():
                 assert torch.equal(sharded[f"{name}/{layout}/{key}"], value), f"{name} {layout} {key}"
+
+
+def test_buffers_a_meta_build_leaves_empty_get_their_constructors_values(tmp_path, monkeypatch):
+    """open_clip's causal mask and a Hugging Face text tower's position / token-type ids (non-persistent: no
+    checkpoint holds them), as a sharded evaluation of such a checkpoint fills them; another buffer is named."""
+    from mmsoftmoe.models.clip import build_clip_from_config, save_clip
+    from mmsoftmoe.parallel.init import init_buffers_
+    from tests.test_clip_models import _tiny_hf_encoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _tiny_hf_encoder(tmp_path / "bert")
+    hf, _ = build_clip("SoftMoE-Micro-4-32", text_model=tmp_path / "bert")
+    save_clip(hf, resolve_clip_config("SoftMoE-Micro-4-32", tmp_path / "bert"), tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "open_clip_config.json").read_text())["model_cfg"]
+    for reference, cfg, folder in ((build_clip("SoftMoE-Micro-4-32")[0], resolve_clip_config("SoftMoE-Micro-4-32"),
+                                    None), (hf, config, tmp_path / "ckpt")):
+        meta, _ = build_clip_from_config(cfg, device="meta", folder=folder)
+        meta.to_empty(device="cpu")
+        init_buffers_(meta)
+        expected = dict(reference.named_buffers())
+        assert expected and {n for n, _ in meta.named_buffers()} == set(expected)
+        for name, buffer in meta.named_buffers():
+            assert torch.equal(buffer, expected[name]), name
+    meta.text.register_buffer("inv_freq", torch.empty(4))
+    with pytest.raises(ValueError, match=r"buffer text.inv_freq has no known starting value"):
+        init_buffers_(meta)

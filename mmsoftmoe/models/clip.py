@@ -92,6 +92,10 @@ def build_clip_from_config(
     cfg = copy.deepcopy(model_cfg if folder is None else local_text_cfg(model_cfg, folder))
     text_cfg = cfg["text_cfg"]
     is_hf = "hf_model_name" in text_cfg
+    if is_hf and torch.device(device).type == "meta":
+        # The structure only (transformers refuses `from_pretrained` on the meta device): a meta build holds no
+        # weights, and a sharded run fills it from rank 0's full build, pretrained encoder included.
+        text_cfg["hf_model_pretrained"] = False
     model_cls = open_clip.CustomTextCLIP if (cfg.pop("custom_text", False) or is_hf) else open_clip.CLIP
     with torch.device(device):
         model = model_cls(**cfg, output_dict=output_dict)

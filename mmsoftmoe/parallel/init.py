@@ -20,15 +20,25 @@ def _causal_mask(size: int) -> torch.Tensor:
     return torch.full((size, size), float("-inf")).triu_(1)
 
 
+# The buffers a meta build leaves without values, by name -> their value (given the buffer's shape and dtype):
+# open_clip's causal mask, and the non-persistent ids of Hugging Face BERT-style embeddings (transformers'
+# `BertEmbeddings`: `position_ids = arange(max_position_embeddings).expand((1, -1))`, `token_type_ids` zeros).
+BUFFER_VALUES = {
+    "attn_mask": lambda shape, dtype: _causal_mask(shape[-1]).to(dtype),
+    "position_ids": lambda shape, dtype: torch.arange(shape[-1], dtype=dtype).expand(shape),
+    "token_type_ids": lambda shape, dtype: torch.zeros(shape, dtype=dtype),
+}
+
+
 @torch.no_grad()
 def init_buffers_(model: nn.Module) -> None:
-    """The buffers a meta build leaves without values; every shipped model has one kind, open_clip's mask."""
+    """Fill the buffers a meta build leaves without values (`BUFFER_VALUES`); any other is a ValueError."""
     for module_name, module in model.named_modules():
         for name, buffer in module.named_buffers(recurse=False):
-            if name != "attn_mask":
+            if name not in BUFFER_VALUES:
                 raise ValueError(f"buffer {module_name}.{name} has no known starting value; build the model "
                                  "unsharded and fill it with mmsoftmoe.parallel.materialize_from_rank0")
-            buffer.copy_(_causal_mask(buffer.shape[-1]))
+            buffer.copy_(BUFFER_VALUES[name](tuple(buffer.shape), buffer.dtype))
 
 
 def init_sharded_(model: nn.Module, seed: int, device: torch.device | str) -> nn.Module:
