@@ -1,9 +1,9 @@
 """``mmsoftmoe eval``: every evaluator of ``eval/`` on one checkpoint and one or more datasets (the CLI of
 ``eval.runner.run_evaluation``, re-exported here).
 
-The CLI loads a checkpoint (a training checkpoint folder or an exported open_clip folder, via ``load_clip``), builds the
-eval and train transforms from its ``preprocess_cfg`` and runs the chosen tasks on each dataset. ``OUT`` receives
-``results.json`` (CLIP_benchmark's metric names, per dataset and task, plus seconds per task), ``results.md``,
+The CLI loads a checkpoint (a training checkpoint folder or an exported open_clip folder, via ``load_whole_clip``),
+builds the eval and train transforms from its ``preprocess_cfg`` and runs the chosen tasks on each dataset. ``OUT``
+receives ``results.json`` (CLIP_benchmark's metric names, per dataset and task, plus seconds per task), ``results.md``,
 ``clip_benchmark/<dataset>_<task>.json`` (one file per dataset and task in CLIP_benchmark's results envelope, with the
 checkpoint's hash), ``fewshot.png`` (accuracy vs shots), for Soft MoE towers ``dispatch_<dataset>.png`` (which patches
 a few slots of the last Soft MoE layer draw from), the fine-tuned classifiers (and their per-step
@@ -48,12 +48,12 @@ from mmsoftmoe.checkpoint import (
 )
 from mmsoftmoe.data import transforms_from_preprocess_cfg
 from mmsoftmoe.launch import launched_accelerator
-from mmsoftmoe.models.clip import load_clip, preprocess_config
+from mmsoftmoe.models.clip import preprocess_config
 from mmsoftmoe.parallel import (
     ParallelMeshes,
     is_sharded_checkpoint,
     load_sharded_clip,
-    read_sharded_model,
+    load_whole_clip,
     unsharded_root,
 )
 from mmsoftmoe_eval.datasets import SPEC_HELP
@@ -167,11 +167,8 @@ def load_model(args: argparse.Namespace, accelerator: Accelerator) -> tuple[Any,
     checkpoint under torchrun is read sharded over every process, as its run held it (``load_sharded_clip``:
     no whole copy anywhere); in one process it is read whole; any other folder whole on every process."""
     checkpoint = Path(args.checkpoint)
-    if not is_sharded_checkpoint(checkpoint):
-        return (*load_clip(checkpoint, device=accelerator.device, verify=args.verify), None)
-    if accelerator.num_processes == 1:
-        model, tokenizer, config = read_sharded_model(checkpoint, verify=args.verify)
-        return model.to(accelerator.device), tokenizer, config, None
+    if not is_sharded_checkpoint(checkpoint) or accelerator.num_processes == 1:
+        return (*load_whole_clip(checkpoint, device=accelerator.device, verify=args.verify), None)
     ep = args.ep or run_ep(checkpoint, accelerator.num_processes)
     param_dtype = torch.bfloat16 if args.precision == "bf16" else None  # bf16 all-gathers, as a bf16 run's
     loaded = load_sharded_clip(checkpoint, device=accelerator.device, ep=ep, param_dtype=param_dtype,

@@ -212,15 +212,21 @@ def read_clip_weights(path: str | Path, *, verify: bool = True, skip_hint: str =
     return read_state_dict_file(path)
 
 
+def verify_model_folder(folder: str | Path, *, verify: bool = True, skip_hint: str = "--no-verify") -> None:
+    """What a reader of a model folder checks first: `verify_before_reading`, and with `verify` off the sizes its
+    manifest lists, when it has one (cheap: truncation and missing files)."""
+    verify_before_reading(folder, verify=verify, skip_hint=skip_hint)
+    if not verify and has_manifest(folder):
+        verify_checkpoint(folder, hashes=False)
+
+
 def read_model_folder(folder: str | Path, *, verify: bool = True, skip_hint: str = "--no-verify"
                       ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(`open_clip_config.json` content, weights) of the model a folder exposes, verified against its manifest
     first (`verify_before_reading`; sizes only when `verify` is off and a manifest exists); every error names the
     folder or file and is a user error (no traceback)."""
     weights = model_weights(folder)
-    verify_before_reading(folder, verify=verify, skip_hint=skip_hint)
-    if not verify and has_manifest(folder):
-        verify_checkpoint(folder, hashes=False)
+    verify_model_folder(folder, verify=verify, skip_hint=skip_hint)
     config = read_json(Path(folder) / CONFIG_NAME)
     if "model_cfg" not in config:
         raise CheckpointError(f"{Path(folder) / CONFIG_NAME} has no 'model_cfg': not an open_clip model config")

@@ -15,8 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from mmsoftmoe.checkpoint import CONFIG_NAME, TRAINER_STATE_NAME, ConfigMismatchError, read_json
-from mmsoftmoe.models.clip import load_clip
-from mmsoftmoe.parallel.dcp import is_sharded_checkpoint, read_sharded_model
+from mmsoftmoe.parallel.dcp import load_whole_clip
 
 
 @dataclass
@@ -62,10 +61,7 @@ def open_checkpoint(folder: str | Path, verify: bool = True) -> Checkpoint:
     name the missing or damaged file or the mismatching architecture."""
     folder = Path(folder)
     try:
-        if is_sharded_checkpoint(folder):  # a sharded run's checkpoint: its DCP shards read whole, in this process
-            model, tokenizer, config = read_sharded_model(folder, verify=verify)
-        else:
-            model, tokenizer, config = load_clip(folder, verify=verify)
+        model, tokenizer, config = load_whole_clip(folder, verify=verify)  # a sharded run's too
     except ConfigMismatchError as err:
         tower = config_tower(folder)
         raise ConfigMismatchError(

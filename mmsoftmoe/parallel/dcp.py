@@ -15,6 +15,8 @@ content: a shard overwritten in place loads as garbage), and writes its output f
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -32,16 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from mmsoftmoe.checkpoint import (
-    SHARDED_DIR,
-    WEIGHTS_NAMES,
-    CheckpointError,
-    has_manifest,
-    read_json,
-    verify_before_reading,
-    verify_checkpoint,
-)
-from mmsoftmoe.models.clip import CONFIG_NAME, build_clip_from_config, local_text_cfg, save_clip
+from mmsoftmoe.checkpoint import SHARDED_DIR, WEIGHTS_NAMES, CheckpointError, read_json, verify_model_folder
+from mmsoftmoe.models.clip import CONFIG_NAME, build_clip_from_config, load_clip, local_text_cfg, save_clip
 from mmsoftmoe.parallel.init import init_buffers_
 from mmsoftmoe.parallel.mesh import ParallelMeshes, build_meshes, check_layout
 from mmsoftmoe.parallel.parallelize import expert_layers, parallelize
@@ -100,16 +94,11 @@ def _check_sharded_folder(checkpoint: Path) -> None:
                                 f"{SHARDED_DIR}/.metadata; give a folder under <output_dir>/checkpoints/")
 
 
-def _verify(checkpoint: Path, verify: bool, skip_hint: str) -> None:
-    """`verify_before_reading` (sizes only when `verify` is off and a manifest exists), as every reader runs it."""
-    verify_before_reading(checkpoint, verify=verify, skip_hint=skip_hint)
-    if not verify and has_manifest(checkpoint):
-        verify_checkpoint(checkpoint, hashes=False)
-
-
-def _load_dcp(state: dict, sharded: Path, no_dist: bool) -> None:
+@contextlib.contextmanager
+def _dcp_errors(sharded: Path) -> Iterator[None]:
+    """DCP's failures while reading `sharded` as one CheckpointError naming the folder."""
     try:
-        dcp.load(state, checkpoint_id=str(sharded), no_dist=no_dist)
+        yield
     except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
         raise CheckpointError(f"{sharded} cannot be read as a DCP checkpoint (damaged or incomplete: "
                               f"{str(err).splitlines()[0][:200]})") from err
@@ -125,15 +114,26 @@ def read_sharded_model(checkpoint: str | Path, *, verify: bool = True, skip_hint
     """
     checkpoint = Path(checkpoint)
     _check_sharded_folder(checkpoint)
-    _verify(checkpoint, verify, skip_hint)
+    verify_model_folder(checkpoint, verify=verify, skip_hint=skip_hint)
     config = read_json(checkpoint / CONFIG_NAME)
     config = {**config, "model_cfg": local_text_cfg(config["model_cfg"], checkpoint)}
     model, tokenizer = build_clip_from_config(config["model_cfg"])
     state = {"model": model.state_dict()}
-    _load_dcp(state, checkpoint / SHARDED_DIR, no_dist=True)
+    with _dcp_errors(checkpoint / SHARDED_DIR):  # whole, whatever process group there is
+        dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR), no_dist=True)
     model.load_state_dict(state["model"])
     open_clip.set_model_preprocess_cfg(model, config["preprocess_cfg"])
     return model.eval(), tokenizer, config
+
+
+def load_whole_clip(folder: str | Path, *, device: torch.device | str = "cpu", verify: bool = True
+                    ) -> tuple[nn.Module, object, dict]:
+    """The whole CLIP model of any checkpoint folder, in this process: a sharded run's from its DCP shards
+    (`read_sharded_model`), any other by `load_clip`. Returns (model in eval mode on `device`, tokenizer, config)."""
+    if not is_sharded_checkpoint(folder):
+        return load_clip(folder, device=device, verify=verify)
+    model, tokenizer, config = read_sharded_model(folder, verify=verify)
+    return model.to(device), tokenizer, config
 
 
 def load_sharded_clip(checkpoint: str | Path, *, device: torch.device | str, ep: int = 1,
@@ -153,7 +153,7 @@ def load_sharded_clip(checkpoint: str | Path, *, device: torch.device | str, ep:
     if dist.get_rank() == 0:
         try:
             _check_sharded_folder(checkpoint)
-            _verify(checkpoint, verify, skip_hint)
+            verify_model_folder(checkpoint, verify=verify, skip_hint=skip_hint)
         except (CheckpointError, FileNotFoundError) as err:
             problem = [err]
     dist.broadcast_object_list(problem, src=0)
@@ -167,10 +167,9 @@ def load_sharded_clip(checkpoint: str | Path, *, device: torch.device | str, ep:
     meshes = build_meshes(device_type=torch.device(device).type, dp_replicate=1, dp_shard=world, ep=ep)
     parallelize(model, meshes, param_dtype=param_dtype)
     model.to_empty(device=device)
-    init_buffers_(model)  # open_clip's causal mask: not in the state dict
-    state = {"model": get_model_state_dict(model)}
-    _load_dcp(state, checkpoint / SHARDED_DIR, no_dist=False)
-    set_model_state_dict(model, state["model"])
+    init_buffers_(model)  # the buffers no state dict holds (open_clip's causal mask, an HF tower's ids)
+    with _dcp_errors(checkpoint / SHARDED_DIR):
+        load_sharded(checkpoint / SHARDED_DIR, model)
     open_clip.set_model_preprocess_cfg(model, config["preprocess_cfg"])
     return model.eval(), tokenizer, config, meshes
 
